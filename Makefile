@@ -1,0 +1,35 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-slow data clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+data: $(STAMP)
+	$(BIN)/fedsparse data fetch fashion-mnist
+
+# FedAvg vs FedProx on Fashion-MNIST (LeNet-5, Dirichlet 0.5, 20 clients, 20 rounds): results and plots in runs/demo/
+demo: data
+	$(BIN)/python experiments/demo.py --out runs/demo
+
+# The default test suite (what CI runs). Slow tests: `make test-slow`.
+# tests/conftest.py points FEDSPARSE_DATA at ../shared/data when it exists; elsewhere fetch first.
+test: $(STAMP)
+	@if [ -z "$${FEDSPARSE_DATA:-}" ] && [ ! -d ../shared/data ]; then \
+		$(BIN)/fedsparse data fetch fashion-mnist && $(BIN)/fedsparse data fetch mnist; fi
+	$(BIN)/python -m pytest -q --durations=15
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,25 @@
+"""The standard client step: load the global model, train locally, send the whole model back.
+
+This is FedAvg's client; FedProx adds the proximal term when the server's config carries
+``proximal-mu`` (Flower's FedProx puts it there every round).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from flwr.app import ArrayRecord, Context, Message
+
+from clients.local import LocalRound, reply, state_dict_cpu
+from clients.registry import register_train_step
+from clients.train import train_steps
+
+
+@register_train_step("fedavg", "fedprox")
+def standard_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
+    local = LocalRound.from_message(msg, context, cfg)
+    model = local.model(msg.content["arrays"].to_torch_state_dict())
+    mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    stats = train_steps(model, local.batches(), local.optimizer(model), proximal_mu=mu)
+    metrics = {"num-examples": local.num_examples, "train-loss": stats["train-loss"]}
+    return reply(msg, ArrayRecord(state_dict_cpu(model)), metrics)

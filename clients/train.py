@@ -1,0 +1,114 @@
+"""Reusable local training and evaluation steps (plain PyTorch, no Flower).
+
+Usable from any ClientApp: our own (``clients.app``) and a user's. Data stay uint8 in memory and
+are normalised per batch, so a client costs no float copy of its partition.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+Normalize = Callable[[torch.Tensor], torch.Tensor]
+
+
+def pick_device(want_gpu: bool) -> torch.device:
+    """CUDA when asked for and present, else CPU."""
+    return torch.device("cuda") if want_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
+def iterate_batches(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    normalize: Normalize,
+    *,
+    epochs: int = 1,
+    steps: int = 0,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled mini-batches: ``steps`` batches if steps > 0 (reshuffling at every pass), else
+    ``epochs`` full passes. The order depends only on ``generator``, so runs are reproducible."""
+    n = len(labels)
+    if n == 0:
+        return
+    total = steps if steps > 0 else epochs * math.ceil(n / batch_size)
+    done = 0
+    while done < total:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            if done >= total:
+                return
+            idx = order[start : start + batch_size]
+            yield normalize(images[idx]).to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+            done += 1
+
+
+def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> torch.optim.SGD:
+    """Plain SGD, as every paper this project reproduces uses."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def proximal_term(model: nn.Module, global_params: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's μ/2 · ‖w − w_global‖² over the trainable parameters."""
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for name, param in model.named_parameters():
+        total = total + (param - global_params[name]).pow(2).sum()
+    return 0.5 * mu * total
+
+
+def snapshot_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the trainable parameters (the round's starting point, for FedProx)."""
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def train_steps(
+    model: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    proximal_mu: float = 0.0,
+    global_params: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Cross-entropy SGD over ``batches``; optional FedProx term. Returns mean loss and counts."""
+    model.train()
+    if proximal_mu > 0 and global_params is None:
+        global_params = snapshot_params(model)
+    loss_sum, steps, seen = 0.0, 0, 0
+    for x, y in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        if proximal_mu > 0:
+            loss = loss + proximal_term(model, global_params, proximal_mu)  # type: ignore[arg-type]
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach())
+        steps += 1
+        seen += len(y)
+    return {"train-loss": loss_sum / max(steps, 1), "num-steps": steps, "num-samples-seen": seen}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    normalize: Normalize,
+    *,
+    batch_size: int = 1000,
+    device: torch.device | str = "cpu",
+) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) of ``model`` on uint8 ``images``."""
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, len(labels)
+    for start in range(0, n, batch_size):
+        x = normalize(images[start : start + batch_size]).to(device)
+        y = labels[start : start + batch_size].to(device)
+        out = model(x)
+        loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+    return loss_sum / max(n, 1), correct / max(n, 1)

@@ -1,0 +1,75 @@
+"""The ``fedsparse`` command line: ``run`` a configuration, ``data`` fetch/split, ``config`` keys."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedsparse.config import parse_overrides
+    from fedsparse.simulation import simulate
+
+    overrides = parse_overrides(args.set)
+    if args.data_dir:
+        overrides["data-dir"] = args.data_dir
+    df = simulate(args.config, overrides, out_dir=args.out, progress=not args.quiet, verbose=args.verbose)
+    last = df.dropna(subset=["test_accuracy"]).iloc[-1]
+    out = Path(df.attrs.get("out_dir", args.out or ""))
+    print(
+        f"round {int(last['round'])}: test accuracy {last['test_accuracy']:.4f}, "
+        f"up {last['cum_bytes_up'] / 1e6:.2f} MB, down {last['cum_bytes_down'] / 1e6:.2f} MB"
+        + (f" — results in {out}" if str(out) else "")
+    )
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from fedsparse.config import SCHEMA, defaults
+
+    defaults()  # registers strategy keys
+    for name, key in SCHEMA.items():
+        if args.section and key.section != args.section:
+            continue
+        print(f"{name:24s} {key.default!r:>14}  [{key.section}] {key.help}; {key.describe_allowed()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsparse", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one configuration on Flower's simulation engine")
+    run.add_argument("config", nargs="?", help="a flat TOML file of kebab-case keys (omit: defaults)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key (repeatable)")
+    run.add_argument("--out", help="output directory (default: runs/<strategy>-<dataset>-<model>-<time>)")
+    run.add_argument("--data-dir", help="directory holding the datasets")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    run.set_defaults(func=_cmd_run)
+
+    config = sub.add_parser("config", help="list every configuration key with its default")
+    config.add_argument("--section", help="only keys of this section (core, or a strategy name)")
+    config.set_defaults(func=_cmd_config)
+
+    from fedsparse.data.cli import add_data_commands
+
+    add_data_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedsparse.config import ConfigError
+    from fedsparse.data import DatasetNotFoundError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, DatasetNotFoundError) as err:
+        print(f"fedsparse: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

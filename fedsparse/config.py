@@ -1,0 +1,279 @@
+"""Run configuration: one flat table of kebab-case keys, validated before anything starts.
+
+The same keys work in a TOML file for ``fedsparse run``, in ``--set key=value`` overrides, in
+``fedsparse.simulate({...})`` and in Flower's ``[tool.flwr.app.config]`` (``flwr run .``): the schema
+below is the single source of truth, and a test keeps ``pyproject.toml`` in step with it.
+
+Every check runs here, in the launching process, so a bad value is reported in one clear line
+before Ray or Flower start (which would otherwise bury it in actor logs).
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+ConfigValue = bool | int | float | str
+Config = dict[str, ConfigValue]
+
+
+class ConfigError(ValueError):
+    """A configuration value or combination that cannot run; the message says what is allowed."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: its default, its type and the values it accepts."""
+
+    default: ConfigValue
+    help: str
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    section: str = "core"
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+    def describe_allowed(self) -> str:
+        if self.choices:
+            return "one of: " + ", ".join(self.choices)
+        lo = "" if self.minimum is None else (f"> {self.minimum}" if self.exclusive_minimum else f">= {self.minimum}")
+        hi = "" if self.maximum is None else f"<= {self.maximum}"
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        return f"a {self.kind.__name__}" + (f" {bounds}" if bounds else "")
+
+
+def _choices(name: str) -> tuple[str, ...]:
+    """Allowed names come from the registries, imported lazily to keep this module light."""
+    if name == "dataset":
+        from fedsparse.data import DATASETS
+
+        return tuple(DATASETS)
+    if name == "model":
+        from fedsparse.models import MODEL_NAMES
+
+        return tuple(MODEL_NAMES)
+    if name == "strategy":
+        from strategies.registry import strategy_names
+
+        return tuple(strategy_names())
+    raise KeyError(name)
+
+
+PARTITIONS = ("iid", "dirichlet", "pathological")
+
+SCHEMA: dict[str, Key] = {
+    # what is learned, from what
+    "dataset": Key("fashion-mnist", "dataset name"),
+    "model": Key("lenet5", "model name from the registry"),
+    "data-dir": Key("", "directory holding the datasets (empty: FEDSPARSE_DATA, user cache, /usr/share/datasets)"),
+    # the federation
+    "partition": Key("iid", "how the training set is split over clients", choices=PARTITIONS),
+    "alpha": Key(0.5, "Dirichlet concentration (partition = dirichlet)", minimum=0.0, exclusive_minimum=True),
+    "min-partition-size": Key(10, "smallest client for the Dirichlet split", minimum=0),
+    "classes-per-client": Key(2, "classes per client (partition = pathological)", minimum=1),
+    "num-clients": Key(50, "number of virtual clients (SuperNodes)", minimum=1),
+    "clients-per-round": Key(5, "clients sampled each round", minimum=1),
+    "rounds": Key(100, "federated rounds", minimum=1),
+    # local work
+    "local-epochs": Key(1, "local epochs per round (used when local-steps = 0)", minimum=0),
+    "local-steps": Key(0, "local SGD steps per round; 0 = count local-epochs instead", minimum=0),
+    "batch-size": Key(64, "local batch size", minimum=1),
+    "lr": Key(0.01, "client learning rate", minimum=0.0, exclusive_minimum=True),
+    "lr-decay": Key(1.0, "per-round multiplicative learning-rate decay (lr_t = lr * lr-decay^(t-1))", minimum=0.0, exclusive_minimum=True, maximum=1.0),
+    "momentum": Key(0.0, "SGD momentum", minimum=0.0, maximum=1.0),
+    "weight-decay": Key(0.0, "SGD weight decay", minimum=0.0),
+    "seed": Key(0, "seed for splits, sampling, initialisation and batches", minimum=0),
+    # the method
+    "strategy": Key("fedavg", "federated strategy"),
+    "proximal-mu": Key(0.01, "FedProx proximal weight mu (strategy = fedprox, feddip, ...)", minimum=0.0),
+    # evaluation and resources
+    "eval-every": Key(1, "evaluate the global model on the test set every N rounds (and at the last)", minimum=1),
+    "eval-batch-size": Key(1000, "batch size of the central evaluation", minimum=1),
+    "client-cpus": Key(1.0, "CPUs per virtual client (Ray resources)", minimum=0.0, exclusive_minimum=True),
+    "client-gpus": Key(0.0, "GPU fraction per virtual client (0 = CPU only)", minimum=0.0, maximum=1.0),
+    "round-timeout": Key(600.0, "seconds to wait for replies in a round", minimum=0.0, exclusive_minimum=True),
+    "wire-bytes": Key(True, "also record the serialised (wire) size of every message"),
+    "out-dir": Key("", "where results go (empty: runs/<strategy>-<dataset>-<model>-<time>)"),
+}
+
+
+def register_keys(section: str, keys: Mapping[str, Key]) -> None:
+    """Add a strategy's keys to the schema (called by strategy modules at import)."""
+    for name, key in keys.items():
+        if name in SCHEMA and SCHEMA[name] != key:
+            raise RuntimeError(f"configuration key {name!r} registered twice with different definitions")
+        SCHEMA[name] = Key(**{**key.__dict__, "section": section})
+
+
+def _ensure_strategy_keys() -> None:
+    import strategies.registry  # noqa: F401  (registers strategy keys)
+
+
+def defaults() -> Config:
+    """The default value of every key."""
+    _ensure_strategy_keys()
+    return {name: key.default for name, key in SCHEMA.items()}
+
+
+def parse_value(text: str) -> ConfigValue:
+    """Parse a ``--set`` value the way TOML would (``0.1``, ``true``, ``"x"``), else keep the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str] | None) -> Config:
+    """Turn ``["lr=0.1", "strategy=fedprox"]`` into a dict, rejecting items without ``=``."""
+    out: Config = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def load_toml(path: str | Path) -> Config:
+    """Read a flat TOML config (a ``[tool.flwr.app.config]``-style table at top level)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    with path.open("rb") as fh:
+        try:
+            data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from err
+    nested = [k for k, v in data.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"config file {str(path)!r} must be a flat table of keys; found sub-tables {nested}")
+    return data
+
+
+def _coerce(name: str, key: Key, value: Any) -> ConfigValue:
+    kind = key.kind
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{name} = {value!r} has the wrong type; allowed: {key.describe_allowed()}")
+
+
+def _check_range(name: str, key: Key, value: ConfigValue) -> None:
+    choices = key.choices
+    if choices is None and name in ("dataset", "model", "strategy"):
+        choices = _choices(name)
+    if choices is not None:
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), choices, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"unknown {name} {value!r}{extra}; choose one of: {', '.join(choices)}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if key.minimum is not None:
+        bad = value <= key.minimum if key.exclusive_minimum else value < key.minimum
+        if bad:
+            raise ConfigError(f"{name} = {value!r} is out of range; allowed: {key.describe_allowed()}")
+    if key.maximum is not None and value > key.maximum:
+        raise ConfigError(f"{name} = {value!r} is out of range; allowed: {key.describe_allowed()}")
+
+
+CrossCheck = Callable[[Config], None]
+_CROSS_CHECKS: list[CrossCheck] = []
+
+
+def cross_check(fn: CrossCheck) -> CrossCheck:
+    """Register a check that looks at several keys together (strategies add their own)."""
+    _CROSS_CHECKS.append(fn)
+    return fn
+
+
+@cross_check
+def _check_federation(cfg: Config) -> None:
+    if cfg["clients-per-round"] > cfg["num-clients"]:
+        raise ConfigError(
+            f"clients-per-round = {cfg['clients-per-round']} exceeds num-clients = {cfg['num-clients']}; "
+            "allowed: 1 .. num-clients"
+        )
+    if cfg["local-steps"] == 0 and cfg["local-epochs"] == 0:
+        raise ConfigError("local-epochs = 0 and local-steps = 0 leave clients no work; set one of them > 0")
+
+
+@cross_check
+def _check_dataset_fits(cfg: Config) -> None:
+    import torch
+
+    from fedsparse.data.info import dataset_info
+    from fedsparse.models import build_model
+
+    info = dataset_info(str(cfg["dataset"]))
+    if cfg["partition"] == "pathological" and not 1 <= int(cfg["classes-per-client"]) <= info.num_classes:
+        raise ConfigError(
+            f"classes-per-client = {cfg['classes-per-client']} is out of range for {cfg['dataset']}; "
+            f"allowed: 1 .. {info.num_classes}"
+        )
+    try:  # on the meta device: checks the shapes without allocating the weights
+        with torch.device("meta"):
+            build_model(str(cfg["model"]), info.num_classes, info.in_channels, info.image_size)
+    except ValueError as err:
+        raise ConfigError(f"model {cfg['model']!r} cannot take {cfg['dataset']} inputs: {err}") from err
+
+
+def resolve_config(
+    base: Mapping[str, Any] | str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """Merge defaults, a file or mapping, and overrides; check every key and value.
+
+    Raises :class:`ConfigError` naming the bad key or value and what is allowed.
+    """
+    _ensure_strategy_keys()
+    given: dict[str, Any] = {}
+    if isinstance(base, (str, Path)):
+        given.update(load_toml(base))
+    elif base is not None:
+        given.update(base)
+    given.update(overrides or {})
+    cfg = defaults()
+    for name, value in given.items():
+        if name not in SCHEMA:
+            hint = difflib.get_close_matches(name, SCHEMA, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"unknown configuration key {name!r}{extra}; allowed keys: {', '.join(sorted(SCHEMA))}")
+        cfg[name] = _coerce(name, SCHEMA[name], value)
+    for name, value in cfg.items():
+        _check_range(name, SCHEMA[name], value)
+    for check in _CROSS_CHECKS:
+        check(cfg)
+    return cfg
+
+
+def round_lr(cfg: Mapping[str, Any], server_round: int) -> float:
+    """Learning rate of round t (1-based): lr · lr-decay^(t−1), as in FedDIP's authors' code."""
+    return float(cfg["lr"]) * float(cfg["lr-decay"]) ** (server_round - 1)
+
+
+def to_toml(cfg: Mapping[str, Any]) -> str:
+    """Render a resolved config as TOML (written next to the results)."""
+    import tomli_w
+
+    return tomli_w.dumps(dict(cfg))

@@ -1,0 +1,132 @@
+"""A Flower ``Grid`` that meters every message and orders nodes by partition id.
+
+Wrapping the grid (rather than each strategy) means every strategy — ours or Flower's stock ones —
+is accounted the same way, from the messages that really go out and come back.
+
+Ordering ``get_node_ids()`` by partition id is what makes client sampling reproducible: Flower's
+strategies call ``random.sample(list(grid.get_node_ids()), k)``; node ids are random per run, but
+partition ids are not, so with Python's ``random`` seeded per round (see ``seeded_sampling``) the
+same partitions are drawn in every run with the same seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from typing import Iterable, Iterator
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedsparse.accounting import DOWN, UP, Ledger, payload_bytes, wire_bytes
+
+PARTITION_QUERY = "fedsparse.partition-id"
+METERED_TYPES = (MessageType.TRAIN, MessageType.EVALUATE)
+
+
+class MeteredGrid(Grid):
+    """Delegates to a real Grid; records payload (and wire) bytes of train/evaluate messages."""
+
+    def __init__(self, inner: Grid, ledger: Ledger | None = None, *, measure_wire: bool = True) -> None:
+        self._inner = inner
+        self.ledger = ledger if ledger is not None else Ledger()
+        self.measure_wire = measure_wire
+        self.partition_of: dict[int, int] = {}
+        self.current_round = 0
+
+    # --- Grid interface -------------------------------------------------------------------------
+    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
+        self._inner.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self._inner.run
+
+    def create_message(  # noqa: PLR0913 - mirrors Grid.create_message
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> list[int]:
+        ids = list(self._inner.get_node_ids())
+        big = 1 << 62
+        return sorted(ids, key=lambda n: (self.partition_of.get(n, big), n))
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self._meter(messages, DOWN)
+        return self._inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._inner.pull_messages(message_ids))
+        self._meter(replies, UP)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self._meter(messages, DOWN)
+        replies = list(self._inner.send_and_receive(messages, timeout=timeout))
+        self._meter(replies, UP)
+        return replies
+
+    # --- metering -------------------------------------------------------------------------------
+    def _meter(self, messages: list[Message], direction: str) -> None:
+        content_wire: dict[int, int] = {}
+        for msg in messages:
+            mtype = msg.metadata.message_type
+            if mtype not in METERED_TYPES or msg.has_error():
+                continue
+            node = msg.metadata.dst_node_id if direction == DOWN else msg.metadata.src_node_id
+            wire = None
+            if self.measure_wire:
+                # Messages of one round often share one content object: deflate it once.
+                key = id(msg.content)
+                if key not in content_wire:
+                    content_wire[key] = wire_bytes(msg)
+                wire = content_wire[key]
+            self.ledger.record(
+                self.current_round,
+                direction,
+                self.partition_of.get(node, -1),
+                node,
+                payload_bytes(msg.content),
+                wire,
+                mtype,
+            )
+
+    # --- partition discovery --------------------------------------------------------------------
+    def discover_partitions(self, expected: int, timeout: float = 120.0) -> dict[int, int]:
+        """Ask every node for its ``partition-id`` (a QUERY message) and remember the mapping.
+
+        Waits until ``expected`` nodes are connected. Nodes whose ClientApp does not answer the
+        query keep no partition id and are ordered after the others by node id.
+        """
+        deadline = time.monotonic() + timeout
+        while len(ids := list(self._inner.get_node_ids())) < expected:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(ids)} of {expected} nodes connected after {timeout:.0f} s")
+            time.sleep(0.2)
+        query = RecordDict({"config": ConfigRecord({"query": PARTITION_QUERY})})
+        msgs = [Message(content=query, message_type=MessageType.QUERY, dst_node_id=n) for n in ids]
+        for reply in self._inner.send_and_receive(msgs, timeout=timeout):
+            if reply.has_error() or "partition" not in reply.content.metric_records:
+                continue
+            self.partition_of[reply.metadata.src_node_id] = int(reply.content["partition"]["partition-id"])
+        return dict(self.partition_of)
+
+
+@contextlib.contextmanager
+def seeded_sampling(seed: int, server_round: int) -> Iterator[None]:
+    """Seed Python's ``random`` for one round's client sampling, then restore its state.
+
+    Flower's strategies sample with ``random.sample``; seeding it from (seed, round) makes the
+    sampled partitions a function of the configuration alone, and restoring the state keeps the
+    rest of the process unaffected.
+    """
+    state = random.getstate()
+    random.seed(f"fedsparse-sampling/{seed}/{server_round}")
+    try:
+        yield
+    finally:
+        random.setstate(state)

@@ -1,0 +1,22 @@
+"""Shared test setup: real data from ../shared/data when present, offline Hugging Face, quiet Flower."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+if not os.environ.get("FEDSPARSE_DATA") and SHARED_DATA.is_dir():
+    os.environ["FEDSPARSE_DATA"] = str(SHARED_DATA)
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+@pytest.fixture(autouse=True)
+def _partition_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the on-disk split cache inside the test session, not in the user's cache."""
+    cache = tmp_path_factory.getbasetemp() / "xdg-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
