@@ -60,5 +60,5 @@ def client_data(cfg: Mapping[str, Any], partition_id: int) -> tuple[torch.Tensor
     if not 0 <= partition_id < len(parts):
         raise ValueError(f"partition-id {partition_id} out of range; this run has {len(parts)} clients")
     data = dataset_for(cfg)
-    idx = torch.from_numpy(np.asarray(parts[partition_id], dtype=np.int64))
+    idx = torch.tensor(parts[partition_id], dtype=torch.int64)  # a copy: the cached split is read-only
     return data.train_images[idx], data.train_labels[idx]

@@ -29,7 +29,10 @@ Index kinds, chosen per tensor by **measured** byte length (ties → bitmap):
 - ``dense``: mask ``None`` or all True; all n values, no index bytes.
 - ``raw``: a non-floating tensor (integer/bool, e.g. BN's ``num_batches_tracked``) sent dense as its
   native bytes inside the index blob, so it round-trips exactly whatever ``value_bits`` is. Masks
-  are not supported for such tensors.
+  are not supported for such tensors. With ``encode(..., raw_dense=True)`` floating-point tensors
+  sent dense (mask ``None``) are stored ``raw`` too, i.e. exactly, while the masked tensors' values
+  still go through fp16 / 8-bit (the partial-update broadcast keeps biases float32 this way). The
+  decoder needs no option: ``raw`` is decoded from the header's dtype either way.
 
 Values: ``value_bits=32`` sends float32 (bit-exact for float32 inputs); 16 sends float16 (values
 must fit its range); 8 uses per-tensor affine quantisation ``q = round((x - min) / scale)`` with
@@ -198,10 +201,13 @@ def encode(
     tensors: Mapping[str, np.ndarray],
     masks: Mapping[str, np.ndarray | None],
     value_bits: int = 32,
+    *,
+    raw_dense: bool = False,
 ) -> dict[str, np.ndarray]:
     """Encode named tensors, keeping the entries where ``masks[name]`` is True.
 
-    A name missing from ``masks`` or mapped to ``None`` is sent dense. Returns
+    A name missing from ``masks`` or mapped to ``None`` is sent dense (with ``raw_dense``, as its
+    exact native bytes, unaffected by ``value_bits``). Returns
     ``{"index": uint8, "values": float32|float16|uint8}`` (see the module docstring).
     """
     _check_value_bits(value_bits)
@@ -223,7 +229,7 @@ def encode(
         n = arr.size
         qmin: float | None = None
         qscale: float | None = None
-        if arr.dtype.kind != "f":
+        if arr.dtype.kind != "f" or (raw_dense and mask is None):
             if mask is not None:
                 raise ValueError(
                     f"tensor '{name}' has dtype {arr.dtype}: masks are only supported for "

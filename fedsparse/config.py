@@ -113,7 +113,9 @@ def register_keys(section: str, keys: Mapping[str, Key]) -> None:
 
 
 def _ensure_strategy_keys() -> None:
-    import strategies.registry  # noqa: F401  (registers strategy keys)
+    from strategies.registry import strategy_names
+
+    strategy_names()  # imports the strategy modules, which register their keys
 
 
 def defaults() -> Config:

@@ -70,6 +70,12 @@ class MeteredGrid(Grid):
         self._meter(replies, UP)
         return replies
 
+    def in_partition_order(self, replies: Iterable[Message]) -> list[Message]:
+        """Replies sorted by partition id: they arrive in any order, and floating-point
+        aggregation is only reproducible when it always adds them in the same one."""
+        big = 1 << 62
+        return sorted(replies, key=lambda m: (self.partition_of.get(m.metadata.src_node_id, big), m.metadata.src_node_id))
+
     # --- metering -------------------------------------------------------------------------------
     def _meter(self, messages: list[Message], direction: str) -> None:
         content_wire: dict[int, int] = {}

@@ -109,7 +109,7 @@ def run_server(grid: Grid, cfg: Mapping[str, Any], out_dir: Path | None, *, show
         train_config = ConfigRecord({"server-round": server_round})
         with seeded_sampling(int(cfg["seed"]), server_round):
             messages = list(strategy.configure_train(server_round, arrays, train_config, metered))
-        replies = list(metered.send_and_receive(messages, timeout=float(cfg["round-timeout"])))
+        replies = metered.in_partition_order(metered.send_and_receive(messages, timeout=float(cfg["round-timeout"])))
         new_arrays, _metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays

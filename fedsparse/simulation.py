@@ -53,6 +53,8 @@ def _quiet_flower(verbose: bool) -> None:
     logging.getLogger("flwr").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray warns on every start that it will stop overriding CUDA_VISIBLE_DEVICES for CPU actors.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def simulate(

@@ -15,7 +15,7 @@ class DatasetInfo:
     image_size: int
 
 
-_INFO = {
+DATASET_INFO: dict[str, DatasetInfo] = {
     "fashion-mnist": DatasetInfo(10, 1, 28),
     "mnist": DatasetInfo(10, 1, 28),
     "cifar10": DatasetInfo(10, 3, 32),
@@ -25,6 +25,6 @@ _INFO = {
 
 def dataset_info(name: str) -> DatasetInfo:
     """Classes, channels and image size of ``name``."""
-    if name not in _INFO:
-        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(_INFO)}")
-    return _INFO[name]
+    if name not in DATASET_INFO:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_INFO)}")
+    return DATASET_INFO[name]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fedsparse.data.idx import IdxFormatError, read_idx
+from fedsparse.data.info import DATASET_INFO
 from fedsparse.data.paths import IDX_FILES, check_dataset_name, idx_file, locate
 
 #: Per-channel pixel mean / std of the training set (pixels scaled to [0, 1]).
@@ -25,7 +26,7 @@ _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-_NUM_CLASSES: dict[str, int] = {"fashion-mnist": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
+_NUM_CLASSES: dict[str, int] = {name: info.num_classes for name, info in DATASET_INFO.items()}
 
 
 @dataclass(frozen=True, eq=False)

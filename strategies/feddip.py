@@ -1,0 +1,430 @@
+"""FedDIP (Long et al., 2023) as a Flower strategy: federated dynamic pruning with error feedback and
+incremental regularisation, with a sparse downlink (and a sparse uplink when masks are nested).
+
+Algorithm 1 of the paper, on the server:
+
+* round 1 (``s_0 > 0``): draw the initial mask m_0 from the ERK distribution at sparsity s_0, from the
+  run's seed (line 3), and send w_0 ⊙ m_0;
+* every round τ: send the pruned global model ω_G^(τ−1) through :mod:`fedsparse.codec` (kept values
+  + bitmap/coordinate index for the prunable tensors, everything else dense) together with λ_τ
+  (eq. 9) and the names of the prunable tensors; the clients take their mask from the positions the
+  codec kept (line 10), train with :func:`clients.feddip_step.feddip_train` and reply;
+* aggregate (eq. 12, weighted by ``num-examples``); when τ mod R = 0 re-prune by **global** magnitude
+  at s_τ (eq. 11, line 21) — and always at the schedule's last round T, so the returned model has
+  exactly s_p; multiply the aggregate by the mask (line 23).
+
+Nested masks (default, ``regrowth=False``, as in the authors' code): clients send only the entries
+of the current mask (sparse uplink through the codec), the aggregate is masked with the old mask
+before re-pruning, so every new mask is a subset of the previous one. ``regrowth=True`` (DPF's
+spirit): clients send their dense prunable tensors and the server prunes the dense aggregate, so
+pruned weights can come back.
+
+The arrays ``aggregate_train`` returns are a plain dense ``ArrayRecord`` of the pruned model (what
+central evaluation and ``Strategy.start`` expect); only what goes on the wire is codec-encoded. The
+strategy needs nothing from fedsparse's loop, so it works with ``Strategy.start`` in any Flower
+deployment whose ClientApp runs :func:`clients.feddip.feddip_client_round`.
+
+Variants by configuration: FedDP (``lambda-max = 0``), DPF in FL (``initial-sparsity = 0``,
+``lambda-max = 0``), FedDIP+Prox (``feddip-prox = true``: clients add μ/2‖w − w_G‖² with
+μ = ``proximal-mu``).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+# Keys of the per-round ConfigRecord the client step reads (defined next to the client step).
+from clients.feddip import CONFIG_LAMBDA, CONFIG_PRUNABLE, CONFIG_PROXIMAL_MU, CONFIG_SPARSE_UPLINK
+from fedsparse import codec
+from fedsparse.config import Config, ConfigError, Key, cross_check, register_keys
+from fedsparse.masks import erk_densities, erk_masks, global_magnitude_masks, prunable_names
+from fedsparse.schedules import cubic_sparsity, incremental_lambda
+from strategies.registry import register_strategy, sampling_kwargs
+
+__all__ = ["FedDIP", "CONFIG_LAMBDA", "CONFIG_PRUNABLE", "CONFIG_SPARSE_UPLINK", "CONFIG_PROXIMAL_MU"]
+
+register_keys(
+    "feddip",
+    {
+        "initial-sparsity": Key(0.5, "FedDIP s_0: sparsity of the initial ERK mask (0 = start dense, DPF)", minimum=0.0, maximum=1.0),
+        "target-sparsity": Key(0.9, "FedDIP s_p: sparsity of the returned model (prunable weights)", minimum=0.0, maximum=1.0),
+        "reconfig-every": Key(5, "FedDIP R: re-prune the global mask every R rounds", minimum=1),
+        "lambda-max": Key(1e-3, "FedDIP λ_max of the incremental regularisation (0 = FedDP)", minimum=0.0),
+        "lambda-steps": Key(10, "FedDIP Q: number of λ steps over the schedule (eq. 9)", minimum=1),
+        "regrowth": Key(False, "FedDIP: dense uplink and re-pruning of the dense aggregate (pruned weights can return); false = nested masks, sparse uplink"),
+        "feddip-prox": Key(False, "FedDIP+Prox: clients add FedProx's term with mu = proximal-mu"),
+        "feddip-schedule-rounds": Key(0, "FedDIP T of the sparsity and λ schedules (0 = rounds)", minimum=0),
+    },
+)
+
+
+@cross_check
+def _check_feddip(cfg: Config) -> None:
+    if cfg.get("strategy") != "feddip":
+        return
+    s0, sp = float(cfg["initial-sparsity"]), float(cfg["target-sparsity"])
+    if not sp < 1.0:
+        raise ConfigError(f"target-sparsity = {sp!r} prunes every weight; allowed: initial-sparsity .. < 1")
+    if s0 > sp:
+        raise ConfigError(
+            f"initial-sparsity = {s0!r} exceeds target-sparsity = {sp!r}; allowed: 0 <= initial-sparsity <= target-sparsity"
+        )
+
+
+def _mask_seed(seed: int) -> int:
+    """The ERK draw's seed: a function of the run's seed, distinct from the model's init seed."""
+    return zlib.crc32(f"feddip-erk/{int(seed)}".encode())
+
+
+def _weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """Σ ρ_n x_n in float64, cast back to the inputs' dtype (integers rounded)."""
+    acc = np.zeros(arrays[0].shape, dtype=np.float64)
+    for x, w in zip(arrays, weights):
+        acc += np.asarray(x, dtype=np.float64) * w
+    dtype = arrays[0].dtype
+    if dtype.kind in "iub":
+        acc = np.rint(acc)
+    return acc.astype(dtype)
+
+
+class FedDIP(FedAvg):
+    """FedDIP's server side (see the module docstring).
+
+    Parameters
+    ----------
+    total_rounds : int
+        T of the schedules (eq. 9 and 11). The mask is re-pruned to exactly ``target_sparsity`` at
+        round T; keep T equal to the number of rounds you run.
+    initial_sparsity, target_sparsity : float
+        s_0 and s_p, 0 ≤ s_0 ≤ s_p < 1, over the prunable tensors pooled.
+    reconfig_every : int
+        R: re-prune every R rounds.
+    lambda_max : float, lambda_steps : int
+        λ_max and Q of eq. 9 (λ_max = 0 gives FedDP).
+    regrowth : bool
+        False (default): nested masks, sparse uplink. True: dense uplink, pruned weights may return.
+    proximal_mu : float
+        > 0 makes clients add FedProx's proximal term (FedDIP+Prox); sent as ``proximal-mu``.
+    seed : int
+        Seeds the ERK draw of the initial mask.
+    exclude_shortcuts : bool
+        Keep ResNet 1×1 shortcut convolutions dense (see :func:`fedsparse.masks.prunable_names`).
+    **fedavg_kwargs
+        Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling fractions, keys, ...).
+    """
+
+    def __init__(  # noqa: PLR0913 - the paper's hyper-parameters
+        self,
+        total_rounds: int,
+        initial_sparsity: float = 0.5,
+        target_sparsity: float = 0.9,
+        reconfig_every: int = 5,
+        lambda_max: float = 1e-3,
+        lambda_steps: int = 10,
+        regrowth: bool = False,
+        proximal_mu: float = 0.0,
+        seed: int = 0,
+        exclude_shortcuts: bool = True,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        super().__init__(**fedavg_kwargs)
+        # Validate through the schedule functions (they raise clear ValueErrors).
+        cubic_sparsity(0, total_rounds, initial_sparsity, target_sparsity)
+        incremental_lambda(0, total_rounds, lambda_max, lambda_steps)
+        if isinstance(reconfig_every, bool) or int(reconfig_every) != reconfig_every or reconfig_every < 1:
+            raise ValueError(f"reconfig_every (R) must be an integer >= 1; got {reconfig_every!r}")
+        if not float(proximal_mu) >= 0:
+            raise ValueError(f"proximal_mu must be >= 0; got {proximal_mu!r}")
+        self.total_rounds = int(total_rounds)
+        self.initial_sparsity = float(initial_sparsity)
+        self.target_sparsity = float(target_sparsity)
+        self.reconfig_every = int(reconfig_every)
+        self.lambda_max = float(lambda_max)
+        self.lambda_steps = int(lambda_steps)
+        self.regrowth = bool(regrowth)
+        self.proximal_mu = float(proximal_mu)
+        self.seed = int(seed)
+        self.exclude_shortcuts = bool(exclude_shortcuts)
+
+        # --- state (see state_dict) ---
+        self.masks: dict[str, torch.Tensor] | None = None  # current global mask m (True = kept)
+        self.prunable: list[str] = []
+        self.initial_densities: dict[str, float] = {}  # ERK densities of m_0 (for the report)
+        self.last_reconfig_round = 0
+        self.reconfig_rounds: list[int] = []
+        self._round_info: dict[int, dict[str, Any]] = {}
+        self._global: dict[str, np.ndarray] | None = None  # the masked model last sent
+
+    # ------------------------------------------------------------------ schedules
+    def lambda_at(self, server_round: int) -> float:
+        """λ_τ of eq. 9 for round τ = ``server_round``."""
+        return incremental_lambda(server_round, self.total_rounds, self.lambda_max, self.lambda_steps)
+
+    def sparsity_at(self, server_round: int) -> float:
+        """s_τ of eq. 11 (exactly s_p for τ ≥ T)."""
+        return cubic_sparsity(server_round, self.total_rounds, self.initial_sparsity, self.target_sparsity)
+
+    def reconfigures_at(self, server_round: int) -> bool:
+        """Whether the mask is re-pruned after aggregating round τ: τ mod R = 0, or τ = T."""
+        return server_round % self.reconfig_every == 0 or server_round == self.total_rounds
+
+    # ------------------------------------------------------------------ masks
+    def _init_masks(self, arrays: ArrayRecord) -> None:
+        state = arrays.to_torch_state_dict()
+        self.prunable = prunable_names(state, exclude_shortcuts=self.exclude_shortcuts)
+        if not self.prunable:
+            raise ValueError("FedDIP found no prunable tensors (conv/linear weights with ndim > 1) in the model")
+        shapes = {n: tuple(state[n].shape) for n in self.prunable}
+        self.initial_densities = erk_densities(shapes, 1.0 - self.initial_sparsity)
+        gen = torch.Generator().manual_seed(_mask_seed(self.seed))
+        self.masks = erk_masks(shapes, self.initial_sparsity, gen)
+
+    def _masked(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert self.masks is not None
+        out = {}
+        for name, x in tensors.items():
+            if name in self.masks:
+                x = np.where(self.masks[name].numpy(), x, np.zeros((), dtype=x.dtype))
+            out[name] = np.ascontiguousarray(x)
+        return out
+
+    def measured_sparsity(self, tensors: Mapping[str, np.ndarray] | None = None) -> float:
+        """Fraction of exact zeros over the prunable tensors of ``tensors`` (default: the global model)."""
+        tensors = self._global if tensors is None else tensors
+        if tensors is None or not self.prunable:
+            return math.nan
+        zeros = sum(int(np.count_nonzero(tensors[n] == 0)) for n in self.prunable)
+        return zeros / sum(tensors[n].size for n in self.prunable)
+
+    def per_layer_sparsity(self) -> dict[str, float]:
+        """Measured sparsity of each prunable tensor of the global model."""
+        if self._global is None:
+            return {}
+        return {n: float(np.count_nonzero(self._global[n] == 0)) / self._global[n].size for n in self.prunable}
+
+    # ------------------------------------------------------------------ Flower Strategy
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the pruned global model (codec-encoded) with λ_τ; draw m_0 on the first call."""
+        if self.masks is None:
+            self._init_masks(arrays)
+        assert self.masks is not None
+        dense = {name: arr.numpy() for name, arr in arrays.items()}
+        missing = [n for n in self.prunable if n not in dense]
+        if missing:
+            raise ValueError(f"the global model lacks the prunable tensors {missing}")
+        self._global = self._masked(dense)
+        encoded = codec.encode(self._global, {n: self.masks[n].numpy() for n in self.prunable})
+        lam = self.lambda_at(server_round)
+        config = ConfigRecord(dict(config))  # Strategy.start reuses one config object: never mutate it
+        config[CONFIG_LAMBDA] = lam
+        config[CONFIG_PRUNABLE] = list(self.prunable)
+        config[CONFIG_SPARSE_UPLINK] = not self.regrowth
+        if self.proximal_mu > 0:
+            config[CONFIG_PROXIMAL_MU] = self.proximal_mu
+        self._round_info[server_round] = {
+            "lambda": lam,
+            "target_sparsity": self.sparsity_at(server_round),
+            "reconfigured": False,
+            "sparsity": self.measured_sparsity(),
+        }
+        return super().configure_train(server_round, codec.to_array_record(encoded), config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode, average, re-prune when due, and return the dense pruned model."""
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        metrics = None
+        if self._global is None or self.masks is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        if valid:
+            decoded, weights = [], []
+            for msg in valid:
+                record = msg.content[self.arrayrecord_key]
+                tensors, _ = codec.decode(codec.from_array_record(record))
+                if set(tensors) != set(self._global):
+                    raise ValueError(
+                        f"reply from node {msg.metadata.src_node_id} carries tensors {sorted(tensors)}, "
+                        f"expected {sorted(self._global)}"
+                    )
+                decoded.append(tensors)
+                metric_record = next(iter(msg.content.metric_records.values()))
+                weights.append(float(metric_record[self.weighted_by_key]))
+            total = sum(weights)
+            if not total > 0:
+                raise ValueError(f"replies' {self.weighted_by_key!r} sum to {total}; cannot weight the average")
+            rho = [w / total for w in weights]
+            aggregate = {name: _weighted_mean([d[name] for d in decoded], rho) for name in self._global}
+            metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        else:  # no replies: keep the model, still apply the schedule (the last round must reach s_p)
+            aggregate = {name: x.copy() for name, x in self._global.items()}
+
+        reconfigured = self.reconfigures_at(server_round)
+        if reconfigured:
+            s_t = self.sparsity_at(server_round)
+            prunable = {n: torch.from_numpy(np.array(aggregate[n])) for n in self.prunable}
+            if not self.regrowth:  # nested: rank w ⊙ m_old, new mask ⊆ old mask
+                prunable = {n: t * self.masks[n] for n, t in prunable.items()}
+                self.masks = global_magnitude_masks(prunable, s_t, current_masks=self.masks)
+            else:
+                self.masks = global_magnitude_masks(prunable, s_t)
+            self.last_reconfig_round = server_round
+            self.reconfig_rounds.append(server_round)
+        self._global = self._masked(aggregate)
+        info = self._round_info.setdefault(server_round, {"lambda": self.lambda_at(server_round)})
+        info.update(
+            target_sparsity=self.sparsity_at(server_round),
+            reconfigured=reconfigured,
+            sparsity=self.measured_sparsity(),
+            mask_sparsity=self.mask_sparsity(),
+        )
+        arrays = ArrayRecord({name: Array(x) for name, x in self._global.items()})
+        return arrays, metrics
+
+    def mask_sparsity(self) -> float:
+        """Fraction of pruned positions in the current mask (prunable tensors pooled)."""
+        if self.masks is None:
+            return math.nan
+        total = sum(m.numel() for m in self.masks.values())
+        return 1.0 - sum(int(m.sum()) for m in self.masks.values()) / total
+
+    def summary(self) -> None:
+        super().summary()
+        from logging import INFO
+
+        from flwr.supercore import log
+
+        log(INFO, "\t└──> FedDIP: T=%d s0=%.3f sp=%.3f R=%d λmax=%g Q=%d regrowth=%s μ=%g",
+            self.total_rounds, self.initial_sparsity, self.target_sparsity, self.reconfig_every,
+            self.lambda_max, self.lambda_steps, self.regrowth, self.proximal_mu)
+
+    # ------------------------------------------------------------------ fedsparse hooks
+    def round_report(self, server_round: int) -> dict[str, Any]:
+        """Columns for rounds.csv: measured sparsity of the global model, λ_τ, s_τ, reconfigured."""
+        info = self._round_info.get(server_round, {})
+        return {
+            "sparsity": info.get("sparsity", math.nan),
+            "mask_sparsity": info.get("mask_sparsity", math.nan),
+            "lambda": info.get("lambda", self.lambda_at(server_round)),
+            "target_sparsity": info.get("target_sparsity", self.sparsity_at(server_round)),
+            "reconfigured": bool(info.get("reconfigured", False)),
+        }
+
+    def layer_table(self) -> list[dict[str, Any]]:
+        """Per prunable layer: size, kept weights, measured sparsity, and the ERK initial sparsity."""
+        rows = []
+        measured = self.per_layer_sparsity()
+        for name in self.prunable:
+            numel = int(self._global[name].size) if self._global is not None else 0
+            rows.append(
+                {
+                    "layer": name,
+                    "numel": numel,
+                    "kept": int(self.masks[name].sum()) if self.masks is not None else numel,
+                    "sparsity": measured.get(name, math.nan),
+                    "initial_sparsity": 1.0 - self.initial_densities.get(name, 1.0),
+                }
+            )
+        return rows
+
+    def final_report(self, out_dir: str | Path) -> dict[str, Any]:
+        """Per-layer sparsity table (``feddip_layer_sparsity.csv``) and plot (the paper's Figure 5)."""
+        import pandas as pd
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        table = pd.DataFrame(self.layer_table())
+        csv = out_dir / "feddip_layer_sparsity.csv"
+        table.to_csv(csv, index=False)
+        png = out_dir / "feddip_layer_sparsity.png"
+        if len(table):
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(table) + 2), 4))
+            x = np.arange(len(table))
+            ax.bar(x - 0.2, table["initial_sparsity"], width=0.4, label="initial (ERK, s0)")
+            ax.bar(x + 0.2, table["sparsity"], width=0.4, label="final (measured)")
+            ax.set_xticks(x, [f"{n}\n({k})" for n, k in zip(table["layer"], table["numel"])], rotation=45, ha="right", fontsize=7)
+            ax.set_ylabel("sparsity")
+            ax.set_ylim(0, 1)
+            ax.set_title(f"FedDIP per-layer sparsity (s_p = {self.target_sparsity})")
+            ax.grid(axis="y", alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(png, dpi=120)
+            plt.close(fig)
+        return {
+            "final_sparsity": self.measured_sparsity(),
+            "final_mask_sparsity": self.mask_sparsity(),
+            "reconfig_rounds": len(self.reconfig_rounds),
+            "layer_sparsity": {r["layer"]: r["sparsity"] for r in self.layer_table()},
+            "layer_sparsity_csv": str(csv),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks (numpy bool arrays) and JSON-able scalars, enough to resume the schedule."""
+        return {
+            "masks": None if self.masks is None else {n: m.numpy().copy() for n, m in self.masks.items()},
+            "prunable": list(self.prunable),
+            "initial_densities": dict(self.initial_densities),
+            "last_reconfig_round": self.last_reconfig_round,
+            "reconfig_rounds": list(self.reconfig_rounds),
+            "hyper": {
+                "total_rounds": self.total_rounds,
+                "initial_sparsity": self.initial_sparsity,
+                "target_sparsity": self.target_sparsity,
+                "reconfig_every": self.reconfig_every,
+                "lambda_max": self.lambda_max,
+                "lambda_steps": self.lambda_steps,
+                "regrowth": self.regrowth,
+                "proximal_mu": self.proximal_mu,
+                "seed": self.seed,
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (hyper-parameters must match)."""
+        mine = self.state_dict()["hyper"]
+        theirs = dict(state.get("hyper", {}))
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if k in theirs and theirs[k] != v}
+        if diff:
+            raise ValueError(f"FedDIP state was saved with different settings (saved, current): {diff}")
+        masks = state.get("masks")
+        self.masks = None if masks is None else {n: torch.from_numpy(np.asarray(m, dtype=bool).copy()) for n, m in masks.items()}
+        self.prunable = list(state.get("prunable", []))
+        self.initial_densities = {k: float(v) for k, v in dict(state.get("initial_densities", {})).items()}
+        self.last_reconfig_round = int(state.get("last_reconfig_round", 0))
+        self.reconfig_rounds = [int(r) for r in state.get("reconfig_rounds", [])]
+        self._global = None
+
+
+@register_strategy("feddip", "FedDIP (Long et al., 2023): dynamic pruning + incremental regularisation, sparse model on the wire")
+def _feddip(cfg: Mapping[str, Any]) -> FedDIP:
+    total = int(cfg["feddip-schedule-rounds"]) or int(cfg["rounds"])
+    return FedDIP(
+        total_rounds=total,
+        initial_sparsity=float(cfg["initial-sparsity"]),
+        target_sparsity=float(cfg["target-sparsity"]),
+        reconfig_every=int(cfg["reconfig-every"]),
+        lambda_max=float(cfg["lambda-max"]),
+        lambda_steps=int(cfg["lambda-steps"]),
+        regrowth=bool(cfg["regrowth"]),
+        proximal_mu=float(cfg["proximal-mu"]) if bool(cfg["feddip-prox"]) else 0.0,
+        seed=int(cfg["seed"]),
+        **sampling_kwargs(cfg),
+    )

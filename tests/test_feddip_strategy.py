@@ -1,0 +1,433 @@
+"""FedDIP strategy + client step, in process (no Ray): real Flower messages, real ClientApp, real data.
+
+The grid below is a real ``flwr.serverapp.Grid`` implementation that delivers each message to our
+real ClientApp in this process (what the simulation engine does through Ray actors), so the whole
+round trip — codec-encoded downlink, FedDIP local step, sparse uplink, aggregation, re-pruning — runs
+in a second instead of a Ray start.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.app import make_client_app
+from clients.feddip import decode_global, encode_update, feddip_client_round
+from fedsparse import codec
+from fedsparse.accounting import payload_bytes
+from fedsparse.config import ConfigError, resolve_config
+from fedsparse.grid import seeded_sampling
+from fedsparse.masks import global_magnitude_masks, num_pruned, prunable_names
+from fedsparse.models import build_model
+from fedsparse.schedules import cubic_sparsity, incremental_lambda
+from fedsparse.server import initial_model, run_server
+from strategies.feddip import FedDIP
+from strategies.registry import build_strategy
+
+LENET_ERK_05 = [1.0, 0.525, 0.426, 0.796, 1.0]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Messages built outside a running app need a task identity (flower-notes, 'Tests without Ray')."""
+    TaskIdentity.run_id = 1
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 0
+
+
+class LoopbackGrid(Grid):
+    """A Grid whose nodes are our ClientApp called in this process, one Context per node."""
+
+    def __init__(self, cfg: dict, num_nodes: int) -> None:
+        self.app = make_client_app(cfg)
+        self.node_ids = [1000 + 7 * i for i in range(num_nodes)]
+        self.contexts = {
+            nid: Context(
+                run_id=1,
+                node_id=nid,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i, nid in enumerate(self.node_ids)
+        }
+        self.sent: list[Message] = []
+        self.received: list[Message] = []
+
+    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
+        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("LoopbackGrid only implements send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("LoopbackGrid only implements send_and_receive")
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        replies = [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self.sent.extend(messages)
+            self.received.extend(replies)
+        return replies
+
+
+def _cfg(**over) -> dict:
+    base = {
+        "strategy": "feddip",
+        "num-clients": 4,
+        "clients-per-round": 2,
+        "rounds": 6,
+        "local-steps": 2,
+        "batch-size": 16,
+        "reconfig-every": 2,
+        "initial-sparsity": 0.5,
+        "target-sparsity": 0.9,
+        "lambda-max": 1e-3,
+        "lambda-steps": 3,
+        "seed": 3,
+        "wire-bytes": False,
+    }
+    base.update(over)
+    return resolve_config(None, base)
+
+
+def _prunable_count(arrays: ArrayRecord) -> tuple[int, int]:
+    state = arrays.to_torch_state_dict()
+    names = prunable_names(state)
+    total = sum(state[n].numel() for n in names)
+    zeros = sum(int((state[n] == 0).sum()) for n in names)
+    return zeros, total
+
+
+def _drive(strategy: FedDIP, grid: LoopbackGrid, cfg: dict, rounds: int) -> tuple[ArrayRecord, list[dict]]:
+    """The round loop of fedsparse.server, with a snapshot of the strategy's mask after each round."""
+    arrays = ArrayRecord(initial_model(cfg).state_dict())
+    history = []
+    for t in range(1, rounds + 1):
+        with seeded_sampling(int(cfg["seed"]), t):
+            msgs = list(strategy.configure_train(t, arrays, ConfigRecord({"server-round": t}), grid))
+        replies = list(grid.send_and_receive(msgs))
+        new, _ = strategy.aggregate_train(t, replies)
+        arrays = new if new is not None else arrays
+        history.append({"masks": {n: m.clone() for n, m in strategy.masks.items()}, "arrays": arrays, "msgs": msgs, "replies": replies})
+    return arrays, history
+
+
+# ----------------------------------------------------------------------------- first round / downlink
+
+
+def test_round1_sends_erk_masked_model_from_the_seed_and_fewer_bytes() -> None:
+    cfg = _cfg()
+    grid = LoopbackGrid(cfg, 4)
+    arrays = ArrayRecord(initial_model(cfg).state_dict())
+    strategy = build_strategy(cfg)
+    msgs = list(strategy.configure_train(1, arrays, ConfigRecord({"server-round": 1}), grid))
+    assert len(msgs) == 2 and set(msgs[0].content["arrays"].keys()) == {"index", "values"}
+    config = msgs[0].content["config"]
+    names = list(config["feddip-prunable"])
+    assert names == ["features.0.weight", "features.3.weight", "classifier.0.weight", "classifier.2.weight", "classifier.4.weight"]
+    assert config["feddip-lambda"] == incremental_lambda(1, 6, 1e-3, 3) == 0.0
+    assert config["feddip-sparse-uplink"] is True
+    assert "proximal-mu" not in config  # FedDIP's proximal term is off unless feddip-prox = true
+
+    state, masks = decode_global(msgs[0].content["arrays"], names)
+    initial = arrays.to_torch_state_dict()
+    densities = [masks[n].float().mean().item() for n in names]
+    assert densities == pytest.approx(LENET_ERK_05, abs=0.005)
+    total = sum(m.numel() for m in masks.values())
+    assert total - sum(int(m.sum()) for m in masks.values()) == num_pruned(total, 0.5)
+    for n in initial:  # the model sent is w_0 ⊙ m_0, non-prunable tensors untouched
+        expected = initial[n] * masks[n] if n in masks else initial[n]
+        assert torch.equal(state[n], expected)
+    # the downlink is measurably smaller than the dense model
+    dense = payload_bytes(RecordDict({"arrays": arrays})).total
+    assert payload_bytes(RecordDict({"arrays": msgs[0].content["arrays"]})).total < 0.75 * dense
+
+    # same seed → same mask; another seed → another mask
+    again = build_strategy(cfg)
+    again.configure_train(1, arrays, ConfigRecord({"server-round": 1}), grid)
+    assert all(torch.equal(again.masks[n], strategy.masks[n]) for n in names)
+    other = build_strategy(_cfg(seed=4))
+    other.configure_train(1, arrays, ConfigRecord({"server-round": 1}), grid)
+    assert not torch.equal(other.masks["classifier.0.weight"], strategy.masks["classifier.0.weight"])
+
+
+def test_dpf_variant_starts_dense() -> None:
+    cfg = _cfg(**{"initial-sparsity": 0.0, "lambda-max": 0.0})
+    grid = LoopbackGrid(cfg, 4)
+    strategy = build_strategy(cfg)
+    arrays = ArrayRecord(initial_model(cfg).state_dict())
+    msgs = list(strategy.configure_train(1, arrays, ConfigRecord({"server-round": 1}), grid))
+    kinds = codec.index_kinds(codec.from_array_record(msgs[0].content["arrays"]))
+    assert set(kinds.values()) == {"dense"}
+    assert strategy.mask_sparsity() == 0.0
+
+
+# ----------------------------------------------------------------------------- the whole loop
+
+
+def test_nested_masks_schedule_and_exact_final_sparsity() -> None:
+    cfg = _cfg()
+    grid = LoopbackGrid(cfg, 4)
+    strategy = build_strategy(cfg)
+    final, history = _drive(strategy, grid, cfg, rounds=6)
+    n_total = sum(m.numel() for m in history[0]["masks"].values())
+    for t, h in enumerate(history, start=1):
+        report = strategy.round_report(t)
+        assert report["lambda"] == incremental_lambda(t, 6, 1e-3, 3)
+        assert h["msgs"][0].content["config"]["feddip-lambda"] == report["lambda"]
+        assert report["target_sparsity"] == cubic_sparsity(t, 6, 0.5, 0.9)
+        assert report["reconfigured"] == (t % 2 == 0)
+        kept = sum(int(m.sum()) for m in h["masks"].values())
+        if report["reconfigured"]:
+            assert n_total - kept == num_pruned(n_total, report["target_sparsity"])
+        # masks nested: each mask is a subset of the previous one
+        if t > 1:
+            prev = history[t - 2]["masks"]
+            assert all(not bool((h["masks"][n] & ~prev[n]).any()) for n in prev)
+        # the global model is zero outside the mask and the uplink was sparse (only kept entries)
+        state = h["arrays"].to_torch_state_dict()
+        old = history[t - 2]["masks"] if t > 1 else None
+        for reply in h["replies"]:
+            info = codec.tensor_nbytes(codec.from_array_record(reply.content["arrays"]))
+            if old is not None:
+                assert all(info[n]["nnz"] == int(old[n].sum()) for n in old)
+        for n, m in h["masks"].items():
+            assert bool((state[n][~m] == 0).all())
+    # λ rose in steps during the run
+    assert strategy.round_report(6)["lambda"] > 0
+    # the returned model has exactly s_p over the prunable weights
+    zeros, total = _prunable_count(final)
+    assert zeros == num_pruned(total, 0.9)
+    assert strategy.round_report(6)["sparsity"] == pytest.approx(0.9, abs=1 / total)
+
+
+def test_final_round_prunes_to_target_even_when_not_a_multiple_of_r() -> None:
+    cfg = _cfg(rounds=3, **{"reconfig-every": 5})
+    strategy = build_strategy(cfg)
+    final, _ = _drive(strategy, LoopbackGrid(cfg, 4), cfg, rounds=3)
+    assert [strategy.round_report(t)["reconfigured"] for t in (1, 2, 3)] == [False, False, True]
+    zeros, total = _prunable_count(final)
+    assert zeros == num_pruned(total, 0.9)
+
+
+def test_schedule_rounds_override_decouples_t_from_rounds() -> None:
+    cfg = _cfg(rounds=2, **{"feddip-schedule-rounds": 10})
+    strategy = build_strategy(cfg)
+    assert strategy.total_rounds == 10
+    assert strategy.sparsity_at(2) == cubic_sparsity(2, 10, 0.5, 0.9)
+
+
+# ----------------------------------------------------------------------------- aggregation rules
+
+
+def _reply_to(msg: Message, tensors: dict[str, np.ndarray], masks: dict[str, np.ndarray], n: int) -> Message:
+    arrays = codec.to_array_record(codec.encode(tensors, masks))
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n, "train-loss": 0.0})})
+    return Message(content=content, reply_to=msg)
+
+
+def _small_strategy(regrowth: bool) -> tuple[FedDIP, LoopbackGrid, list[Message], dict[str, np.ndarray]]:
+    cfg = _cfg(rounds=2, **{"reconfig-every": 1, "regrowth": regrowth})
+    grid = LoopbackGrid(cfg, 4)
+    strategy = build_strategy(cfg)
+    arrays = ArrayRecord(initial_model(cfg).state_dict())
+    with seeded_sampling(3, 1):
+        msgs = list(strategy.configure_train(1, arrays, ConfigRecord({"server-round": 1}), grid))
+    base = {n: a.numpy() for n, a in arrays.items()}
+    return strategy, grid, msgs, base
+
+
+def test_weighted_average_and_nested_mask_ignores_pruned_positions() -> None:
+    strategy, _, msgs, base = _small_strategy(regrowth=False)
+    masks = {n: m.numpy() for n, m in strategy.masks.items()}
+    a = {n: np.full_like(x, 1.0) for n, x in base.items()}
+    b = {n: np.full_like(x, 4.0) for n, x in base.items()}
+    name = "classifier.0.weight"
+    pruned_pos = tuple(np.argwhere(~masks[name])[0])
+    a[name][pruned_pos] = 1e6  # would win any magnitude ranking if it leaked
+    replies = [_reply_to(msgs[0], a, masks, 100), _reply_to(msgs[1], b, {}, 300)]  # second: dense uplink
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    out = arrays.to_torch_state_dict()
+    assert float(out["classifier.0.bias"][0]) == pytest.approx(0.25 * 1 + 0.75 * 4)
+    assert float(out[name][pruned_pos]) == 0.0
+    assert not bool(strategy.masks[name][pruned_pos])
+    assert metrics is not None and "train-loss" in metrics
+
+
+def test_regrowth_lets_a_pruned_weight_return() -> None:
+    strategy, _, msgs, base = _small_strategy(regrowth=True)
+    assert msgs[0].content["config"]["feddip-sparse-uplink"] is False
+    name = "classifier.0.weight"
+    pruned_pos = tuple(np.argwhere(~strategy.masks[name].numpy())[0])
+    a = {n: x.copy() for n, x in base.items()}
+    a[name][pruned_pos] = 1e3
+    arrays, _ = strategy.aggregate_train(1, [_reply_to(msgs[0], a, {}, 10)])
+    assert bool(strategy.masks[name][pruned_pos])
+    assert float(arrays.to_torch_state_dict()[name][pruned_pos]) == pytest.approx(1e3)
+
+
+def test_no_replies_keeps_model_but_still_applies_schedule() -> None:
+    strategy, _, msgs, base = _small_strategy(regrowth=False)
+    arrays, metrics = strategy.aggregate_train(1, [])
+    assert metrics is None and arrays is not None
+    zeros, total = _prunable_count(arrays)
+    assert zeros == num_pruned(total, cubic_sparsity(1, 2, 0.5, 0.9))
+
+
+# ----------------------------------------------------------------------------- client side
+
+
+def test_client_round_error_feedback_and_sparse_reply() -> None:
+    cfg = _cfg()
+    strategy = build_strategy(cfg)
+    arrays = ArrayRecord(initial_model(cfg).state_dict())
+    msgs = list(strategy.configure_train(1, arrays, ConfigRecord({"server-round": 1}), LoopbackGrid(cfg, 4)))
+    # a kept weight that is exactly 0.0 stays kept: the mask comes from the index, not the values
+    tensors, masks = codec.decode(codec.from_array_record(msgs[0].content["arrays"]))
+    name = "features.3.weight"
+    kept_pos = tuple(np.argwhere(masks[name])[0])
+    tensors[name][kept_pos] = 0.0
+    record = codec.to_array_record(codec.encode(tensors, {n: masks[n] for n in strategy.prunable}))
+    names = list(msgs[0].content["config"]["feddip-prunable"])
+    _, got = decode_global(record, names)
+    assert bool(got[name][kept_pos])
+
+    model = build_model("lenet5", 10, 1, 28)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(3)]
+    config = ConfigRecord({"feddip-lambda": 1e-3, "feddip-prunable": names, "feddip-sparse-uplink": True})
+    update, stats = feddip_client_round(record, config, model, batches, lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    assert stats["num-steps"] == 3
+    # error feedback: pruned positions of the local dense weights moved away from 0 ...
+    dense = model.state_dict()
+    assert bool((dense[name][~torch.from_numpy(masks[name])] != 0).any())
+    # ... but the reply carries only the kept entries, with the downlink's mask
+    sent, sent_masks = codec.decode(codec.from_array_record(update))
+    for n in names:
+        assert np.array_equal(sent_masks[n], got[n].numpy())
+        assert np.array_equal(sent[n][~sent_masks[n]], np.zeros(int((~sent_masks[n]).sum()), np.float32))
+    dense_reply = encode_update(dense, None)
+    assert payload_bytes(RecordDict({"a": update})).total < payload_bytes(RecordDict({"a": dense_reply})).total
+
+
+def test_feddip_prox_sends_mu_and_changes_the_update() -> None:
+    cfg = _cfg(**{"feddip-prox": True, "proximal-mu": 0.5})
+    strategy = build_strategy(cfg)
+    assert strategy.proximal_mu == 0.5
+    assert build_strategy(_cfg(**{"proximal-mu": 0.5})).proximal_mu == 0.0
+    arrays = ArrayRecord(initial_model(cfg).state_dict())
+    msgs = list(strategy.configure_train(2, arrays, ConfigRecord({"server-round": 2}), LoopbackGrid(cfg, 4)))
+    config = msgs[0].content["config"]
+    assert config["proximal-mu"] == 0.5
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(3)]
+    opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)  # noqa: E731
+    with_mu, _ = feddip_client_round(msgs[0].content["arrays"], config, build_model("lenet5", 10, 1, 28), batches, opt)
+    plain = ConfigRecord({k: v for k, v in config.items() if k != "proximal-mu"})
+    without, _ = feddip_client_round(msgs[0].content["arrays"], plain, build_model("lenet5", 10, 1, 28), batches, opt)
+    a = codec.decode(codec.from_array_record(with_mu))[0]
+    b = codec.decode(codec.from_array_record(without))[0]
+    assert not np.array_equal(a["classifier.4.weight"], b["classifier.4.weight"])
+
+
+# ----------------------------------------------------------------------------- state, start(), config
+
+
+def test_state_dict_round_trip_resumes_identically() -> None:
+    cfg = _cfg()
+    grid = LoopbackGrid(cfg, 4)
+    strategy = build_strategy(cfg)
+    arrays, _ = _drive(strategy, grid, cfg, rounds=2)
+    state = strategy.state_dict()
+    assert all(m.dtype == np.bool_ for m in state["masks"].values())
+    resumed = build_strategy(cfg)
+    resumed.load_state_dict(state)
+    a = strategy.configure_train(3, arrays, ConfigRecord({"server-round": 3}), grid)
+    b = resumed.configure_train(3, arrays, ConfigRecord({"server-round": 3}), grid)
+    ra, rb = list(a)[0].content["arrays"], list(b)[0].content["arrays"]
+    assert all(np.array_equal(ra[k].numpy(), rb[k].numpy()) for k in ("index", "values"))
+    with pytest.raises(ValueError, match="different settings"):
+        build_strategy(_cfg(**{"target-sparsity": 0.8})).load_state_dict(state)
+
+
+def test_strategy_start_in_a_plain_flower_loop() -> None:
+    cfg = _cfg(rounds=2)
+    strategy = build_strategy(cfg)
+    train_config = ConfigRecord({"server-round": 0})
+    seen = []
+    result = strategy.start(
+        LoopbackGrid(cfg, 4),
+        ArrayRecord(initial_model(cfg).state_dict()),
+        num_rounds=2,
+        train_config=train_config,
+        evaluate_fn=lambda t, arrays: seen.append(_prunable_count(arrays)) or MetricRecord({"x": 0.0}),
+    )
+    assert dict(train_config) == {"server-round": 0}  # start() reuses it: FedDIP must not mutate it
+    zeros, total = _prunable_count(result.arrays)
+    assert zeros == num_pruned(total, 0.9)
+    assert len(seen) == 3  # round 0 and both rounds
+
+
+def test_run_server_writes_feddip_columns_and_layer_report(tmp_path: Path) -> None:
+    cfg = _cfg(rounds=4)
+    result = run_server(LoopbackGrid(cfg, 4), cfg, tmp_path, show_progress=False)
+    df = pd.read_csv(tmp_path / "rounds.csv")
+    for col in ("sparsity", "lambda", "target_sparsity", "reconfigured"):
+        assert col in df.columns
+    assert df["sparsity"].iloc[-1] == pytest.approx(0.9, abs=1e-4)
+    assert (df["comm_ratio_down"] < 1).all()
+    assert (df["comm_ratio_up"] < 1).all()
+    layers = pd.read_csv(tmp_path / "feddip_layer_sparsity.csv")
+    assert list(layers["layer"]) == prunable_names(result.arrays.to_torch_state_dict())
+    kept, numel = layers["kept"].sum(), layers["numel"].sum()
+    assert numel - kept == num_pruned(int(numel), 0.9)
+    assert (tmp_path / "feddip_layer_sparsity.png").is_file()
+    assert result.summary["final_sparsity"] == pytest.approx(0.9, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("over", "match"),
+    [
+        ({"initial-sparsity": 0.95}, "initial-sparsity"),
+        ({"target-sparsity": 1.0}, "target-sparsity"),
+        ({"reconfig-every": 0}, "reconfig-every"),
+        ({"lambda-max": -1.0}, "lambda-max"),
+    ],
+)
+def test_bad_configuration_is_a_config_error(over: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _cfg(**over)
+
+
+def test_nested_global_pruning_matches_masks_module() -> None:
+    """The strategy's re-pruning is fedsparse.masks' global magnitude pruning of w ⊙ m_old."""
+    strategy, _, msgs, base = _small_strategy(regrowth=False)
+    old = {n: m.clone() for n, m in strategy.masks.items()}
+    rng = np.random.default_rng(0)
+    a = {n: rng.standard_normal(x.shape).astype(x.dtype) for n, x in base.items()}
+    arrays, _ = strategy.aggregate_train(1, [_reply_to(msgs[0], a, {n: m.numpy() for n, m in old.items()}, 5)])
+    masked = {n: torch.from_numpy(a[n]) * old[n] for n in old}
+    expected = global_magnitude_masks(masked, cubic_sparsity(1, 2, 0.5, 0.9), current_masks=old)
+    assert all(torch.equal(expected[n], strategy.masks[n]) for n in old)
+    assert math.isclose(strategy.mask_sparsity(), num_pruned(sum(m.numel() for m in old.values()), cubic_sparsity(1, 2, 0.5, 0.9)) / sum(m.numel() for m in old.values()))
