@@ -101,31 +101,38 @@ def summarize(df: pd.DataFrame, cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def plot_run(df: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
-    """Accuracy vs round and accuracy vs cumulative MB (up + down), as PNG files."""
+def _accuracy_plots(groups: list[tuple[str, pd.DataFrame]], out_dir: Path, prefix: str = "") -> list[Path]:
+    """Accuracy vs round and vs cumulative MB (up + down), one line per (label, rounds frame)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    evald = df.dropna(subset=["test_accuracy"])
     paths = []
     for x, xlabel, name in (
-        (evald["round"], "round", "accuracy_vs_round.png"),
-        ((evald["cum_bytes_up"] + evald["cum_bytes_down"]) / MB, "cumulative MB moved (up + down, payload)", "accuracy_vs_mb.png"),
+        ("round", "round", "accuracy_vs_round.png"),
+        ("cum_mb_total", "cumulative MB moved (up + down, payload)", "accuracy_vs_mb.png"),
     ):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(x, evald["test_accuracy"], marker=".", label=title)
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for label, frame in groups:
+            evald = frame.dropna(subset=["test_accuracy"])
+            xs = evald["round"] if x == "round" else (evald["cum_bytes_up"] + evald["cum_bytes_down"]) / MB
+            ax.plot(xs, evald["test_accuracy"], marker=".", label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = out_dir / name
+        path = out_dir / f"{prefix}{name}"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_run(df: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
+    """accuracy_vs_round.png and accuracy_vs_mb.png of one run."""
+    return _accuracy_plots([(title, df)], out_dir)
 
 
 def write_outputs(out_dir: Path, cfg: Mapping[str, Any], df: pd.DataFrame, extra: Mapping[str, Any] | None = None) -> dict:
@@ -139,29 +146,5 @@ def write_outputs(out_dir: Path, cfg: Mapping[str, Any], df: pd.DataFrame, extra
 
 
 def plot_comparison(df: pd.DataFrame, out_dir: Path, by: str = "strategy") -> list[Path]:
-    """Accuracy vs round and vs cumulative MB, one line per value of ``by`` (tidy frame of runs)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    evald = df.dropna(subset=["test_accuracy"]).copy()
-    evald["cum_mb_total"] = (evald["cum_bytes_up"] + evald["cum_bytes_down"]) / MB
-    paths = []
-    for x, xlabel, name in (
-        ("round", "round", "compare_accuracy_vs_round.png"),
-        ("cum_mb_total", "cumulative MB moved (up + down, payload)", "compare_accuracy_vs_mb.png"),
-    ):
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for label, group in evald.groupby(by, sort=False):
-            ax.plot(group[x], group["test_accuracy"], marker=".", label=str(label))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = out_dir / name
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    """compare_accuracy_vs_{round,mb}.png: one line per value of ``by`` in a tidy frame of runs."""
+    return _accuracy_plots([(str(k), g) for k, g in df.groupby(by, sort=False)], out_dir, prefix="compare_")
