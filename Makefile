@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Debian's dataset-fashion-mnist package (offline route); a machine with no apt lists yet needs
+# `apt-get update` once, which we try when we may (root).
 data: $(STAMP)
-	$(BIN)/fedsparse data fetch fashion-mnist
+	$(BIN)/fedsparse data fetch fashion-mnist || { [ "$$(id -u)" = 0 ] && apt-get update -qq && $(BIN)/fedsparse data fetch fashion-mnist; }
 
 # FedAvg vs FedProx on Fashion-MNIST (LeNet-5, Dirichlet 0.5, 20 clients, 20 rounds): results and plots in runs/demo/
 demo: data
@@ -25,7 +27,7 @@ demo: data
 # tests/conftest.py points FEDSPARSE_DATA at ../shared/data when it exists; elsewhere fetch first.
 test: $(STAMP)
 	@if [ -z "$${FEDSPARSE_DATA:-}" ] && [ ! -d ../shared/data ]; then \
-		$(BIN)/fedsparse data fetch fashion-mnist && $(BIN)/fedsparse data fetch mnist; fi
+		$(MAKE) data && $(BIN)/fedsparse data fetch mnist; fi
 	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: $(STAMP)
