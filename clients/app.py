@@ -14,6 +14,8 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.registry import train_step_for
+from fedsparse.checkpoint import restore_client_state, save_client_state
+from fedsparse.failures import inject, poison
 from fedsparse.grid import PARTITION_QUERY
 
 
@@ -49,7 +51,13 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         cfg = config_of(context)
         _threads(cfg)
-        return train_step_for(str(cfg["strategy"]))(msg, context, cfg)
+        server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+        pid = int(context.node_config.get("partition-id", -1))
+        inject(cfg, server_round, pid)  # fail-clients: raise or stall (tests)
+        restore_client_state(cfg, context, server_round)  # a resumed run: state mirrored before the stop
+        out = train_step_for(str(cfg["strategy"]))(msg, context, cfg)
+        save_client_state(cfg, context, server_round)  # checkpoint-every > 0: mirror context.state
+        return poison(cfg, server_round, pid, out)  # fail-clients ...:nan (tests)
 
     return app
 

@@ -43,7 +43,7 @@ def omit_arrays(state: Mapping[str, torch.Tensor], recycled: Iterable[str]) -> A
     unknown = sorted(omit - set(state))
     if unknown:
         raise ValueError(f"the server recycles arrays this model does not have: {', '.join(unknown)}")
-    return ArrayRecord(dict(state))
+    return ArrayRecord({k: v for k, v in state.items() if k not in omit})
 
 
 def momentum_record(model: nn.Module, optimizer: torch.optim.Optimizer) -> ArrayRecord:

@@ -38,5 +38,5 @@ def _load_steps() -> None:
     """Import the modules that register client steps (kept lazy: they import torch models)."""
     import importlib
 
-    for module in ("clients.standard", "clients.feddip", "clients.fedluar", "clients.partial_update"):
+    for module in ("clients.standard", "clients.feddip", "clients.fedluar", "clients.partial_update", "clients.compression"):
         importlib.import_module(module)

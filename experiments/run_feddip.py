@@ -63,7 +63,14 @@ def mean_top5(df: pd.DataFrame) -> float:
     return float(df["test_accuracy"].dropna().nlargest(5).mean())
 
 
-def table(out_root: Path) -> pd.DataFrame:
+def best_within_budget(df: pd.DataFrame, budget_mb: float) -> float:
+    """The paper's Table IV view: best test accuracy reached before moving ``budget_mb`` MB (up + down)."""
+    moved = (df["cum_bytes_up"] + df["cum_bytes_down"]) / 1e6
+    within = df.loc[moved <= budget_mb, "test_accuracy"].dropna()
+    return float(within.max()) if len(within) else float("nan")
+
+
+def table(out_root: Path, budget_mb: float = 250.0) -> pd.DataFrame:
     rows = []
     for setting, method, _, _ in GRID:
         out = out_root / run_name(setting, method)
@@ -80,7 +87,8 @@ def table(out_root: Path) -> pd.DataFrame:
                 "best acc": 100 * s["best_accuracy"],
                 "best round": s["best_round"],
                 "top-5 mean acc": 100 * mean_top5(df),
-                "final sparsity": s.get("final_sparsity", 0.0),
+                f"best acc ≤ {budget_mb:g} MB": 100 * best_within_budget(df, budget_mb),
+                "final sparsity": s.get("final_sparsity", float("nan")),  # NaN: a dense method
                 "MB down": s["mb_down"],
                 "MB up": s["mb_up"],
                 "down / FedAvg": s["comm_ratio_down"],
@@ -93,14 +101,31 @@ def table(out_root: Path) -> pd.DataFrame:
 
 def to_markdown(df: pd.DataFrame) -> str:
     fmt = {
+        **{c: "{:.2f}" for c in df.columns if c.startswith("best acc ≤")},
         "final acc": "{:.2f}", "best acc": "{:.2f}", "top-5 mean acc": "{:.2f}", "final sparsity": "{:.4f}",
         "MB down": "{:.1f}", "MB up": "{:.1f}", "down / FedAvg": "{:.3f}", "up / FedAvg": "{:.3f}", "wall min": "{:.0f}",
     }
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
-        lines.append("| " + " | ".join(fmt.get(c, "{}").format(r[c]) for c in cols) + " |")
+        cells = ["dense" if c == "final sparsity" and pd.isna(r[c]) else fmt.get(c, "{}").format(r[c]) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def layer_tables(out_root: Path) -> str:
+    """Per-layer final sparsity (the paper's Figure 5) of every pruning run, as Markdown."""
+    parts = []
+    for setting, method, _, _ in GRID:
+        path = out_root / run_name(setting, method) / "feddip_layer_sparsity.csv"
+        if not path.is_file():
+            continue
+        layers = pd.read_csv(path)
+        lines = [f"{setting} / {method}:", "", "| layer | weights | kept | initial (ERK) sparsity | final sparsity |", "|---|---|---|---|---|"]
+        for _, r in layers.iterrows():
+            lines.append(f"| {r['layer']} | {r['numel']} | {r['kept']} | {r['initial_sparsity']:.3f} | {r['sparsity']:.3f} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def plots(out_root: Path) -> None:
@@ -127,6 +152,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", action="append", help="run only these (e.g. iid-feddip); repeatable")
     parser.add_argument("--table-only", action="store_true", help="do not run; tabulate what is there")
+    parser.add_argument("--budget-mb", type=float, default=250.0, help="communication budget (MB up + down) of the budget column")
     args = parser.parse_args()
 
     out_root = Path(args.out)
@@ -146,10 +172,13 @@ def main() -> None:
             t0 = time.time()
             subprocess.run(cmd, cwd=ROOT, env=env, check=True)
             print(f"[done] {name} in {(time.time() - t0) / 60:.1f} min", flush=True)
-    df = table(out_root)
+    df = table(out_root, args.budget_mb)
     if df.empty:
         sys.exit(f"no finished runs under {out_root}")
     md = to_markdown(df)
+    layers = layer_tables(out_root)
+    if layers:
+        md += "\n\n" + layers
     (out_root / "table.md").write_text(md + "\n")
     df.to_csv(out_root / "table.csv", index=False)
     plots(out_root)

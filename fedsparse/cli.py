@@ -1,4 +1,4 @@
-"""The ``fedsparse`` command line: ``run`` a configuration, ``data`` fetch/split, ``config`` keys."""
+"""The ``fedsparse`` command line: ``run`` a configuration, ``bench`` a suite, ``data`` fetch/split, ``config`` keys."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
     if args.data_dir:
         overrides["data-dir"] = args.data_dir
-    df = simulate(args.config, overrides, out_dir=args.out, progress=not args.quiet, verbose=args.verbose)
+    df = simulate(
+        args.config, overrides, out_dir=args.out, progress=not args.quiet, verbose=args.verbose, resume=args.resume,
+        ray_address=args.ray_address,
+    )
     last = df.dropna(subset=["test_accuracy"]).iloc[-1]
     out = Path(df.attrs.get("out_dir", args.out or ""))
     print(
@@ -47,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="directory holding the datasets")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    run.add_argument("--ray-address", help="connect to an existing Ray cluster (e.g. HEAD_IP:6379) instead of starting one")
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its checkpoint (needs checkpoint-every > 0), with DIR's config.toml",
+    )
     run.set_defaults(func=_cmd_run)
 
     config = sub.add_parser("config", help="list every configuration key with its default")
@@ -56,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     from fedsparse.data.cli import add_data_commands
 
     add_data_commands(sub)
+    from fedsparse.deploy import add_deploy_commands
+
+    add_deploy_commands(sub)
+    from fedsparse.bench import add_bench_command
+
+    add_bench_command(sub)
     return parser
 
 

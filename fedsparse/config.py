@@ -101,6 +101,10 @@ SCHEMA: dict[str, Key] = {
     "round-timeout": Key(600.0, "seconds to wait for replies in a round", minimum=0.0, exclusive_minimum=True),
     "wire-bytes": Key(True, "also record the serialised (wire) size of every message"),
     "out-dir": Key("", "where results go (empty: runs/<strategy>-<dataset>-<model>-<time>)"),
+    # reliability (docs/reliability.md)
+    "checkpoint-every": Key(0, "write a checkpoint every N rounds and at the last (0 = never); continue with fedsparse run --resume DIR", minimum=0),
+    "min-replies": Key(1, "a round with fewer valid replies keeps the previous model", minimum=1),
+    "fail-clients": Key("", "testing: inject client failures, ROUND:PARTITION[:raise|timeout|nan] items ('*' = any), e.g. '2:0, *:3:timeout'"),
 }
 
 
@@ -219,6 +223,28 @@ def _check_federation(cfg: Config) -> None:
         )
     if cfg["local-steps"] == 0 and cfg["local-epochs"] == 0:
         raise ConfigError("local-epochs = 0 and local-steps = 0 leave clients no work; set one of them > 0")
+
+
+@cross_check
+def _check_reliability(cfg: Config) -> None:
+    if cfg["min-replies"] > cfg["clients-per-round"]:
+        raise ConfigError(
+            f"min-replies = {cfg['min-replies']} exceeds clients-per-round = {cfg['clients-per-round']}: no round "
+            "could aggregate; allowed: 1 .. clients-per-round"
+        )
+    from fedsparse.failures import parse_fail_clients
+
+    for rule in parse_fail_clients(str(cfg["fail-clients"])):
+        if rule.partition >= int(cfg["num-clients"]):
+            raise ConfigError(
+                f"fail-clients names partition {rule.partition}, but num-clients = {cfg['num-clients']}; "
+                f"allowed: 0 .. {int(cfg['num-clients']) - 1} or '*'"
+            )
+        if rule.server_round > int(cfg["rounds"]):
+            raise ConfigError(
+                f"fail-clients names round {rule.server_round}, but rounds = {cfg['rounds']}; "
+                f"allowed: 1 .. {cfg['rounds']} or '*'"
+            )
 
 
 @cross_check

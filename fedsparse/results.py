@@ -23,6 +23,8 @@ BASE_COLUMNS = [
     "clients",
     "replies",
     "failures",
+    "rejected",
+    "aggregated",
     "test_accuracy",
     "test_loss",
     "train_loss",
@@ -97,6 +99,7 @@ def summarize(df: pd.DataFrame, cfg: Mapping[str, Any]) -> dict[str, Any]:
         "comm_ratio_down": float(last["comm_ratio_down"]),
         "comm_ratio_total": float(last["comm_ratio_total"]),
         "failures": int(df["failures"].sum()),
+        "rejected": int(df["rejected"].sum()) if "rejected" in df else 0,
         "wall_seconds": float(last["elapsed_seconds"]),
     }
 

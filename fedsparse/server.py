@@ -5,17 +5,24 @@ aggregate_train, then a central evaluation), written out so that it can meter by
 clients reproducibly, show progress and write the rounds table after every round. Any
 ``flwr.serverapp.strategy.Strategy`` runs in it unchanged; our strategies also run in
 ``Strategy.start`` in someone else's deployment.
+
+Reliability (docs/reliability.md): replies are screened (:mod:`fedsparse.validation`) before
+aggregation; a round with fewer than ``min-replies`` valid replies keeps the previous model; every
+``checkpoint-every`` rounds the state of the run is saved (:mod:`fedsparse.checkpoint`) and
+``run_server(..., resume=True)`` continues from it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import pandas as pd
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
@@ -23,13 +30,15 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from clients.train import evaluate
+from fedsparse import checkpoint as ckpt
 from fedsparse.accounting import Ledger, dense_model_bytes
-from fedsparse.clientdata import dataset_for
-from fedsparse.config import round_lr
+from fedsparse.clientdata import dataset_for, partitions_for
+from fedsparse.config import ConfigError, round_lr, to_toml
 from fedsparse.grid import MeteredGrid, seeded_sampling
 from fedsparse.models import build_model
 from fedsparse.progress import Progress
 from fedsparse.results import RoundsTable, write_outputs
+from fedsparse.validation import ReplyScreen, Screened, spec_of
 from strategies.registry import build_strategy
 
 log = logging.getLogger("fedsparse")
@@ -75,18 +84,109 @@ def _round_report(strategy: Strategy, server_round: int) -> dict[str, Any]:
     return dict(report(server_round)) if callable(report) else {}
 
 
-def _replies_summary(replies: list[Message]) -> tuple[int, int, float]:
-    ok = [m for m in replies if not m.has_error()]
+def _mean_train_loss(replies: list[Message]) -> float:
     losses = [
         float(m.content["metrics"]["train-loss"])
-        for m in ok
+        for m in replies
         if "metrics" in m.content and "train-loss" in m.content["metrics"]
     ]
-    return len(ok), len(replies) - len(ok), (sum(losses) / len(losses) if losses else math.nan)
+    return sum(losses) / len(losses) if losses else math.nan
 
 
-def run_server(grid: Grid, cfg: Mapping[str, Any], out_dir: Path | None, *, show_progress: bool = True) -> RunResult:
-    """Run every round of ``cfg`` on ``grid`` and write the results to ``out_dir``."""
+def _finite(arrays: ArrayRecord) -> bool:
+    for arr in arrays.values():
+        x = arr.numpy()
+        if x.dtype.kind in "fc" and not np.isfinite(x).all():
+            return False
+    return True
+
+
+def _screen_for(strategy: Strategy, cfg: Mapping[str, Any], metered: MeteredGrid, model: ArrayRecord) -> ReplyScreen:
+    """Reply validation with the model's spec and each client's partition size as num-examples bound."""
+    sizes = [len(p) for p in partitions_for(cfg)]
+    train_size = len(dataset_for(cfg).train_labels)
+
+    def bound(msg: Message) -> int:
+        pid = metered.partition_of.get(msg.metadata.src_node_id, -1)
+        return sizes[pid] if 0 <= pid < len(sizes) else train_size
+
+    def describe(msg: Message) -> str:
+        pid = metered.partition_of.get(msg.metadata.src_node_id, -1)
+        return f"partition {pid}" if pid >= 0 else f"node {msg.metadata.src_node_id}"
+
+    return ReplyScreen(strategy, spec_of(model), bound, describe)
+
+
+def _aggregate(
+    strategy: Strategy, server_round: int, screened: Screened, min_replies: int, arrays: ArrayRecord
+) -> tuple[ArrayRecord, bool]:
+    """(new global arrays, whether the round's replies were aggregated).
+
+    Below ``min-replies`` the strategy still sees the round end — ``aggregate_train`` with no
+    replies, Flower's "nothing arrived" path — so it can settle its bookkeeping (partial-update
+    marks the round's clients as needing a resynchronisation; FedDIP applies its pruning schedule);
+    what it returns replaces the model only if it is finite.
+    """
+    enough = len(screened.valid) >= min_replies
+    if not enough:
+        log.warning(
+            "round %d: %d valid replies < min-replies = %d; the previous model is kept",
+            server_round, len(screened.valid), min_replies,
+        )
+    new_arrays, _metrics = strategy.aggregate_train(server_round, screened.valid if enough else [])
+    if new_arrays is None:
+        return arrays, False
+    if not _finite(new_arrays):
+        log.error("round %d: the aggregated model is not finite; the previous model is kept", server_round)
+        return arrays, False
+    return new_arrays, enough
+
+
+def _resume(
+    out_dir: Path | None, cfg: Mapping[str, Any], strategy: Strategy, metered: MeteredGrid
+) -> tuple[ckpt.Checkpoint, RoundsTable]:
+    """Load ``out_dir``'s checkpoint into the strategy and the ledger; the rounds table so far."""
+    if out_dir is None:
+        raise ConfigError("resume needs the run's output directory")
+    saved = ckpt.load_checkpoint(out_dir)
+    conflicts = ckpt.config_conflicts(saved.config, cfg)
+    if conflicts:
+        detail = "; ".join(f"{k} = {v[0]!r} in the checkpoint, {v[1]!r} now" for k, v in conflicts.items())
+        raise ckpt.CheckpointError(f"the checkpoint in {str(out_dir)!r} belongs to another configuration: {detail}")
+    ckpt.load_strategy_state(strategy, saved.strategy)
+    metered.ledger = saved.ledger
+    ckpt.restore_rng(saved.rng)
+    ckpt.drop_client_states_after(out_dir, saved.server_round)
+    table = RoundsTable(out_dir, saved.rows)
+    if saved.rows:
+        table.frame().to_csv(out_dir / "rounds.csv", index=False)  # drop rows of interrupted rounds
+    log.info("resuming %s after round %d", out_dir, saved.server_round)
+    return saved, table
+
+
+def _fresh_start(out_dir: Path | None, cfg: Mapping[str, Any]) -> None:
+    """A new run: its config next to the results, no stale checkpoint or client state to pick up."""
+    if out_dir is None:
+        return
+    (out_dir / "config.toml").write_text(to_toml(cfg))
+    ckpt.checkpoint_path(out_dir).unlink(missing_ok=True)
+    state_dir = out_dir / ckpt.CLIENT_STATE_DIR
+    if state_dir.is_dir():
+        shutil.rmtree(state_dir)
+
+
+def run_server(
+    grid: Grid,
+    cfg: Mapping[str, Any],
+    out_dir: Path | None,
+    *,
+    show_progress: bool = True,
+    resume: bool = False,
+) -> RunResult:
+    """Run every round of ``cfg`` on ``grid`` and write the results to ``out_dir``.
+
+    ``resume=True`` continues the run whose checkpoint is in ``out_dir`` (see docs/reliability.md).
+    """
     started = time.perf_counter()
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,13 +196,21 @@ def run_server(grid: Grid, cfg: Mapping[str, Any], out_dir: Path | None, *, show
     arrays = ArrayRecord(initial_model(cfg).state_dict())
     dense = dense_model_bytes(arrays)
     strategy = build_strategy(cfg)
+    screen = _screen_for(strategy, cfg, metered, arrays)
     evaluator = CentralEvaluator(cfg)
-    table = RoundsTable(out_dir)
     rounds, eval_every = int(cfg["rounds"]), int(cfg["eval-every"])
-    progress = Progress(rounds, enabled=show_progress, label=str(cfg["strategy"]))
+    min_replies, every = int(cfg.get("min-replies", 1)), int(cfg.get("checkpoint-every", 0))
+    first_round, elapsed_before = 1, 0.0
+    if resume:
+        saved, table = _resume(out_dir, cfg, strategy, metered)
+        arrays, first_round, elapsed_before = saved.arrays, saved.server_round + 1, saved.elapsed_seconds
+    else:
+        table = RoundsTable(out_dir)
+        _fresh_start(out_dir, cfg)
+    progress = Progress(max(rounds - first_round + 1, 0), enabled=show_progress, label=str(cfg["strategy"]))
     run_id = f"{cfg['strategy']}-{cfg['dataset']}-{cfg['model']}-{cfg['partition']}-s{cfg['seed']}"
 
-    for server_round in range(1, rounds + 1):
+    for server_round in range(first_round, rounds + 1):
         t0 = time.perf_counter()
         metered.current_round = server_round
         # A fresh config each round: Flower's strategies write into it.
@@ -110,10 +218,9 @@ def run_server(grid: Grid, cfg: Mapping[str, Any], out_dir: Path | None, *, show
         with seeded_sampling(int(cfg["seed"]), server_round):
             messages = list(strategy.configure_train(server_round, arrays, train_config, metered))
         replies = metered.in_partition_order(metered.send_and_receive(messages, timeout=float(cfg["round-timeout"])))
-        new_arrays, _metrics = strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None:
-            arrays = new_arrays
-        ok, errors, train_loss = _replies_summary(replies)
+        screened = screen.screen(server_round, replies)
+        arrays, aggregated = _aggregate(strategy, server_round, screened, min_replies, arrays)
+        ok, errors, train_loss = len(replies) - len(screened.errors), len(screened.errors), _mean_train_loss(screened.valid)
 
         acc = loss = math.nan
         if server_round % eval_every == 0 or server_round == rounds:
@@ -125,8 +232,10 @@ def run_server(grid: Grid, cfg: Mapping[str, Any], out_dir: Path | None, *, show
             "seed": cfg["seed"],
             "round": server_round,
             "clients": len(messages),
-            "replies": ok,
+            "replies": len(screened.valid),
             "failures": errors + (len(messages) - len(replies)),
+            "rejected": len(screened.rejected),
+            "aggregated": aggregated,
             "test_accuracy": acc,
             "test_loss": loss,
             "train_loss": train_loss,
@@ -135,10 +244,12 @@ def run_server(grid: Grid, cfg: Mapping[str, Any], out_dir: Path | None, *, show
             "dense_bytes_down": dense * len(messages),
             "dense_bytes_up": dense * ok,
             "round_seconds": time.perf_counter() - t0,
-            "elapsed_seconds": time.perf_counter() - started,
+            "elapsed_seconds": elapsed_before + time.perf_counter() - started,
             **_round_report(strategy, server_round),
         }
         table.add(row)
+        if out_dir is not None and every > 0 and (server_round % every == 0 or server_round == rounds):
+            _checkpoint(out_dir, server_round, cfg, arrays, strategy, table, metered, row["elapsed_seconds"])
         progress.update(table.rows[-1])
     progress.close()
 
@@ -153,12 +264,37 @@ def run_server(grid: Grid, cfg: Mapping[str, Any], out_dir: Path | None, *, show
     return RunResult(df, summary, arrays, out_dir)
 
 
+def _checkpoint(
+    out_dir: Path,
+    server_round: int,
+    cfg: Mapping[str, Any],
+    arrays: ArrayRecord,
+    strategy: Strategy,
+    table: RoundsTable,
+    metered: MeteredGrid,
+    elapsed: float,
+) -> None:
+    saved = ckpt.Checkpoint(
+        server_round=server_round,
+        config=dict(cfg),
+        arrays=arrays,
+        strategy=ckpt.strategy_state(strategy),
+        rows=table.rows,
+        ledger=metered.ledger,
+        rng=ckpt.capture_rng(),
+        elapsed_seconds=float(elapsed),
+    )
+    ckpt.save_checkpoint(out_dir, saved)
+    ckpt.prune_client_states(out_dir, server_round)
+
+
 def make_server_app(
     run_config: Mapping[str, Any] | None = None,
     out_dir: Path | None = None,
     sink: list[RunResult] | None = None,
     *,
     show_progress: bool = True,
+    resume: bool = False,
 ) -> ServerApp:
     """A ServerApp bound to a resolved config (None: resolve ``context.run_config``).
 
@@ -175,7 +311,7 @@ def make_server_app(
         target = out_dir
         if target is None:
             target = Path(str(cfg.get("out-dir", "")) or default_out_dir(cfg))
-        result = run_server(grid, cfg, target, show_progress=show_progress)
+        result = run_server(grid, cfg, target, show_progress=show_progress, resume=resume)
         if sink is not None:
             sink.append(result)
 

@@ -65,14 +65,27 @@ def simulate(
     progress: bool = True,
     verbose: bool = False,
     ray_address: str | None = None,
+    resume: str | Path | None = None,
 ) -> pd.DataFrame:
     """Run one configuration on Flower's simulation engine; return the rounds table.
 
     ``config`` is a mapping of kebab-case keys or a TOML file; ``overrides`` wins over it.
     Results (rounds.csv, config.toml, summary.json, plots) go to ``out_dir`` (default:
     ``runs/<strategy>-<dataset>-<model>-<time>``).
+
+    ``resume=DIR`` continues the run in ``DIR`` from its checkpoint, with ``DIR/config.toml``
+    (``config`` / ``overrides`` may only repeat it or change operational keys; see
+    docs/reliability.md); results keep going to ``DIR``.
     """
-    cfg = resolve_config(config, overrides)
+    if resume is not None:
+        from fedsparse.checkpoint import resume_config
+
+        if out_dir is not None and Path(out_dir).resolve() != Path(resume).resolve():
+            raise ConfigError(f"--out {str(out_dir)!r} differs from --resume {str(resume)!r}; a resumed run writes to its own directory")
+        cfg = resume_config(resume, config, overrides)
+        out_dir = resume
+    else:
+        cfg = resolve_config(config, overrides)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if cfg["data-dir"]:
@@ -83,14 +96,15 @@ def simulate(
 
     target = Path(out_dir) if out_dir is not None else Path(str(cfg["out-dir"]) or default_out_dir(cfg))
     target.mkdir(parents=True, exist_ok=True)
-    cfg["out-dir"] = str(target)
+    # absolute: clients mirror their state under it (checkpoint-every > 0), from other processes
+    cfg["out-dir"] = str(target.resolve())
     sink: list[RunResult] = []
     _quiet_flower(verbose)
 
     from flwr.simulation import run_simulation
 
     run_simulation(
-        server_app=make_server_app(cfg, target, sink, show_progress=progress),
+        server_app=make_server_app(cfg, target, sink, show_progress=progress, resume=resume is not None),
         client_app=make_client_app(cfg),
         num_supernodes=int(cfg["num-clients"]),
         backend_config=backend_config(cfg, ray_address),  # type: ignore[arg-type]

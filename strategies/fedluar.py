@@ -241,6 +241,7 @@ class LUAR(Strategy):
         self._recycled: list[str] = []  # R_t (layer names)
         self._warned_full_replies = False
         self._ready = False
+        self.reply_spec: dict[str, tuple[tuple[int, ...], str]] = {}
 
     # ---- layers ---------------------------------------------------------------------------------
     def _setup_layers(self, arrays: ArrayRecord) -> None:
@@ -260,6 +261,9 @@ class LUAR(Strategy):
         for g in self.groups:
             self.aggregated_count.setdefault(g, 0)
             self.recycled_count.setdefault(g, 0)
+        # What a reply may carry: the clients' arrays as in round 1 (a server optimiser such as
+        # Flower's FedAdam may turn the *global* arrays into float64; clients still send float32).
+        self.reply_spec = {k: (tuple(int(d) for d in a.shape), np.dtype(str(a.dtype)).str) for k, a in arrays.items()}
 
     def recycled_arrays(self, layers: Iterable[str]) -> list[str]:
         """Array names covered by ``layers``, in model order."""
@@ -313,6 +317,22 @@ class LUAR(Strategy):
             merge(new)
         self._after_round(server_round, new, omit)
         return new, metrics
+
+    def validate_reply(self, server_round: int, msg: Message) -> str | None:
+        """Content check for fedsparse's reply screen: one ArrayRecord with the model's arrays
+        minus R_t (or the whole model, from a client that ignores R_t), shapes and dtypes of the
+        clients' model, finite. None = accept, else the reason to reject."""
+        from fedsparse.validation import check_arrays
+
+        key = getattr(self.base, "arrayrecord_key", "arrays")
+        records = msg.content.array_records
+        if list(records) != [key]:
+            return f"expected exactly one ArrayRecord named {key!r}, found {sorted(records)}"
+        record = records[key]
+        omit = self.recycled_arrays(self._recycled) if server_round == self._round else []
+        if omit and set(record.keys()) == set(self.reply_spec):
+            return check_arrays(record, self.reply_spec)  # a full model: accepted, recycled part ignored
+        return check_arrays(record, self.reply_spec, omit=omit)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -408,7 +428,10 @@ class LUAR(Strategy):
     def round_report(self, server_round: int) -> dict[str, Any]:
         """rounds.csv columns: the layers recycled in this round (';'-joined) and how many."""
         entry = next((h for h in reversed(self.history) if h["round"] == server_round), None)
-        recycled = entry["recycled"] if entry else []
+        if entry is not None:
+            recycled = entry["recycled"]
+        else:  # nothing was aggregated this round: report what the clients were told to omit
+            recycled = list(self._recycled) if server_round == self._round else []
         row: dict[str, Any] = {"recycled_layers": ";".join(recycled), "num_recycled": len(recycled)}
         if self.client_lr is not None:
             row["lr"] = float(self.client_lr(server_round))
@@ -467,6 +490,7 @@ class LUAR(Strategy):
             "num_recycled": self.num_recycled,
             "groups": {g: list(ks) for g, ks in (self.groups or {}).items()},
             "keys": list(self._keys),
+            "reply_spec": {k: [list(shape), dtype] for k, (shape, dtype) in self.reply_spec.items()},
             "prev_update": {k: v.copy() for k, v in self.prev_update.items()},
             "scores": dict(self.scores),
             "next_recycled": list(self.next_recycled),
@@ -482,6 +506,7 @@ class LUAR(Strategy):
             raise ValueError(f"checkpoint has δ = {state['num_recycled']}, this strategy δ = {self.num_recycled}")
         self.groups = {g: list(ks) for g, ks in state["groups"].items()} or self.groups
         self._keys = list(state["keys"])
+        self.reply_spec = {k: (tuple(int(d) for d in shape), str(dtype)) for k, (shape, dtype) in state["reply_spec"].items()}
         self._ready = bool(self._keys) and self.groups is not None
         self.prev_update = {k: np.array(v) for k, v in state["prev_update"].items()}
         self.scores = dict(state["scores"])
@@ -517,7 +542,8 @@ def plot_layer_counts(table: Any, path: Path, title: str = "FedLUAR") -> Path:
     ax.set_xticklabels(table["layer"], rotation=60 if n > 6 else 20, ha="right", fontsize=8)
     ax.set_ylabel("number of aggregations")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, max(1, int(total.max()) if n else 1) * 1.3)  # room for the legend above the bars
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

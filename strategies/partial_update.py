@@ -294,6 +294,35 @@ class PartialUpdate(Strategy):
         self._advance({k: a.numpy() for k, a in aggregated.items()}, contributions, report)
         return self._record(self.w_dep), metrics
 
+    def validate_reply(self, server_round: int, msg: Message) -> str | None:
+        """fedsparse's reply screen hook (``fedsparse.validation``): None to accept, else the reason.
+
+        A reply must carry the whole model (the deployed model's names, shapes and dtypes, finite),
+        the version it trained from, and — for the local / combined contribution — a finite float32
+        contribution for exactly the partial set. A rejected reply is not aggregated, and its client
+        is resynchronised densely at its next round.
+        """
+        from fedsparse.validation import check_arrays
+
+        if self.w_dep is None:
+            return "no round has been configured yet"
+        records = msg.content.array_records
+        local = self.contribution in ("local", "combined")
+        expected = {"arrays", CONTRIBUTION_KEY} if local else {"arrays"}
+        if set(records) != expected:
+            return f"expected ArrayRecords {sorted(expected)}, found {sorted(records)}"
+        spec = {k: (tuple(v.shape), v.dtype.str) for k, v in self.w_dep.items()}
+        problem = check_arrays(records["arrays"], spec)
+        if problem is None and local:
+            cspec = {n: (tuple(self.w_dep[n].shape), np.dtype(np.float32).str) for n in self.partial}
+            problem = check_arrays(records[CONTRIBUTION_KEY], cspec, what="contribution")
+        if problem is None:
+            metrics = msg.content["metrics"]
+            version = metrics.get("pu-version")
+            if isinstance(version, bool) or not isinstance(version, int):
+                problem = f"no integer 'pu-version' in the reply's metrics (got {version!r}); is its client step partial-update's?"
+        return problem
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -457,7 +486,7 @@ class PartialUpdate(Strategy):
         """Index bytes, Shannon bound and index kinds of a patch, from the codec headers."""
         total_i = self.partial_size
         index_bytes = 0
-        bound = 0.0
+        bound = index_bound = 0.0
         kinds: Counter[str] = Counter()
         for payload in payloads:
             info = codec.tensor_nbytes(payload)
@@ -470,8 +499,10 @@ class PartialUpdate(Strategy):
                     kinds[t["kind"]] += 1
                 else:
                     dense += t["value_bytes"] + (t["index_bytes"] if t["kind"] == "raw" else 0)
-            bound += codec.shannon_bound_bytes(total_i, nnz) + values + dense
-        return {"index_bytes": index_bytes, "shannon_bound": bound, "kinds": kinds}
+            h = codec.shannon_bound_bytes(total_i, nnz)
+            index_bound += h
+            bound += h + values + dense
+        return {"index_bytes": index_bytes, "shannon_index": index_bound, "shannon_bound": bound, "kinds": kinds}
 
     def _downlink_report(self, sent: list[tuple[int | None, _Patch]]) -> dict[str, Any]:
         kinds: Counter[str] = Counter()
@@ -481,13 +512,16 @@ class PartialUpdate(Strategy):
             kinds[patch.kind] += 1
             index_kinds.update(patch.stats["kinds"])
             lags.append(self.version - (held if held is not None and held >= 0 else 0))
+        fresh = [p.nbytes for _, p in sent if p.kind == "fresh"]
         return {
             "patch_kinds": ";".join(f"{k}:{v}" for k, v in sorted(kinds.items())),
+            "fresh_patch_bytes": float(np.mean(fresh)) if fresh else math.nan,
             "index_kinds": ";".join(f"{k}:{v}" for k, v in sorted(index_kinds.items())),
             "clients_dense": kinds.get("dense", 0),
             "mean_version_lag": float(np.mean(lags)) if lags else 0.0,
             "patch_bytes_down": int(sum(p.nbytes for _, p in sent)),
             "index_bytes_down": int(sum(p.stats["index_bytes"] for _, p in sent)),
+            "shannon_index_bytes": float(sum(p.stats["shannon_index"] for _, p in sent)),
             "shannon_bound_bytes": float(sum(p.stats["shannon_bound"] for _, p in sent)),
         }
 

@@ -25,7 +25,13 @@ class StrategySpec:
 
 _REGISTRY: dict[str, StrategySpec] = {}
 # Modules whose import registers more strategies (kept here so the list is in one place).
-_STRATEGY_MODULES: tuple[str, ...] = ("strategies.feddip", "strategies.fedluar", "strategies.partial_update")
+_STRATEGY_MODULES: tuple[str, ...] = (
+    "strategies.feddip",
+    "strategies.fedluar",
+    "strategies.partial_update",
+    "strategies.compression",
+    "strategies.snip",
+)
 
 
 def register_strategy(name: str, summary: str) -> Callable[[Builder], Builder]:

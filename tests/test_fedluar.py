@@ -354,8 +354,10 @@ def test_same_seed_same_layers_and_state_roundtrip() -> None:
     # a second strategy resumed from a's state after round 2 continues exactly like a
     b0 = build_strategy(cfg)
     _rounds(b0, _grid(cfg), init, 2, seed=1)
-    state = b0.state_dict()
-    json.dumps({k: v for k, v in state.items() if k in ("scores", "next_recycled", "rng_state", "history")})
+    from fedsparse.checkpoint import pack_state, unpack_state
+
+    packed, arrays = pack_state(b0.state_dict())  # the checkpoint's encoding (JSON + arrays)
+    state = unpack_state(json.loads(json.dumps(packed)), arrays)
     b = build_strategy(cfg)
     b.load_state_dict(state)
     grid_b = _grid(cfg)
@@ -518,3 +520,60 @@ def test_milestone_learning_rate() -> None:
     strategy = build_strategy(cfg)
     assert strategy.client_lr is not None and strategy.client_lr(120) == pytest.approx(0.02)
     assert build_strategy(_cfg(strategy="fedluar")).client_lr is None
+
+
+# --------------------------------------------------------------------------------------------
+# replies from clients that ignore R_t, and the reply check
+# --------------------------------------------------------------------------------------------
+
+
+def test_full_replies_are_accepted_and_their_recycled_part_ignored() -> None:
+    server_cfg = _cfg(strategy="fedluar", **{"recycled-layers": 2})
+    stock_clients = _grid(_cfg(strategy="fedavg"))  # the standard client: sends the whole model
+    strategy = build_strategy(server_cfg)
+    xs = _rounds(strategy, stock_clients, ArrayRecord(initial_model(server_cfg).state_dict()), 3, seed=4)
+    recycled = strategy.history[-1]["recycled"]
+    replies = stock_clients.received[-1]
+    assert all(set(recycled) <= set(m.content["arrays"].keys()) for m in replies)
+    assert all(strategy.validate_reply(3, m) is None for m in replies)
+    fedavg = _np(aggregate_arrayrecords([m.content for m in replies], "num-examples"))
+    for k in xs[-1].keys():
+        if k in recycled:
+            assert np.array_equal(xs[-1][k].numpy(), xs[-2][k].numpy() + strategy.prev_update[k])
+        else:
+            assert np.array_equal(xs[-1][k].numpy(), fedavg[k])
+
+
+def test_validate_reply_rejects_what_cannot_be_aggregated() -> None:
+    cfg = _cfg(strategy="fedluar", **{"recycled-layers": 2})
+    strategy = build_strategy(cfg)
+    grid = _grid(cfg)
+    xs = _rounds(strategy, grid, ArrayRecord(initial_model(cfg).state_dict()), 1)
+    with seeded_sampling(0, 2):
+        msgs = list(strategy.configure_train(2, xs[-1], ConfigRecord({"server-round": 2}), grid))
+    omit = list(msgs[0].content["config"][RECYCLED_CONFIG_KEY])
+    good = grid.send_and_receive(msgs[:1])[0]
+    assert strategy.validate_reply(2, good) is None
+
+    def reply_with(arrays: dict[str, np.ndarray]) -> Message:
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "metrics": MetricRecord({"num-examples": 5})})
+        return Message(content=content, reply_to=msgs[0])
+
+    sent = _np(good.content["arrays"])
+    other = next(k for k in sent if k not in omit)
+    assert "missing" in strategy.validate_reply(2, reply_with({k: v for k, v in sent.items() if k != other}))
+    assert "unexpected" in strategy.validate_reply(2, reply_with({**sent, omit[0]: xs[-1][omit[0]].numpy()}))
+    assert "dtype" in strategy.validate_reply(2, reply_with({**sent, other: sent[other].astype(np.float64)}))
+    assert "NaN" in strategy.validate_reply(2, reply_with({**sent, other: sent[other] * np.nan}))
+
+
+@pytest.mark.parametrize(
+    ("name", "layers", "delta"),
+    [("fedluar-fmnist-cnn", 4, 2), ("fedluar-mnist-cnn", 4, 2), ("fedluar-fmnist-lenet5", 5, 2), ("fedluar-cifar10-resnet20", 23, 12)],
+)
+def test_experiment_configs(name: str, layers: int, delta: int) -> None:
+    path = Path(__file__).resolve().parents[1] / "experiments" / "configs" / f"{name}.toml"
+    cfg = resolve_config(path)
+    strategy = build_strategy(cfg)
+    assert isinstance(strategy, LUAR) and len(strategy.groups or {}) == layers and strategy.num_recycled == delta
+    assert (cfg["num-clients"], cfg["clients-per-round"], cfg["alpha"], cfg["local-steps"]) == (128, 32, 0.1, 20)

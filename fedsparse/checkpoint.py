@@ -1,0 +1,526 @@
+"""Checkpoints: everything a run needs to continue, bit for bit, after an interruption.
+
+A run with ``checkpoint-every = N`` (N > 0) writes, in its output directory,
+
+``checkpoint.npz``
+    after every N-th round and after the last: the global arrays, the strategy's complete state
+    (``strategy.state_dict()``; for Flower's own strategies their per-array optimiser state), the
+    rounds table so far, the byte ledger so far (messages.csv / layer_bytes.csv), the server
+    process's RNG states (Python, NumPy, torch), the elapsed time and the resolved configuration.
+    One file, written to a temporary name, fsync'ed and moved over the old one with ``os.replace``:
+    a kill at any moment leaves either the previous checkpoint or the new one, never a torn file.
+
+``client-state/p<partition>-r<round>.rd``
+    each client's Flower ``context.state`` (LUAR's momentum buffers, partial-update's copy of the
+    deployed model, top-k residuals, ...) as it was after the last round the client trained in.
+    In the simulation engine that state lives in the launching process and dies with it, so the
+    ClientApp mirrors it here after every successful train step (:func:`save_client_state`) and
+    a fresh Context picks it up again on its first message (:func:`restore_client_state`). Files
+    are versioned by round so that the state matching a checkpoint at round R is the newest file
+    with a round <= R: on resume the server deletes the files of rounds after R (work of the
+    interrupted rounds), and at every checkpoint it deletes files no resume can need any more.
+
+Sampling needs no saved state: every round's client draw is seeded from (seed, round)
+(:func:`fedsparse.grid.seeded_sampling`), and clients seed their batches from (seed, round,
+partition). The format is a NumPy ``.npz`` (no pickle) whose ``meta`` member is JSON; nested state
+is encoded by :func:`pack_state` (numpy arrays, torch tensors, dicts with any keys, lists, tuples,
+ints of any size, floats including NaN/inf, bools, strings, None, ArrayRecords).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+
+from fedsparse.accounting import Ledger
+from fedsparse.config import ConfigError
+
+FORMAT_VERSION = 1
+CHECKPOINT_FILE = "checkpoint.npz"
+CLIENT_STATE_DIR = "client-state"
+#: Marks a Context whose mirrored state has been looked up (so it is restored only once).
+RESTORED_MARK = "fedsparse.client-state"
+#: Flower strategies' per-array state (FedOpt family, FedAvgM), saved for strategies without state_dict().
+FLOWER_STATE_ATTRS = ("current_arrays", "m_t", "v_t", "momentum_vector")
+#: Keys a resumed run may change: where things run and how often to checkpoint, not what is computed.
+OPERATIONAL_KEYS = ("out-dir", "data-dir", "client-cpus", "client-gpus", "round-timeout", "checkpoint-every")
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "pack_state",
+    "unpack_state",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint_config",
+    "config_conflicts",
+    "resume_config",
+    "strategy_state",
+    "load_strategy_state",
+    "capture_rng",
+    "restore_rng",
+    "save_client_state",
+    "restore_client_state",
+    "client_state_dir",
+    "prune_client_states",
+    "drop_client_states_after",
+    "clear_client_states",
+]
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that is missing, unreadable, or does not belong to this configuration."""
+
+
+# ------------------------------------------------------------------------------------------------
+# nested state <-> JSON + arrays
+# ------------------------------------------------------------------------------------------------
+
+_TAGS = ("__nd__", "__torch__", "__tuple__", "__map__", "__arrayrecord__", "__float__")
+
+
+def pack_state(obj: Any) -> tuple[Any, list[np.ndarray]]:
+    """Encode nested state as (JSON-able structure, arrays); :func:`unpack_state` inverts it exactly."""
+    arrays: list[np.ndarray] = []
+
+    def put(a: np.ndarray) -> int:
+        arrays.append(np.ascontiguousarray(a))
+        return len(arrays) - 1
+
+    def enc(x: Any, path: str) -> Any:
+        if x is None or isinstance(x, (bool, str)):
+            return x
+        if isinstance(x, int):
+            return x
+        if isinstance(x, float):
+            # JSON has no NaN/inf; keep them explicit (and exact) rather than relying on extensions
+            return x if math.isfinite(x) else {"__float__": repr(x)}
+        if isinstance(x, np.generic):
+            return enc(x.item(), path)
+        if isinstance(x, np.ndarray):
+            if x.dtype.kind == "O":
+                raise TypeError(f"state at {path or '<root>'} is an object array; allowed: numeric, bool or string arrays")
+            return {"__nd__": put(x)}
+        if isinstance(x, torch.Tensor):
+            return {"__torch__": put(x.detach().cpu().numpy())}
+        if isinstance(x, ArrayRecord):
+            return {"__arrayrecord__": [[k, put(a.numpy())] for k, a in x.items()]}
+        if isinstance(x, tuple):
+            return {"__tuple__": [enc(v, f"{path}[{i}]") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [enc(v, f"{path}[{i}]") for i, v in enumerate(x)]
+        if isinstance(x, Mapping):
+            keys = list(x.keys())
+            if all(isinstance(k, str) for k in keys) and not any(k in _TAGS for k in keys):
+                return {k: enc(v, f"{path}.{k}") for k, v in x.items()}
+            return {"__map__": [[enc(k, f"{path}<key>"), enc(v, f"{path}[{k!r}]")] for k, v in x.items()]}
+        if hasattr(x, "__iter__") and type(x).__name__ == "deque":
+            return [enc(v, f"{path}[{i}]") for i, v in enumerate(x)]
+        raise TypeError(
+            f"state at {path or '<root>'} has type {type(x).__name__}; allowed: numpy arrays, torch tensors, "
+            "ArrayRecords, dicts, lists, tuples, str, int, float, bool, None"
+        )
+
+    return enc(obj, ""), arrays
+
+
+def unpack_state(obj: Any, arrays: list[np.ndarray]) -> Any:
+    """Inverse of :func:`pack_state`."""
+    if isinstance(obj, list):
+        return [unpack_state(v, arrays) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if len(obj) == 1:
+        (tag, value), = obj.items()
+        if tag == "__nd__":
+            return np.array(arrays[value], copy=True)
+        if tag == "__torch__":
+            return torch.from_numpy(np.array(arrays[value], copy=True))
+        if tag == "__float__":
+            return float(value)
+        if tag == "__tuple__":
+            return tuple(unpack_state(v, arrays) for v in value)
+        if tag == "__map__":
+            return {_hashable(unpack_state(k, arrays)): unpack_state(v, arrays) for k, v in value}
+        if tag == "__arrayrecord__":
+            return ArrayRecord({k: Array(np.array(arrays[i], copy=True)) for k, i in value})
+    return {k: unpack_state(v, arrays) for k, v in obj.items()}
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, list) else key
+
+
+# ------------------------------------------------------------------------------------------------
+# strategy state and RNGs
+# ------------------------------------------------------------------------------------------------
+
+
+def strategy_state(strategy: Any) -> dict[str, Any]:
+    """The strategy's state: its ``state_dict()``, or Flower strategies' per-array attributes."""
+    fn = getattr(strategy, "state_dict", None)
+    if callable(fn):
+        return {"kind": "state_dict", "state": fn()}
+    attrs = {n: getattr(strategy, n) for n in FLOWER_STATE_ATTRS if getattr(strategy, n, None) is not None}
+    return {"kind": "attributes", "state": attrs}
+
+
+def load_strategy_state(strategy: Any, saved: Mapping[str, Any]) -> None:
+    """Put state saved by :func:`strategy_state` back into a freshly built strategy."""
+    if saved["kind"] == "state_dict":
+        fn = getattr(strategy, "load_state_dict", None)
+        if not callable(fn):
+            raise CheckpointError(
+                f"the checkpoint holds a state_dict() but strategy {type(strategy).__name__} has no load_state_dict()"
+            )
+        fn(saved["state"])
+        return
+    for name, value in dict(saved["state"]).items():
+        setattr(strategy, name, value)
+
+
+def capture_rng() -> dict[str, Any]:
+    """The server process's global RNG states (Python, NumPy, torch CPU)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state().numpy().copy()}
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(tuple(state["numpy"]))  # type: ignore[arg-type]
+    torch.set_rng_state(torch.from_numpy(np.asarray(state["torch"], dtype=np.uint8).copy()))
+
+
+# ------------------------------------------------------------------------------------------------
+# the checkpoint file
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """What the round loop needs to continue after ``server_round``."""
+
+    server_round: int
+    config: dict[str, Any]
+    arrays: ArrayRecord
+    strategy: dict[str, Any]
+    rows: list[dict[str, Any]]
+    ledger: Ledger
+    rng: dict[str, Any] = field(default_factory=dict)
+    elapsed_seconds: float = 0.0
+
+
+def _ledger_state(ledger: Ledger) -> dict[str, Any]:
+    keys = sorted({k for (_, _, k) in ledger.layer_bytes})
+    index = {k: i for i, k in enumerate(keys)}
+    items = sorted(ledger.layer_bytes.items())
+    return {
+        "rows": [dict(r) for r in ledger.rows],
+        "layer_keys": keys,
+        "layer_round": np.array([r for (r, _, _), _ in items], dtype=np.int64),
+        "layer_direction": [d for (_, d, _), _ in items],
+        "layer_key": np.array([index[k] for (_, _, k), _ in items], dtype=np.int64),
+        "layer_bytes": np.array([b for _, b in items], dtype=np.int64),
+    }
+
+
+def _ledger_from(state: Mapping[str, Any]) -> Ledger:
+    keys = list(state["layer_keys"])
+    layer: defaultdict[tuple[int, str, str], int] = defaultdict(int)
+    for r, d, k, b in zip(state["layer_round"], state["layer_direction"], state["layer_key"], state["layer_bytes"]):
+        layer[(int(r), str(d), keys[int(k)])] = int(b)
+    return Ledger(rows=[dict(r) for r in state["rows"]], layer_bytes=layer)
+
+
+def checkpoint_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / CHECKPOINT_FILE
+
+
+def save_checkpoint(out_dir: str | Path, ckpt: Checkpoint) -> Path:
+    """Write ``checkpoint.npz`` atomically (temporary file, fsync, ``os.replace``)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_obj = {
+        "format": FORMAT_VERSION,
+        "server_round": int(ckpt.server_round),
+        "config": dict(ckpt.config),
+        "elapsed_seconds": float(ckpt.elapsed_seconds),
+        "arrays": ckpt.arrays,
+        "strategy": ckpt.strategy,
+        "rows": ckpt.rows,
+        "ledger": _ledger_state(ckpt.ledger),
+        "rng": ckpt.rng,
+    }
+    packed, arrays = pack_state(meta_obj)
+    meta = json.dumps(packed, allow_nan=False).encode()
+    members = {f"a{i}": a for i, a in enumerate(arrays)}
+    members["meta"] = np.frombuffer(meta, dtype=np.uint8)
+    target = checkpoint_path(out_dir)
+    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=out_dir)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **members)  # type: ignore[arg-type]
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(out_dir)
+    return target
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read(out_dir: str | Path) -> tuple[dict[str, Any], Any]:
+    path = checkpoint_path(out_dir)
+    if not path.is_file():
+        raise CheckpointError(
+            f"no checkpoint in {str(out_dir)!r} ({CHECKPOINT_FILE} is missing); resume needs a run started "
+            "with checkpoint-every > 0 that completed at least one checkpoint"
+        )
+    try:
+        npz = np.load(path, allow_pickle=False)
+        meta = json.loads(bytes(npz["meta"]).decode())
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {err}") from err
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has format {meta.get('format')!r}; this fedsparse reads format {FORMAT_VERSION}"
+        )
+    return meta, npz
+
+
+def read_checkpoint_config(out_dir: str | Path) -> tuple[int, dict[str, Any]]:
+    """(round, configuration) of a checkpoint, without loading its arrays."""
+    meta, _ = _read(out_dir)
+    return int(meta["server_round"]), dict(meta["config"])
+
+
+def load_checkpoint(out_dir: str | Path) -> Checkpoint:
+    """Read ``checkpoint.npz`` back (raises :class:`CheckpointError` if missing or unreadable)."""
+    meta, npz = _read(out_dir)
+    with npz:
+        arrays = [npz[f"a{i}"] for i in range(len(npz.files) - 1)]
+    obj = unpack_state(meta, arrays)
+    return Checkpoint(
+        server_round=int(obj["server_round"]),
+        config=dict(obj["config"]),
+        arrays=obj["arrays"],
+        strategy=obj["strategy"],
+        rows=list(obj["rows"]),
+        ledger=_ledger_from(obj["ledger"]),
+        rng=obj["rng"],
+        elapsed_seconds=float(obj["elapsed_seconds"]),
+    )
+
+
+def config_conflicts(saved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Keys whose value in ``given`` differs from ``saved``: key → (saved, given).
+
+    Operational keys (:data:`OPERATIONAL_KEYS`) may differ; a key ``saved`` does not know (added to
+    the schema since) conflicts only if ``given`` sets it away from its default.
+    """
+    from fedsparse.config import SCHEMA
+
+    out = {}
+    for key, value in given.items():
+        if key in OPERATIONAL_KEYS:
+            continue
+        if key not in saved:
+            if key in SCHEMA and SCHEMA[key].default == value:
+                continue
+            out[key] = ("<unset>", value)
+        elif saved[key] != value:
+            out[key] = (saved[key], value)
+    return out
+
+
+def _describe(conflicts: Mapping[str, tuple[Any, Any]], left: str, right: str) -> str:
+    return "; ".join(f"{k} = {a!r} in {left}, {b!r} in {right}" for k, (a, b) in conflicts.items())
+
+
+def resume_config(
+    run_dir: str | Path,
+    config: Mapping[str, Any] | str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The configuration to resume ``run_dir`` with: its ``config.toml``, checked against its checkpoint.
+
+    ``config`` / ``overrides`` may repeat the run's settings, and may change the operational keys
+    (:data:`OPERATIONAL_KEYS`); any other difference raises :class:`CheckpointError` naming the keys.
+    """
+    from fedsparse.config import load_toml, resolve_config
+
+    run_dir = Path(run_dir)
+    where = f"--resume {str(run_dir)!r}"
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{where}: no such directory")
+    toml = run_dir / "config.toml"
+    if not toml.is_file():
+        raise CheckpointError(f"{where}: config.toml is missing; is this the output directory of a fedsparse run?")
+    try:
+        _, saved_cfg = read_checkpoint_config(run_dir)
+    except CheckpointError as err:
+        raise CheckpointError(f"{where}: {err}") from err
+    given: dict[str, Any] = {}
+    if isinstance(config, (str, Path)):
+        given.update(load_toml(config))
+    elif config is not None:
+        given.update(config)
+    given.update(overrides or {})
+    base = load_toml(toml)
+    wanted = resolve_config(base, given)  # checks the given values like any run's
+    conflicts = config_conflicts(resolve_config(base), {k: wanted[k] for k in given})
+    if conflicts:
+        raise CheckpointError(
+            f"{where}: the given configuration conflicts with the run's config.toml ({_describe(conflicts, 'config.toml', 'the given configuration')}); "
+            f"a resumed run keeps its configuration except {', '.join(OPERATIONAL_KEYS)}: drop these settings or start a new run"
+        )
+    cfg = resolve_config(base, {k: v for k, v in given.items() if k in OPERATIONAL_KEYS})
+    cfg["out-dir"] = str(run_dir.resolve())
+    mismatch = config_conflicts(saved_cfg, cfg)
+    if mismatch:
+        raise CheckpointError(
+            f"{where}: config.toml does not match the checkpoint ({_describe(mismatch, 'the checkpoint', 'config.toml')}); "
+            "was config.toml edited? restore it or start a new run"
+        )
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# client state (Flower context.state) mirrored to disk
+# ------------------------------------------------------------------------------------------------
+
+_CLIENT_FILE = re.compile(r"^p(\d+)-r(\d+)\.rd$")
+
+
+def client_state_dir(cfg: Mapping[str, Any]) -> Path | None:
+    """Where clients mirror their state: ``<out-dir>/client-state`` when checkpoints are on."""
+    if int(cfg.get("checkpoint-every", 0) or 0) <= 0 or not str(cfg.get("out-dir", "")):
+        return None
+    return Path(str(cfg["out-dir"])) / CLIENT_STATE_DIR
+
+
+def _client_files(directory: Path) -> list[tuple[int, int, Path]]:
+    if not directory.is_dir():
+        return []
+    out = []
+    for path in directory.iterdir():
+        m = _CLIENT_FILE.match(path.name)
+        if m:
+            out.append((int(m.group(1)), int(m.group(2)), path))
+    return out
+
+
+def _serialize(rd: RecordDict) -> bytes:
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(rd).SerializeToString()
+
+
+def _deserialize(data: bytes) -> RecordDict:
+    from flwr.common.serde import recorddict_from_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    return recorddict_from_proto(ProtoRecordDict.FromString(data))
+
+
+def save_client_state(cfg: Mapping[str, Any], context: Context, server_round: int) -> Path | None:
+    """Mirror ``context.state`` after a successful train step of ``server_round`` (atomic write)."""
+    directory = client_state_dir(cfg)
+    if directory is None:
+        return None
+    items = {k: v for k, v in context.state.items() if k != RESTORED_MARK}
+    if not items:
+        return None
+    pid = int(context.node_config.get("partition-id", -1))
+    if pid < 0:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"p{pid}-r{int(server_round)}.rd"
+    fd, tmp = tempfile.mkstemp(prefix=f".p{pid}-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(_serialize(RecordDict(items)))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def restore_client_state(cfg: Mapping[str, Any], context: Context, server_round: int) -> int | None:
+    """On a Context's first train message, load its newest mirrored state from before ``server_round``.
+
+    Returns the round the state was saved at (None: nothing restored). A Context that already went
+    through this (marked in its state) is left alone, so a running simulation never re-reads disk.
+    """
+    directory = client_state_dir(cfg)
+    if directory is None or RESTORED_MARK in context.state:
+        return None
+    pid = int(context.node_config.get("partition-id", -1))
+    found = max(((r, p) for q, r, p in _client_files(directory) if q == pid and r < int(server_round)), default=None)
+    restored = None
+    if found is not None:
+        for name, record in _deserialize(found[1].read_bytes()).items():
+            context.state[name] = record
+        restored = found[0]
+    context.state[RESTORED_MARK] = ConfigRecord({"restored-from-round": -1 if restored is None else restored})
+    return restored
+
+
+def prune_client_states(out_dir: str | Path, server_round: int) -> int:
+    """After a checkpoint at ``server_round``: per client, drop files older than its newest one <= round."""
+    files = _client_files(Path(out_dir) / CLIENT_STATE_DIR)
+    newest: dict[int, int] = {}
+    for pid, r, _ in files:
+        if r <= server_round:
+            newest[pid] = max(newest.get(pid, -1), r)
+    removed = 0
+    for pid, r, path in files:
+        if r < newest.get(pid, -1):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def drop_client_states_after(out_dir: str | Path, server_round: int) -> int:
+    """On resume from ``server_round``: forget client state saved by the interrupted later rounds."""
+    removed = 0
+    for _, r, path in _client_files(Path(out_dir) / CLIENT_STATE_DIR):
+        if r > server_round:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def clear_client_states(out_dir: str | Path) -> None:
+    """A fresh run in an old directory: no client may pick up a previous run's state."""
+    for _, _, path in _client_files(Path(out_dir) / CLIENT_STATE_DIR):
+        path.unlink(missing_ok=True)

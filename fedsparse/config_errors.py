@@ -1,0 +1,496 @@
+"""The table of configuration errors in ``docs/errors.md``, generated from the real messages.
+
+Every row is produced by *running* the bad input through the code that rejects it (resolving a
+configuration, reading a file, resuming a run, parsing a bench suite) and printing the
+:class:`~fedsparse.config.ConfigError` it raises, so the documentation cannot drift from the code.
+``tests/test_errors_table.py`` checks that
+
+* every case below raises (a ConfigError, or DatasetNotFoundError for missing data),
+* the generated block of ``docs/errors.md`` is exactly :func:`render` (regenerate with
+  ``python -m fedsparse.config_errors --write``),
+* every ``raise ConfigError(...)`` in fedsparse/, strategies/ and clients/ is reached by some case
+  (or listed in :data:`NOT_TABULATED` with the reason) — so a new check cannot go undocumented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "errors.md"
+BEGIN = "<!-- BEGIN GENERATED: python -m fedsparse.config_errors --write -->"
+END = "<!-- END GENERATED -->"
+MAX_MESSAGE = 400  # longer messages (e.g. the list of every key) are cut in the table, marked "…"
+
+#: Raise sites no case reaches, as (file, function, a fragment of the raise statement): why.
+NOT_TABULATED: dict[tuple[str, str, str], str] = {
+    ("fedsparse/simulation.py", "preflight", "no CUDA device"): "`client-gpus > 0` without CUDA: only on a machine without a GPU (see below the table)",
+    ("fedsparse/bench.py", "make_slots", "cores available"): "`--jobs N` above the core count: the message names this machine's cores (see below the table)",
+    ("fedsparse/config.py", "_check_dataset_fits", "cannot take"): "a model that cannot take the dataset's input size: no registered model/dataset pair triggers it today",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: what it is, how a user writes it, and the call that rejects it."""
+
+    section: str
+    what: str
+    given: str
+    run: Callable[[], Any]
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers the cases use
+# ------------------------------------------------------------------------------------------------
+
+
+def _resolve(**over: Any) -> Callable[[], Any]:
+    def run() -> Any:
+        from fedsparse.config import resolve_config
+
+        return resolve_config({}, over)
+
+    return run
+
+
+def _set(over: dict[str, Any]) -> str:
+    from fedsparse.config import to_toml
+
+    return "; ".join(line for line in to_toml(over).strip().splitlines())
+
+
+def _write(path: str, text: str) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return p
+
+
+def _run_dir(name: str, **over: Any) -> Path:
+    """A run directory as a checkpointed run leaves it: config.toml and checkpoint.npz (round 1)."""
+    from flwr.app import Array, ArrayRecord
+
+    import numpy as np
+
+    from fedsparse import checkpoint as ckpt
+    from fedsparse.accounting import Ledger
+    from fedsparse.config import resolve_config, to_toml
+
+    out = Path(name)
+    cfg = resolve_config({"checkpoint-every": 1, "out-dir": str(out), **over})
+    _write(str(out / "config.toml"), to_toml(cfg))
+    ckpt.save_checkpoint(
+        out,
+        ckpt.Checkpoint(1, dict(cfg), ArrayRecord({"w": Array(np.zeros(1, np.float32))}),
+                        {"kind": "attributes", "state": {}}, [], Ledger(), ckpt.capture_rng(), 0.0),
+    )
+    return out
+
+
+def _resume(name: str, *, edit: Callable[[Path], None] | None = None, **over: Any) -> Callable[[], Any]:
+    def run() -> Any:
+        from fedsparse.checkpoint import resume_config
+
+        out = _run_dir(name)
+        if edit is not None:
+            edit(out)
+        return resume_config(out, overrides=over or None)
+
+    return run
+
+
+def _loop_resume() -> Any:
+    from fedsparse.config import resolve_config
+    from fedsparse.server import _resume as loop_resume
+
+    out = _run_dir("run")
+    return loop_resume(out, resolve_config({"checkpoint-every": 1, "seed": 1}), None, None)  # type: ignore[arg-type]
+
+
+def _suite(data: dict[str, Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        from fedsparse.bench import parse_suite
+
+        return parse_suite(data, where="suite s.toml")
+
+    return run
+
+
+def _suite_runs(**select: Any) -> Callable[[], Any]:
+    def run() -> Any:
+        from fedsparse.bench import parse_suite
+
+        suite = parse_suite({"methods": [{"name": "fedavg", "strategy": "fedavg"}], "seeds": [0]}, where="suite s.toml")
+        return suite.runs(**select)
+
+    return run
+
+
+def _suite_resolve() -> Any:
+    from fedsparse.bench import parse_suite, resolve_runs
+
+    suite = parse_suite({"methods": [{"name": "fedavg", "strategy": "fedavg", "lr": -1.0}]}, where="suite s.toml")
+    return resolve_runs(suite.runs())
+
+
+def _bench_nothing_registered() -> Any:
+    from fedsparse.bench import parse_suite, run_suite
+
+    suite = parse_suite({"methods": [{"name": "later", "strategy": "not-yet-written"}]}, where="suite s.toml")
+    return run_suite(suite, Path("bench-out"), skip_unavailable=True, report=lambda line: None)
+
+
+def _flat(section: str, what: str, given: str, run: Callable[[], Any]) -> Case:
+    return Case(section, what, given, run)
+
+
+# ------------------------------------------------------------------------------------------------
+# the cases
+# ------------------------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+def value_cases() -> list[Case]:
+    """Per key: a value outside what it allows (a bad choice, below the minimum, above the maximum)."""
+    from fedsparse.config import SCHEMA, _choices, defaults
+
+    defaults()  # registers every strategy's keys
+    out = []
+    for name, key in SCHEMA.items():
+        bad: list[Any] = []
+        choices = key.choices
+        if choices is None and name in ("dataset", "model", "strategy"):
+            choices = _choices(name)
+        if choices is not None:
+            bad.append("bogus")
+        else:
+            if key.minimum is not None:
+                if key.exclusive_minimum:
+                    bad.append(key.kind(key.minimum))
+                else:
+                    bad.append(key.kind(key.minimum) - (1 if key.kind is int else 0.5))
+            if key.maximum is not None:
+                bad.append(key.kind(key.maximum) + (1 if key.kind is int else 0.5))
+        for value in bad:
+            out.append(_flat("value", f"`{name}` [{key.section}]", f"{name} = {_toml_value(value)}", _resolve(**{name: value})))
+    return out
+
+
+def type_cases() -> list[Case]:
+    return [
+        _flat("type", "an integer key given a word", 'rounds = "ten"', _resolve(rounds="ten")),
+        _flat("type", "an integer key given a fraction", "rounds = 2.5", _resolve(rounds=2.5)),
+        _flat("type", "a float key given a word", 'lr = "fast"', _resolve(lr="fast")),
+        _flat("type", "a boolean key given a word", 'wire-bytes = "maybe"', _resolve(**{"wire-bytes": "maybe"})),
+        _flat("type", "a string key given a number", "out-dir = 3", _resolve(**{"out-dir": 3})),
+    ]
+
+
+def other_cases() -> list[Case]:
+    from fedsparse.config import load_toml, parse_overrides
+
+    c: list[Case] = []
+    add = lambda what, given, run: c.append(_flat("other", what, given, run))  # noqa: E731
+
+    # keys, files, --set
+    add("a key that does not exist (a close one is suggested)", "num-client = 5", _resolve(**{"num-client": 5}))
+    add("`--set` without `=`", "--set lr", lambda: parse_overrides(["lr"]))
+    add("a config file that does not exist", "fedsparse run missing.toml", lambda: load_toml("missing.toml"))
+    add("a config file that is not TOML", "fedsparse run bad.toml (holding: lr = )", lambda: load_toml(_write("bad.toml", "lr = \n")))
+    add("a config file with sub-tables", "fedsparse run nested.toml (holding: [run])", lambda: load_toml(_write("nested.toml", "[run]\nlr = 0.1\n")))
+    # the federation
+    add("more clients per round than clients", _set({"num-clients": 10, "clients-per-round": 11}),
+        _resolve(**{"num-clients": 10, "clients-per-round": 11}))
+    add("no local work", _set({"local-epochs": 0, "local-steps": 0}), _resolve(**{"local-epochs": 0, "local-steps": 0}))
+    add("more classes per client than the dataset has", _set({"partition": "pathological", "classes-per-client": 11}),
+        _resolve(partition="pathological", **{"classes-per-client": 11}))
+
+    def impossible_split() -> Any:
+        from fedsparse.config import resolve_config
+        from fedsparse.simulation import preflight
+
+        return preflight(resolve_config({"partition": "dirichlet", "num-clients": 50000, "clients-per-round": 2}))
+
+    add("a split that leaves a client too small (checked before Ray starts)",
+        _set({"partition": "dirichlet", "num-clients": 50000, "clients-per-round": 2}), impossible_split)
+
+    def no_data() -> Any:
+        from fedsparse.config import resolve_config
+        from fedsparse.simulation import preflight
+
+        Path("empty").mkdir(exist_ok=True)
+        return preflight(resolve_config({"data-dir": "empty", "dataset": "cifar100"}))
+
+    add("a dataset that is not on disk (DatasetNotFoundError)", '--data-dir empty --set dataset="cifar100"', no_data)
+    # reliability
+    add("`min-replies` above the sample", _set({"min-replies": 6}), _resolve(**{"min-replies": 6}))
+    add("`fail-clients`: not ROUND:PARTITION", 'fail-clients = "2-0"', _resolve(**{"fail-clients": "2-0"}))
+    add("`fail-clients`: a bad round", 'fail-clients = "0:1"', _resolve(**{"fail-clients": "0:1"}))
+    add("`fail-clients`: an unknown mode", 'fail-clients = "1:1:explode"', _resolve(**{"fail-clients": "1:1:explode"}))
+    add("`fail-clients`: a partition that does not exist", 'fail-clients = "1:99"', _resolve(**{"fail-clients": "1:99"}))
+    add("`fail-clients`: a round after the last", 'fail-clients = "500:1"', _resolve(**{"fail-clients": "500:1"}))
+    # resume
+    add("`--resume` of a directory that does not exist", "fedsparse run --resume nowhere", _resume_missing)
+    add("`--resume` of a directory without config.toml", "fedsparse run --resume notarun", _resume_not_a_run)
+    add("`--resume` of a run without a checkpoint", "fedsparse run --resume run (checkpoint-every = 0)",
+        _resume("run", edit=lambda d: (d / "checkpoint.npz").unlink()))
+    add("`--resume` of a damaged checkpoint", "fedsparse run --resume run (checkpoint.npz truncated)",
+        _resume("run", edit=lambda d: (d / "checkpoint.npz").write_bytes(b"PK\x03\x04")))
+    add("`--resume` with a setting that differs from the run's", "fedsparse run --resume run --set lr=0.1", _resume("run", lr=0.1))
+    add("`--resume` after config.toml was edited", "fedsparse run --resume run (config.toml: seed = 1)",
+        _resume("run", edit=lambda d: _write(str(d / "config.toml"), (d / "config.toml").read_text().replace("seed = 0", "seed = 1"))))
+    add("`--resume` with `--out` elsewhere", "fedsparse run --resume run --out other", _resume_out_elsewhere)
+    add("a checkpoint of another configuration, met by the round loop", "(flwr run with a foreign checkpoint)", _loop_resume)
+    add("resuming without an output directory", "run_server(..., out_dir=None, resume=True)", _loop_resume_no_dir)
+    add("a checkpoint the strategy cannot load", "(a state_dict() saved, a strategy without load_state_dict())", _strategy_cannot_load)
+    add("a checkpoint written by another format version", "fedsparse run --resume run (older fedsparse)", _old_format)
+    # strategies
+    add("FedDIP: target sparsity 1", _set({"strategy": "feddip", "target-sparsity": 1.0}), _resolve(strategy="feddip", **{"target-sparsity": 1.0}))
+    add("FedDIP: initial above target sparsity", _set({"strategy": "feddip", "initial-sparsity": 0.8, "target-sparsity": 0.5}),
+        _resolve(strategy="feddip", **{"initial-sparsity": 0.8, "target-sparsity": 0.5}))
+    add("FedLUAR: milestones that are not rounds", _set({"strategy": "fedluar", "luar-lr-milestones": "100,abc"}),
+        _resolve(strategy="fedluar", **{"luar-lr-milestones": "100,abc"}))
+    add("FedLUAR: keeping momentum without momentum", _set({"strategy": "fedluar", "persist-momentum": True, "momentum": 0.0}),
+        _resolve(strategy="fedluar", **{"persist-momentum": True, "momentum": 0.0}))
+    add("FedLUAR: more recycled layers than the model has", _set({"strategy": "fedluar", "recycled-layers": 6}),
+        _resolve(strategy="fedluar", **{"recycled-layers": 6}))
+    add("FedLUAR: an unknown base strategy (building it in code)", "build_base({..., 'luar-base': 'fedsgd'})", _luar_base)
+    add("partial-update: unsupported value bits", _set({"strategy": "partial-update", "value-bits": 12}),
+        _resolve(strategy="partial-update", **{"value-bits": 12}))
+    add("Rand-k: error feedback on the unbiased estimate", _set({"strategy": "randk", "randk-error-feedback": True}),
+        _resolve(strategy="randk", **{"randk-error-feedback": True}))
+    add("SNIP: target sparsity 1", _set({"strategy": "snip", "target-sparsity": 1.0}), _resolve(strategy="snip", **{"target-sparsity": 1.0}))
+    add("fedluar-paq: momentum persistence", _set({"strategy": "fedluar-paq", "persist-momentum": True, "momentum": 0.9}),
+        _resolve(strategy="fedluar-paq", **{"persist-momentum": True, "momentum": 0.9}))
+    add("fedluar-paq: another base", _set({"strategy": "fedluar-paq", "luar-base": "fedadam"}), _resolve(strategy="fedluar-paq", **{"luar-base": "fedadam"}))
+    add("feddip-luar: lr milestones", _set({"strategy": "feddip-luar", "luar-lr-milestones": "10"}), _resolve(strategy="feddip-luar", **{"luar-lr-milestones": "10"}))
+    add("feddip-luar: initial above target sparsity", _set({"strategy": "feddip-luar", "initial-sparsity": 0.8, "target-sparsity": 0.5}),
+        _resolve(strategy="feddip-luar", **{"initial-sparsity": 0.8, "target-sparsity": 0.5}))
+    add("fedluar-paq: more recycled layers than the model has", _set({"strategy": "fedluar-paq", "recycled-layers": 6}),
+        _resolve(strategy="fedluar-paq", **{"recycled-layers": 6}))
+    # fedsparse bench suites
+    add("bench: an unknown top-level entry", "suite: rounds = 3 at top level", _suite({"rounds": 3, "methods": []}))
+    add("bench: base is not a table", "suite: base = 3", _suite({"base": 3}))
+    add("bench: a list inside base", "suite: [base] lr = [0.1]", _suite({"base": {"lr": [0.1]}}))
+    add("bench: bad seeds", "suite: seeds = [-1]", _suite({"seeds": [-1]}))
+    add("bench: a repeated seed", "suite: seeds = [0, 0]", _suite({"seeds": [0, 0]}))
+    add("bench: splits is not a table of tables", "suite: splits = 3", _suite({"splits": 3}))
+    add("bench: a split name with a path separator", "suite: [splits.\"a/b\"]", _suite({"splits": {"a/b": {}}}))
+    add("bench: no methods", "suite without [[methods]]", _suite({}))
+    add("bench: a method that is not a table", "suite: methods = [3]", _suite({"methods": [3]}))
+    add("bench: a method defined twice", "suite: two [[methods]] named fedavg",
+        _suite({"methods": [{"name": "fedavg", "strategy": "fedavg"}, {"name": "fedavg", "strategy": "fedprox"}]}))
+    add("bench: a method without a strategy", "suite: [[methods]] name = \"x\"", _suite({"methods": [{"name": "x"}]}))
+    add("bench: a list inside a method", "suite: [[methods]] lr = [0.1]", _suite({"methods": [{"name": "x", "strategy": "fedavg", "lr": [0.1]}]}))
+    add("bench: a baseline that is not a method", "suite: baseline = \"fedprox\"",
+        _suite({"baseline": "fedprox", "methods": [{"name": "x", "strategy": "fedavg"}]}))
+    add("bench: a suite file that does not exist", "fedsparse bench missing.toml", _suite_file_missing)
+    add("bench: a suite file that is not TOML", "fedsparse bench bad.toml", _suite_file_bad)
+    add("bench: `--only` a method the suite lacks", "fedsparse bench s.toml --only fedsgd", _suite_runs(methods=["fedsgd"]))
+    add("bench: `--seeds` the suite lacks", "fedsparse bench s.toml --seeds 9", _suite_runs(seeds=[9]))
+    add("bench: a bad value in one run", "suite: [[methods]] lr = -1.0", _suite_resolve)
+    add("bench: `--jobs 0`", "fedsparse bench s.toml --jobs 0", _jobs_zero)
+    add("bench: no method with a registered strategy", "suite: only strategies not written yet", _bench_nothing_registered)
+    return c
+
+
+def _resume_missing() -> Any:
+    from fedsparse.checkpoint import resume_config
+
+    return resume_config("nowhere")
+
+
+def _resume_not_a_run() -> Any:
+    from fedsparse.checkpoint import resume_config
+
+    Path("notarun").mkdir(exist_ok=True)
+    return resume_config("notarun")
+
+
+def _resume_out_elsewhere() -> Any:
+    from fedsparse.simulation import simulate
+
+    _run_dir("run")
+    return simulate(None, out_dir="other", resume="run")
+
+
+def _loop_resume_no_dir() -> Any:
+    from fedsparse.config import resolve_config
+    from fedsparse.server import _resume as loop_resume
+
+    return loop_resume(None, resolve_config({}), None, None)  # type: ignore[arg-type]
+
+
+def _strategy_cannot_load() -> Any:
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedsparse.checkpoint import load_strategy_state
+
+    return load_strategy_state(FedAvg(), {"kind": "state_dict", "state": {}})
+
+
+def _old_format() -> Any:
+    import numpy as np
+
+    from fedsparse.checkpoint import load_checkpoint
+
+    out = Path("old")
+    out.mkdir(exist_ok=True)
+    np.savez(out / "checkpoint.npz", meta=np.frombuffer(b'{"format": 0}', dtype=np.uint8))
+    return load_checkpoint(out)
+
+
+def _luar_base() -> Any:
+    from fedsparse.config import resolve_config
+    from strategies.fedluar import build_base
+
+    return build_base({**resolve_config({}), "luar-base": "fedsgd"})
+
+
+def _suite_file_missing() -> Any:
+    from fedsparse.bench import load_suite
+
+    return load_suite("missing.toml")
+
+
+def _suite_file_bad() -> Any:
+    from fedsparse.bench import load_suite
+
+    return load_suite(_write("bad.toml", "methods = [\n"))
+
+
+def _jobs_zero() -> Any:
+    from fedsparse.bench import make_slots
+
+    return make_slots(0)
+
+
+def cases() -> list[Case]:
+    return value_cases() + type_cases() + other_cases()
+
+
+# ------------------------------------------------------------------------------------------------
+# running and rendering
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _sandbox() -> Iterator[None]:
+    """Run a case in an empty temporary directory, so file names in messages are short and stable."""
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="fedsparse-errors-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(old)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    case: Case
+    message: str
+    error: type
+    sites: tuple[tuple[str, int], ...]  # (file relative to the repository, line) of the raise, and of its causes
+
+
+def _sites(err: BaseException | None) -> tuple[tuple[str, int], ...]:
+    """Where ``err`` was raised, and the errors it was raised from (a re-raise wraps a check)."""
+    out = []
+    while err is not None and err.__traceback__ is not None:
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        try:
+            rel = str(Path(frame.filename).resolve().relative_to(ROOT))
+        except ValueError:
+            rel = frame.filename
+        out.append((rel, int(frame.lineno or 0)))
+        err = err.__cause__
+    return tuple(out)
+
+
+def run_case(case: Case) -> Outcome:
+    """Run one case; raise AssertionError if it does not fail the documented way."""
+    from fedsparse.config import ConfigError
+    from fedsparse.data import DatasetNotFoundError
+
+    with _sandbox():
+        try:
+            case.run()
+        except (ConfigError, DatasetNotFoundError) as err:
+            return Outcome(case, str(err), type(err), _sites(err))
+    raise AssertionError(f"{case.section} case {case.what!r} ({case.given}) raised no ConfigError")
+
+
+def _cell(text: str) -> str:
+    text = " ".join(str(text).split())
+    if len(text) > MAX_MESSAGE:
+        text = text[: MAX_MESSAGE - 1] + "…"
+    return text.replace("|", "\\|")
+
+
+def _data_dir_free(message: str) -> str:
+    """The message goes on to list the folders searched on this machine: keep its first line."""
+    return message.splitlines()[0] + " … (then every folder searched and every way to get the data)"
+
+
+def render(outcomes: list[Outcome] | None = None) -> str:
+    """The generated block of docs/errors.md."""
+    outcomes = outcomes if outcomes is not None else [run_case(c) for c in cases()]
+    lines = [BEGIN, ""]
+    sections = [
+        ("value", "Values outside what a key allows", "Key", "Given"),
+        ("type", "Values of the wrong type", "What", "Given"),
+        ("other", "Combinations, files, resume, strategies, bench suites", "What", "Given"),
+    ]
+    for section, title, first, second in sections:
+        rows = [o for o in outcomes if o.case.section == section]
+        lines += [f"### {title} ({len(rows)})", "", f"| {first} | {second} | Message |", "|---|---|---|"]
+        for o in rows:
+            message = _data_dir_free(o.message) if o.error.__name__ == "DatasetNotFoundError" else o.message
+            if o.error.__name__ != "ConfigError":
+                message = f"({o.error.__name__}) {message}"
+            lines.append(f"| {_cell(o.case.what)} | `{_cell(o.case.given)}` | {_cell(message)} |")
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def generated_block(text: str) -> str:
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    return text[start:end]
+
+
+def write(doc: Path = DOC) -> None:
+    text = doc.read_text()
+    doc.write_text(text.replace(generated_block(text), render()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help=f"rewrite the generated block of {DOC.relative_to(ROOT)}")
+    args = parser.parse_args(argv)
+    if args.write:
+        write()
+        print(f"updated {DOC.relative_to(ROOT)}")
+    else:
+        print(render())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

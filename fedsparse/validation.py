@@ -1,0 +1,279 @@
+"""Screening of train replies before they reach a strategy's aggregation.
+
+One client with a diverged model (NaN), a bug (wrong shapes), or bad intent must not corrupt the
+global model. The round loop (:mod:`fedsparse.server`) passes every reply through
+:class:`ReplyScreen` before ``strategy.aggregate_train``; a rejected reply is logged with its reason,
+counted in the ``rejected`` column of ``rounds.csv`` and never aggregated.
+
+Every reply gets the **universal checks** (they hold for any strategy following the conventions in
+``docs/architecture.md``):
+
+* exactly one MetricRecord, named ``metrics``, whose values are finite; ``num-examples`` is an int
+  or float, > 0 and at most the client's partition size (the training-set size when the partition
+  is not known);
+* every floating-point array in every ArrayRecord decodes and is finite, and holds the shape and
+  dtype its ``Array`` declares.
+
+Then the **content check**: the strategy's own hook ``validate_reply(server_round, msg) -> str |
+None`` (None = accept, a string = the reason to reject) when it has one — strategies whose replies
+are not plain models (codec-packed sparse updates, omitted layers, extra records) must define it,
+usually with :func:`check_arrays` / :func:`check_finite` on what they decode. Flower's own
+strategies (FedAvg, FedProx, FedAdam, ...) get the **generic model check** instead: exactly one
+ArrayRecord, ``arrays``, holding exactly the model's arrays with the model's shapes and dtypes.
+Custom strategies without the hook get the universal checks only (logged once).
+
+Finally the round's accepted replies must agree on their metric keys (Flower's aggregation raises
+``InconsistentMessageReplies`` otherwise); replies disagreeing with the majority are rejected.
+
+Dtypes are compared with the **model's** dtypes (the arrays of round 1, i.e. the clients'
+``state_dict()``), never with aggregated globals: Flower's ``aggregate_arrayrecords`` turns integer
+buffers such as BatchNorm's ``num_batches_tracked`` into float64.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+log = logging.getLogger("fedsparse")
+
+#: name → (shape, dtype string) of every array a reply must carry.
+ArraySpec = dict[str, tuple[tuple[int, ...], str]]
+
+METRICS_KEY = "metrics"
+ARRAYS_KEY = "arrays"
+NUM_EXAMPLES = "num-examples"
+
+__all__ = [
+    "ArraySpec",
+    "ReplyScreen",
+    "Screened",
+    "spec_of",
+    "check_arrays",
+    "check_finite",
+    "check_num_examples",
+    "universal_check",
+    "model_reply_check",
+    "is_flower_strategy",
+]
+
+
+def spec_of(arrays: ArrayRecord | Mapping[str, Any]) -> ArraySpec:
+    """The (shape, dtype) of every named array (an ArrayRecord or numpy / torch arrays)."""
+    out: ArraySpec = {}
+    for name, arr in arrays.items():
+        x = arr.numpy() if hasattr(arr, "numpy") and not isinstance(arr, np.ndarray) else np.asarray(arr)
+        out[str(name)] = (tuple(int(d) for d in x.shape), np.dtype(x.dtype).str)
+    return out
+
+
+def _decode(record: ArrayRecord, key: str) -> tuple[np.ndarray | None, str | None]:
+    """An Array's ndarray, or the reason it cannot be trusted (undecodable, lying about its shape)."""
+    arr = record[key]
+    try:
+        x = arr.numpy()
+    except Exception as err:  # noqa: BLE001 - any corrupt buffer is a rejection, not a crash
+        return None, f"array {key!r} does not decode ({type(err).__name__}: {err})"
+    if not isinstance(x, np.ndarray):
+        return None, f"array {key!r} decodes to {type(x).__name__}, not an ndarray"
+    declared = tuple(int(d) for d in arr.shape)
+    if declared != tuple(x.shape):
+        return None, f"array {key!r} declares shape {declared} but holds {tuple(x.shape)}"
+    try:
+        declared_dtype = np.dtype(str(arr.dtype))
+    except TypeError:
+        declared_dtype = None
+    if declared_dtype != x.dtype:
+        return None, f"array {key!r} declares dtype {arr.dtype} but holds {x.dtype}"
+    return x, None
+
+
+def check_finite(tensors: Mapping[str, np.ndarray], what: str = "array") -> str | None:
+    """None when every floating-point tensor is finite; else which one holds NaN / inf."""
+    for name, x in tensors.items():
+        x = np.asarray(x)
+        if x.dtype.kind in "fc" and not np.isfinite(x).all():
+            kind = "NaN" if np.isnan(x).any() else "inf"
+            return f"{what} {name!r} contains {kind}"
+    return None
+
+
+def check_arrays(
+    arrays: ArrayRecord | Mapping[str, np.ndarray],
+    spec: Mapping[str, tuple[tuple[int, ...], str]],
+    *,
+    omit: Iterable[str] = (),
+    what: str = "array",
+) -> str | None:
+    """None when ``arrays`` holds exactly the arrays of ``spec`` minus ``omit``, each with its shape
+    and dtype and finite; else the first problem found (missing / unexpected / shape / dtype / NaN).
+
+    Takes an ArrayRecord (decoded here, corrupt buffers rejected) or already decoded tensors (e.g.
+    what a strategy's codec produced).
+    """
+    omitted = set(omit)
+    expected = [k for k in spec if k not in omitted]
+    have = list(arrays.keys())
+    missing = [k for k in expected if k not in arrays]
+    if missing:
+        return f"missing {what}s: {', '.join(missing)}"
+    unexpected = [k for k in have if k not in spec or k in omitted]
+    if unexpected:
+        return f"unexpected {what}s: {', '.join(map(str, unexpected))}"
+    for key in expected:
+        if isinstance(arrays, ArrayRecord):
+            x, problem = _decode(arrays, key)
+            if problem:
+                return problem
+        else:
+            x = np.asarray(arrays[key])
+        assert x is not None
+        shape, dtype = spec[key]
+        if tuple(x.shape) != tuple(shape):
+            return f"{what} {key!r} has shape {tuple(x.shape)}, expected {tuple(shape)}"
+        if np.dtype(x.dtype) != np.dtype(dtype):
+            return f"{what} {key!r} has dtype {x.dtype}, expected {np.dtype(dtype)}"
+        bad = check_finite({key: x}, what)
+        if bad:
+            return bad
+    return None
+
+
+def check_num_examples(value: Any, bound: int | None) -> str | None:
+    """``num-examples`` must be an int or float, finite, > 0 and <= ``bound`` (when known)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{NUM_EXAMPLES} = {value!r} is not a number"
+    if not math.isfinite(value) or value <= 0:
+        return f"{NUM_EXAMPLES} = {value!r} is not > 0"
+    if bound is not None and value > bound:
+        return f"{NUM_EXAMPLES} = {value!r} exceeds this client's {bound} training examples"
+    return None
+
+
+def universal_check(msg: Message, max_examples: int | None) -> str | None:
+    """The checks every reply gets, whatever the strategy (see the module docstring)."""
+    content = msg.content
+    metric_records = content.metric_records
+    if list(metric_records) != [METRICS_KEY]:
+        return f"expected exactly one MetricRecord named {METRICS_KEY!r}, found {sorted(metric_records)}"
+    metrics = metric_records[METRICS_KEY]
+    if NUM_EXAMPLES not in metrics:
+        return f"no {NUM_EXAMPLES!r} in the reply's metrics"
+    problem = check_num_examples(metrics[NUM_EXAMPLES], max_examples)
+    if problem:
+        return problem
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            return f"metric {key!r} = {value!r} is not finite"
+    for rec_name, record in content.array_records.items():
+        for key in record.keys():
+            x, problem = _decode(record, key)
+            if problem:
+                return f"{rec_name}: {problem}" if rec_name != ARRAYS_KEY else problem
+            assert x is not None
+            bad = check_finite({key: x})
+            if bad:
+                return f"{rec_name}: {bad}" if rec_name != ARRAYS_KEY else bad
+    return None
+
+
+def model_reply_check(msg: Message, spec: ArraySpec, *, arrays_key: str = ARRAYS_KEY, omit: Iterable[str] = ()) -> str | None:
+    """The generic check of a reply that carries the model: one ArrayRecord ``arrays_key`` with
+    exactly the model's arrays (minus ``omit``), shapes and dtypes as in ``spec``, finite."""
+    records = msg.content.array_records
+    if list(records) != [arrays_key]:
+        return f"expected exactly one ArrayRecord named {arrays_key!r}, found {sorted(records)}"
+    return check_arrays(records[arrays_key], spec, omit=omit)
+
+
+def is_flower_strategy(strategy: Any) -> bool:
+    """A strategy shipped with Flower (its replies are plain models)."""
+    return type(strategy).__module__.startswith("flwr.")
+
+
+@dataclass
+class Screened:
+    """One round's replies, sorted out."""
+
+    valid: list[Message] = field(default_factory=list)
+    rejected: list[tuple[Message, str]] = field(default_factory=list)
+    errors: list[Message] = field(default_factory=list)
+
+
+class ReplyScreen:
+    """Applies the checks above to a round's replies (see the module docstring).
+
+    ``spec``: the model's arrays (for the generic model check); ``max_examples(msg)``: the bound on
+    ``num-examples`` for the sender of ``msg`` (None: no bound); ``describe(msg)``: how to name the
+    sender in logs (e.g. its partition id).
+    """
+
+    def __init__(
+        self,
+        strategy: Any,
+        spec: ArraySpec,
+        max_examples: Callable[[Message], int | None] = lambda msg: None,
+        describe: Callable[[Message], str] = lambda msg: f"node {msg.metadata.src_node_id}",
+    ) -> None:
+        self.strategy = strategy
+        self.spec = spec
+        self.max_examples = max_examples
+        self.describe = describe
+        hook = getattr(strategy, "validate_reply", None)
+        self.hook: Callable[[int, Message], str | None] | None = hook if callable(hook) else None
+        self.generic = self.hook is None and is_flower_strategy(strategy)
+        if self.hook is None and not self.generic:
+            log.warning(
+                "strategy %s defines no validate_reply(): its replies are checked for finiteness and "
+                "num-examples only", type(strategy).__name__,
+            )
+
+    def check(self, server_round: int, msg: Message) -> str | None:
+        """None if ``msg`` (not an error reply) may be aggregated, else why not."""
+        try:
+            problem = universal_check(msg, self.max_examples(msg))
+            if problem is None and self.hook is not None:
+                problem = self.hook(server_round, msg)
+            elif problem is None and self.generic:
+                problem = model_reply_check(msg, self.spec, arrays_key=getattr(self.strategy, "arrayrecord_key", ARRAYS_KEY))
+        except Exception as err:  # noqa: BLE001 - a reply that breaks a check is rejected, not fatal
+            problem = f"the reply could not be checked ({type(err).__name__}: {err})"
+        return problem
+
+    def screen(self, server_round: int, replies: Iterable[Message]) -> Screened:
+        """Split replies into errors, rejected (with reasons, logged) and valid ones (order kept)."""
+        out = Screened()
+        for msg in replies:
+            if msg.has_error():
+                out.errors.append(msg)
+                continue
+            problem = self.check(server_round, msg)
+            if problem is None:
+                out.valid.append(msg)
+            else:
+                out.rejected.append((msg, problem))
+        # Flower's aggregation needs the same metric keys in every reply: keep the majority's.
+        keysets = [frozenset(m.content[METRICS_KEY].keys()) for m in out.valid]
+        if len(set(keysets)) > 1:
+            counts = Counter(keysets)
+            best = max(counts.values())
+            majority = next(k for k in keysets if counts[k] == best)
+            kept = []
+            for msg, keys in zip(out.valid, keysets):
+                if keys == majority:
+                    kept.append(msg)
+                else:
+                    out.rejected.append(
+                        (msg, f"metric keys {sorted(keys)} differ from the round's other replies {sorted(majority)}")
+                    )
+            out.valid = kept
+        for msg, problem in out.rejected:
+            log.warning("round %d: rejected the reply of %s: %s", server_round, self.describe(msg), problem)
+        return out

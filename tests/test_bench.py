@@ -1,0 +1,256 @@
+"""The benchmark runner (fedsparse.bench): suite parsing, resume, summary statistics, reports.
+
+The resume / summary test runs real tiny runs in process — fedsparse's round loop on a loopback grid
+that calls the real ClientApp (no Ray) — and checks the runner's tables against those runs' own
+files. The end-to-end test of ``fedsparse bench`` on the smoke suite (Ray, one subprocess per run)
+is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fedsparse import bench
+from fedsparse.config import ConfigError
+from fedsparse.server import run_server
+
+from test_compression import LoopbackGrid  # the in-process grid (tests/ is on sys.path under pytest)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_BASE = {
+    "num-clients": 4, "clients-per-round": 2, "rounds": 2, "local-steps": 3, "batch-size": 16,
+    "lr": 0.05, "momentum": 0.9, "eval-every": 2, "eval-batch-size": 5000, "wire-bytes": False,
+}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """In-process runs build Messages outside a running app (flower-notes, 'Tests without Ray')."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = 1
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 0
+
+
+def _suite(**extra) -> bench.Suite:
+    data = {
+        "name": "tiny",
+        "seeds": [0, 1],
+        "base": dict(TINY_BASE),
+        "splits": {"iid": {"partition": "iid"}},
+        "methods": [{"name": "fedavg", "strategy": "fedavg"}, {"name": "topk", "strategy": "topk", "compress-ratio": 0.05}],
+    }
+    data.update(extra)
+    return bench.parse_suite(data)
+
+
+class LoopbackRunner:
+    """Runs a suite's run in this process (the real round loop and ClientApp, no Ray)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, spec: bench.RunSpec, cfg: dict, run_dir: Path, slot: bench.Slot) -> int:
+        self.calls.append(spec.name)
+        run_server(LoopbackGrid(cfg, int(cfg["num-clients"])), cfg, run_dir, show_progress=False)
+        return 0
+
+
+def _never(spec, cfg, run_dir, slot) -> int:  # noqa: ANN001
+    raise AssertionError(f"{spec.name} should have been skipped")
+
+
+# ----------------------------------------------------------------------------- suite files
+
+
+def test_suite_structure_errors_are_named() -> None:
+    ok = {"methods": [{"name": "a", "strategy": "fedavg"}]}
+    with pytest.raises(ConfigError, match="no methods"):
+        bench.parse_suite({})
+    with pytest.raises(ConfigError, match="has no 'strategy'"):
+        bench.parse_suite({"methods": [{"name": "a"}]})
+    with pytest.raises(ConfigError, match="method name 'a/b' is not allowed"):
+        bench.parse_suite({"methods": [{"name": "a/b", "strategy": "fedavg"}]})
+    with pytest.raises(ConfigError, match="defined twice"):
+        bench.parse_suite({"methods": [{"name": "a", "strategy": "fedavg"}] * 2})
+    with pytest.raises(ConfigError, match="unknown top-level entries \\['method'\\]"):
+        bench.parse_suite({**ok, "method": []})
+    with pytest.raises(ConfigError, match="seeds = "):
+        bench.parse_suite({**ok, "seeds": [0, -1]})
+    with pytest.raises(ConfigError, match="baseline 'fedavg' is not one of the methods"):
+        bench.parse_suite({**ok, "baseline": "fedavg"})
+    with pytest.raises(ConfigError, match="split 'x'"):
+        bench.parse_suite({**ok, "splits": {"x": {"alpha": [1, 2]}}})
+    # configuration values are checked per run, before anything starts, and the error names the run
+    suite = bench.parse_suite({**ok, "methods": [{"name": "a", "strategy": "topk", "compress-ratio": 2.0}]})
+    with pytest.raises(ConfigError, match="run a--default--s0 .*compress-ratio = 2.0"):
+        bench.resolve_runs(suite.runs())
+    with pytest.raises(ConfigError, match="unknown method 'b'"):
+        suite.runs(methods=["b"])
+
+
+def test_run_overrides_precedence_and_names() -> None:
+    suite = bench.parse_suite(
+        {
+            "seeds": [3, 4],
+            "base": {"lr": 0.1, "rounds": 5, "partition": "iid"},
+            "splits": {"iid": {}, "dir": {"partition": "dirichlet", "lr": 0.2}},
+            "methods": [{"name": "m", "strategy": "fedprox", "lr": 0.3, "seed": 99}],
+        }
+    )
+    suite.extra = {"rounds": 7}
+    runs = suite.runs()
+    assert [r.name for r in runs] == ["m--iid--s3", "m--iid--s4", "m--dir--s3", "m--dir--s4"]
+    r = runs[2].overrides
+    assert (r["lr"], r["partition"], r["seed"], r["rounds"], r["strategy"]) == (0.3, "dirichlet", 3, 7, "fedprox")
+    assert suite.baseline is None
+
+
+def test_shipped_suites_resolve() -> None:
+    for name in ("smoke.toml", "fmnist-lenet5.toml", "combinations.toml"):
+        suite = bench.load_suite(ROOT / "experiments" / "suites" / name)
+        have, missing = bench.available_methods(suite)
+        runs = suite.runs(methods=have)
+        assert runs and not missing, f"{name}: methods without a registered strategy: {missing}"
+        bench.resolve_runs(runs)
+
+
+def test_pareto_front() -> None:
+    pts = [(1.0, 0.80), (2.0, 0.85), (3.0, 0.84), (0.5, 0.70), (2.0, 0.85), (4.0, 0.90), (5.0, math.nan)]
+    assert bench.pareto_front(pts) == [True, True, False, True, True, True, False]
+
+
+def test_slots_split_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    one = bench.make_slots(1)
+    assert one == [bench.Slot(0, None)] and "RAY_OVERRIDE_RESOURCES" not in bench.slot_env(one[0], {})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    slots = bench.make_slots(2)
+    assert [s.cores for s in slots] == [(0, 1), (2, 3)]
+    env = bench.slot_env(slots[1], {})
+    assert json.loads(env["RAY_OVERRIDE_RESOURCES"]) == {"CPU": 2} and env["OMP_NUM_THREADS"] == "2"
+    assert bench.slot_config({"client-cpus": 2.0, "lr": 0.1}, slots[0]) == {"client-cpus": 1.0, "lr": 0.1}
+    with pytest.raises(ConfigError, match="--jobs 6 exceeds the 5 cores"):
+        bench.make_slots(6)
+
+
+# ----------------------------------------------------------------------------- resume + summary
+
+
+def test_resume_skips_finished_runs_and_summary_is_computed_from_the_runs(tmp_path: Path) -> None:
+    suite = _suite()
+    out = tmp_path / "bench"
+    runner = LoopbackRunner()
+    lines: list[str] = []
+    first = bench.run_suite(suite, out, runner=runner, report=lines.append)
+    names = ["fedavg--iid--s0", "fedavg--iid--s1", "topk--iid--s0", "topk--iid--s1"]
+    assert runner.calls == names and first.ran == names and first.failed == []
+    assert any("done  topk / iid / seed 1" in ln for ln in lines)
+
+    # everything finished: a second call runs nothing and rebuilds the same tables
+    again = bench.run_suite(suite, out, runner=_never, report=lines.append)
+    assert again.skipped == names and again.ran == []
+    pd.testing.assert_frame_equal(again.summary, first.summary)
+
+    # the summary's figures are the per-run figures aggregated over seeds
+    runs = {n: json.loads((out / n / "summary.json").read_text()) for n in names}
+    summary = pd.read_csv(out / "summary.csv")
+    for method in ("fedavg", "topk"):
+        row = summary[summary["method"] == method].iloc[0]
+        finals = [runs[f"{method}--iid--s{s}"]["final_accuracy"] for s in (0, 1)]
+        bests = [runs[f"{method}--iid--s{s}"]["best_accuracy"] for s in (0, 1)]
+        totals = [runs[f"{method}--iid--s{s}"]["mb_total"] for s in (0, 1)]
+        assert row["seeds"] == 2
+        assert row["final_acc_mean"] == pytest.approx(statistics.mean(finals))
+        assert row["final_acc_std"] == pytest.approx(statistics.stdev(finals))
+        assert row["best_acc_std"] == pytest.approx(statistics.stdev(bests))
+        assert row["mb_total"] == pytest.approx(statistics.mean(totals))
+        assert row["mb_up"] == pytest.approx(statistics.mean(runs[f"{method}--iid--s{s}"]["mb_up"] for s in (0, 1)))
+    fedavg, topk = (summary[summary["method"] == m].iloc[0] for m in ("fedavg", "topk"))
+    assert fedavg["ratio_total"] == pytest.approx(1.0)
+    assert topk["ratio_up"] == pytest.approx(topk["mb_up"] / fedavg["mb_up"]) and topk["ratio_up"] < 0.2
+    assert topk["ratio_down"] == pytest.approx(1.0, abs=0.01)  # Top-k compresses the uplink only
+    assert list(summary["pareto"]) == bench.pareto_front(list(zip(summary["mb_total"], summary["final_acc_mean"])))
+
+    # the tidy table is every run's rounds.csv with method / split / seed columns
+    all_rounds = pd.read_csv(out / "all_rounds.csv")
+    assert len(all_rounds) == 4 * 2 and {"run", "method", "split", "seed", "cum_mb_total"} <= set(all_rounds.columns)
+    for n in names:
+        own = pd.read_csv(out / n / "rounds.csv")
+        mine = all_rounds[all_rounds["run"] == n]
+        assert mine["cum_bytes_up"].tolist() == own["cum_bytes_up"].tolist()
+        assert (mine["seed"] == int(n[-1])).all() and (mine["method"] == n.split("--")[0]).all()
+    md = (out / "summary.md").read_text()
+    assert "| topk | topk | 2 |" in md and "Pareto front" in md
+    assert (out / "pareto.png").stat().st_size > 0 and (out / "accuracy_vs_mb.png").stat().st_size > 0
+
+    # an interrupted run (no summary.json) is run again — and only that one
+    (out / "topk--iid--s1" / "summary.json").unlink()
+    runner.calls.clear()
+    third = bench.run_suite(suite, out, runner=runner, report=lines.append)
+    assert runner.calls == ["topk--iid--s1"] and len(third.skipped) == 3
+    # a run whose configuration changed is run again, saying why
+    changed = _suite()
+    changed.extra = {"lr": 0.04}
+    runner.calls.clear()
+    lines.clear()
+    bench.run_suite(changed, out, runner=runner, methods=["fedavg"], seeds=[0], report=lines.append)
+    assert runner.calls == ["fedavg--iid--s0"]
+    assert any("configuration changed (lr: 0.05 -> 0.04)" in ln for ln in lines)
+
+
+def test_failed_run_is_reported_and_the_suite_goes_on(tmp_path: Path) -> None:
+    suite = _suite(seeds=[0])
+
+    def flaky(spec, cfg, run_dir, slot):  # noqa: ANN001
+        if spec.method == "topk":
+            raise RuntimeError("boom")
+        return LoopbackRunner()(spec, cfg, run_dir, slot)
+
+    lines: list[str] = []
+    result = bench.run_suite(suite, tmp_path, runner=flaky, report=lines.append)
+    assert result.failed == ["topk--iid--s0"] and result.ran == ["fedavg--iid--s0"]
+    assert "runner raised: RuntimeError('boom')" in (tmp_path / "topk--iid--s0" / "bench.log").read_text()
+    assert any("FAILED topk--iid--s0" in ln for ln in lines)
+    assert list(pd.read_csv(tmp_path / "summary.csv")["method"]) == ["fedavg"]
+    assert "Failed runs" in (tmp_path / "summary.md").read_text()
+
+
+def test_cli_dry_run_lists_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedsparse.cli import main
+
+    suite = ROOT / "experiments" / "suites" / "smoke.toml"
+    assert main(["bench", str(suite), "--out", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "fedavg--iid--s0" in out and "3 runs, 3 to run" in out
+    assert main(["bench", str(suite), "--out", str(tmp_path), "--dry-run", "--only", "nope"]) == 2
+
+
+# ----------------------------------------------------------------------------- end to end (Ray)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_smoke_suite_end_to_end(tmp_path: Path) -> None:
+    """``fedsparse bench`` on the smoke suite: subprocess per run on Ray, two at once; then resume."""
+    suite = ROOT / "experiments" / "suites" / "smoke.toml"
+    cmd = [sys.executable, "-m", "fedsparse.cli", "bench", str(suite), "--out", str(tmp_path), "--jobs", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert list(summary["method"]) == ["fedavg", "topk", "fedpaq"]
+    assert (summary["final_acc_mean"] > 0.1).all()
+    assert summary.set_index("method").loc["topk", "ratio_up"] < 0.1
+    assert summary.set_index("method").loc["fedpaq", "ratio_up"] < 0.2
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert again.returncode == 0 and "3 already done, 0 to run" in again.stdout

@@ -1,0 +1,110 @@
+"""Combinations built by composition: FedLUAR over FedPAQ, FedDIP with a LUAR-recycled uplink, and
+partial-update broadcast with 8-bit values — in process, real ClientApp on a loopback grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients import compression as cc
+from fedsparse import codec
+from fedsparse.accounting import payload_bytes
+from fedsparse.config import ConfigError
+from fedsparse.grid import seeded_sampling
+from fedsparse.server import initial_model, run_server
+from strategies.registry import build_strategy
+
+from test_compression import LoopbackGrid, tiny_cfg
+
+PRUNABLE = ["features.0.weight", "features.3.weight", "classifier.0.weight", "classifier.2.weight", "classifier.4.weight"]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.run_id = 1
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 0
+
+
+def _drive(cfg: dict, rounds: int):
+    grid = LoopbackGrid(cfg, int(cfg["num-clients"]))
+    strategy = build_strategy(cfg)
+    arrays = ArrayRecord(initial_model(cfg).state_dict())
+    history = []
+    for t in range(1, rounds + 1):
+        with seeded_sampling(int(cfg["seed"]), t):
+            msgs = list(strategy.configure_train(t, arrays, ConfigRecord({"server-round": t}), grid))
+        replies = list(grid.send_and_receive(msgs))
+        assert all(strategy.validate_reply(t, r) is None for r in replies)
+        before = arrays
+        arrays, _ = strategy.aggregate_train(t, replies)
+        history.append({"msgs": msgs, "replies": replies, "before": before, "after": arrays})
+    return strategy, history
+
+
+def test_fedluar_over_fedpaq_omits_recycled_layers_and_recycles_their_update() -> None:
+    cfg = tiny_cfg(strategy="fedluar-paq", rounds=3, **{"recycled-layers": 2, "quant-levels": 8})
+    strategy, history = _drive(cfg, 3)
+    assert history[0]["msgs"][0].content["config"].get(cc.LUAR_RECYCLED) is None  # R_1 is empty
+    for t, h in enumerate(history[1:], start=2):
+        recycled = list(h["msgs"][0].content["config"][cc.LUAR_RECYCLED])
+        assert len(recycled) == 2 and h["msgs"][0].content["config"][cc.CFG_METHOD] == "fedpaq"
+        for reply in h["replies"]:
+            deltas, _ = cc.decode_update(codec.from_array_record(reply.content["arrays"]))
+            assert not set(recycled) & set(deltas)  # left out of the quantised payload entirely
+            assert len(deltas) == len(h["before"]) - 2
+        # recycled arrays move by the update they got in the previous round
+        prev = history[t - 2]
+        for name in recycled:
+            step = prev["after"][name].numpy() - prev["before"][name].numpy()
+            np.testing.assert_allclose(h["after"][name].numpy() - h["before"][name].numpy(), step, rtol=1e-5, atol=1e-7)
+        full = payload_bytes(history[0]["replies"][0].content).total
+        assert payload_bytes(h["replies"][0].content).total < full  # fewer bytes than FedPAQ alone
+    report = strategy.round_report(3)
+    assert report["num_recycled"] == 2 and report["compressor"] == "fedpaq" and report["quant_bits"] == 5
+
+
+def test_feddip_with_luar_uplink_keeps_the_mask_and_sends_less(tmp_path: Path) -> None:
+    cfg = tiny_cfg(strategy="feddip-luar", rounds=4, **{"recycled-layers": 2, "reconfig-every": 2})
+    grid = LoopbackGrid(cfg, 4)
+    result = run_server(grid, cfg, tmp_path, show_progress=False)
+    df = result.rounds
+    assert (df["rejected"] == 0).all() and (df["aggregated"]).all()
+    assert df["num_recycled"].tolist() == [0, 2, 2, 2]
+    for msgs, replies in grid.exchanges[1:]:
+        recycled = set(msgs[0].content["config"][cc.LUAR_RECYCLED])
+        tensors, _ = codec.decode(codec.from_array_record(replies[0].content["arrays"]))
+        assert recycled and not recycled & set(tensors)
+    # the returned model respects FedDIP's final mask (exact target sparsity over the prunable weights)
+    state = result.arrays.to_torch_state_dict()
+    total = sum(state[n].numel() for n in PRUNABLE)
+    zeros = sum(int((state[n] == 0).sum()) for n in PRUNABLE)
+    assert zeros / total >= 0.9 - 1e-6
+    assert df["sparsity"].iloc[-1] == pytest.approx(zeros / total)
+    # the uplink is smaller than FedDIP's own once layers are recycled
+    plain = tiny_cfg(strategy="feddip", rounds=4, **{"reconfig-every": 2})
+    plain_df = run_server(LoopbackGrid(plain, 4), plain, tmp_path / "plain", show_progress=False).rounds
+    assert df["bytes_up"].iloc[1:].sum() < 0.95 * plain_df["bytes_up"].iloc[1:].sum()
+    assert df["bytes_up"].iloc[0] == plain_df["bytes_up"].iloc[0]  # round 1 recycles nothing
+
+
+def test_dpu_with_8bit_values_is_a_configuration() -> None:
+    """DPU + Q needs no new code: partial-update's value-bits = 8 quantises the broadcast values."""
+    cfg = tiny_cfg(strategy="partial-update", **{"value-bits": 8, "update-ratio": 0.05})
+    strategy = build_strategy(cfg)
+    assert strategy.value_bits == 8
+
+
+def test_combination_config_errors() -> None:
+    with pytest.raises(ConfigError, match="recycled-layers = 9 exceeds the 5"):
+        tiny_cfg(strategy="fedluar-paq", **{"recycled-layers": 9})
+    with pytest.raises(ConfigError, match="luar-base"):
+        tiny_cfg(strategy="fedluar-paq", **{"luar-base": "fedadam"})
+    with pytest.raises(ConfigError, match="persist-momentum"):
+        tiny_cfg(strategy="feddip-luar", momentum=0.9, **{"persist-momentum": True})
+    with pytest.raises(ConfigError, match="initial-sparsity"):
+        tiny_cfg(strategy="feddip-luar", **{"initial-sparsity": 0.95, "target-sparsity": 0.9})

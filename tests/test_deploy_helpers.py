@@ -1,0 +1,96 @@
+"""fedsparse.deploy without a Flower deployment: run-config quoting, process-tree cleanup, the
+traffic report, TLS files, the `fedsparse traffic` command. (The real deployment is exercised by
+tests/test_deployment.py, behind the `deployment` marker.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from flwr.common.config import parse_config_args
+
+from fedsparse.cli import build_parser
+from fedsparse.deploy import (
+    LocalDeployment,
+    ManagedProcess,
+    descendants,
+    format_traffic,
+    process_alive,
+    run_config_arg,
+    self_signed_tls,
+    traffic_report,
+)
+
+
+def test_run_config_arg_round_trips_through_flower() -> None:
+    run_config = {"strategy": "feddip", "rounds": 2, "lr": 0.05, "regrowth": False,
+                  "out-dir": "/tmp/a dir/with 'quotes'", "luar-lr-milestones": "100,150"}
+    assert parse_config_args([run_config_arg(run_config)]) == run_config
+
+
+def test_stop_ends_the_whole_process_tree(tmp_path: Path) -> None:
+    """Flower's SuperExec runs in a session of its own; stop() must still reach it."""
+    dep = LocalDeployment(tmp_path, 1)
+    log = tmp_path / "tree.log"
+    # a child that detaches a grandchild into a new session (like flower-superexec) and ignores SIGTERM
+    script = "setsid sh -c 'trap \"\" TERM; sleep 300' & trap '' TERM; sleep 300"
+    popen = subprocess.Popen(["sh", "-c", script], stdout=log.open("wb"), start_new_session=True)
+    dep.processes.append(ManagedProcess("tree", popen, log))
+    deadline = time.monotonic() + 10
+    while len(descendants(popen.pid)) < 3 and time.monotonic() < deadline:  # sleep, setsid'd sh, its sleep
+        time.sleep(0.05)
+    tree = [popen.pid, *descendants(popen.pid)]
+    assert len(tree) >= 3
+    started = time.monotonic()
+    dep.stop(grace=1.0)
+    assert not [pid for pid in tree if process_alive(pid)]
+    assert time.monotonic() - started < 10
+    assert dep.processes == []
+
+
+def test_traffic_report_sets_superlink_beside_ledger(tmp_path: Path) -> None:
+    rows = [
+        {"round": 1, "direction": "down", "partition_id": 0, "payload_bytes": 1000, "wire_bytes": 1100},
+        {"round": 1, "direction": "down", "partition_id": 1, "payload_bytes": 1000, "wire_bytes": 1100},
+        {"round": 1, "direction": "up", "partition_id": 0, "payload_bytes": 400, "wire_bytes": 500},
+        {"round": 1, "direction": "up", "partition_id": 1, "payload_bytes": 300, "wire_bytes": 390},
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "messages.csv", index=False)
+    record = {"run-id": "42", "status": "finished:completed",
+              "network-traffic": {"inbound-bytes": 880, "outbound-bytes": 2310, "total-bytes": 3190}}
+    report = traffic_report(tmp_path, record)
+    assert (report["payload_down"], report["wire_down"], report["payload_up"], report["wire_up"]) == (2000, 2200, 700, 890)
+    assert report["superlink_sent_over_wire_down"] == pytest.approx(2310 / 2200)
+    assert report["superlink_received_over_wire_up"] == pytest.approx(880 / 890)
+    assert json.loads((tmp_path / "superlink_traffic.json").read_text()) == report
+    text = format_traffic(report)
+    assert "2,310" in text and "890" in text
+    # without a run directory: the SuperLink's figures alone
+    assert traffic_report(None, record)["superlink_total"] == 3190
+
+
+def test_self_signed_tls_verifies(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    files = self_signed_tls(tmp_path, ("127.0.0.1", "superlink.example.org"))
+    ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert sans.get_values_for_type(x509.DNSName) == ["superlink.example.org"]
+    assert files.key.stat().st_mode & 0o077 == 0
+
+
+def test_traffic_command_is_registered() -> None:
+    args = build_parser().parse_args(["traffic", "123", "--superlink", "mylink", "--out-dir", "/tmp/x"])
+    assert (args.run_id, args.superlink, args.out_dir) == (123, "mylink", Path("/tmp/x"))
+
+
+def test_local_deployment_rejects_zero_supernodes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        LocalDeployment(tmp_path, 0)
