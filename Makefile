@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-slow data clean
+.PHONY: venv demo test test-deployment test-slow data clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP)
 	@if [ -z "$${FEDSPARSE_DATA:-}" ] && [ ! -d ../shared/data ]; then \
 		$(MAKE) data && $(BIN)/fedsparse data fetch mnist; fi
 	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -m deployment --durations=10
+
+# Real Flower deployments only: SuperLink + 2 SuperNodes on 127.0.0.1 through `flwr run`.
+test-deployment: $(STAMP)
+	$(BIN)/python -m pytest -q -m deployment --durations=10
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -193,6 +193,28 @@ def process_alive(pid: int) -> bool:
         return True
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when its parent exits — even when the
+    parent is killed and never runs its cleanup (e.g. a test run stopped by a timeout)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def spawn(argv: list[str], log: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    """Start ``argv`` in a session of its own, output to ``log``; on Linux it is also stopped
+    when this process exits without stopping it."""
+    with log.open("wb") as handle:
+        return subprocess.Popen(
+            argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=None if env is None else dict(env), cwd=cwd, start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+
+
 @dataclass
 class ManagedProcess:
     """One process we started, with its log file."""
@@ -325,13 +347,7 @@ class LocalDeployment:
 
     def _spawn(self, name: str, argv: list[str]) -> ManagedProcess:
         log = self.workdir / "logs" / f"{name}.log"
-        handle = log.open("wb")
-        argv = [str(flower_bin_dir() / argv[0]), *argv[1:]]
-        popen = subprocess.Popen(
-            argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=self.process_env(), cwd=self.workdir, start_new_session=True,
-        )
-        handle.close()
+        popen = spawn([str(flower_bin_dir() / argv[0]), *argv[1:]], log, self.process_env(), self.workdir)
         proc = ManagedProcess(name, popen, log)
         self.processes.append(proc)
         return proc
@@ -522,6 +538,7 @@ __all__ = [
     "FLOWER_ENV",
     "PROJECT_DIR",
     "free_port",
+    "spawn",
     "descendants",
     "process_alive",
     "superlink_run",

@@ -94,3 +94,22 @@ def test_traffic_command_is_registered() -> None:
 def test_local_deployment_rejects_zero_supernodes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         LocalDeployment(tmp_path, 0)
+
+
+def test_spawned_process_stops_when_its_starter_is_killed(tmp_path: Path) -> None:
+    """A test run killed by a timeout never runs its finalizers: the SuperLink and SuperNodes it
+    started must not outlive it."""
+    import sys
+
+    code = (
+        "import os, sys; from pathlib import Path; from fedsparse.deploy import spawn; "
+        f"p = spawn(['sleep', '300'], Path({str(tmp_path / 'sleep.log')!r})); "
+        "print(p.pid, flush=True); os._exit(0)"  # exits without stopping its child
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    orphan = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while process_alive(orphan) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not process_alive(orphan)

@@ -23,7 +23,7 @@ import pytest
 
 from fedsparse.cli import build_parser
 from fedsparse.config import resolve_config
-from fedsparse.deploy import process_alive, descendants, free_port
+from fedsparse.deploy import descendants, free_port, process_alive, spawn
 from fedsparse.simulation import backend_config
 
 BIN = Path(sys.executable).parent
@@ -52,15 +52,14 @@ def ray_head() -> Iterator[tuple[str, Path]]:
     temp = Path(tempfile.mkdtemp(prefix="fsray-", dir="/tmp"))  # short: Ray's unix sockets live here
     port = free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}  # FEDSPARSE_DATA etc. reach the workers from here
-    log = (temp / "head.log").open("wb")
-    head = subprocess.Popen(
+    # spawn(): stopped by the kernel too if this test process is killed before its cleanup
+    head = spawn(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
          # fixed defaults (10001, 8265) would clash with another Ray head on the machine
          f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+        temp / "head.log", env,
     )
-    log.close()
     try:
         deadline = time.monotonic() + 120
         while "Ray runtime started" not in (temp / "head.log").read_text(errors="replace"):
