@@ -6,8 +6,8 @@ lr 0.01, s0 = 0.5, sp = 0.9, R = 5, Q = 10, λ_max = 1e-3, T = ``--rounds`` (200
 
 The runs go one after another (never in parallel: the machine is shared), each through
 ``fedsparse run`` in its own process, into ``OUT/<setting>-<method>/``; a run whose
-``summary.json`` already holds the requested number of rounds is not repeated (so the grid can be
-resumed). At the end the script prints a Markdown table (also written to ``OUT/table.md``) and
+``summary.json`` already holds the requested number of rounds is not repeated, and one that was
+interrupted continues from its checkpoint (``checkpoint-every``, ``fedsparse run --resume``). At the end the script prints a Markdown table (also written to ``OUT/table.md``) and
 writes ``OUT/<setting>_compare_accuracy_vs_*.png``::
 
     python experiments/run_feddip.py --out runs/feddip-t200            # the whole grid
@@ -150,13 +150,17 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=5, help="central evaluation every N rounds (and the last)")
     parser.add_argument("--client-cpus", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=10, help="checkpoint every N rounds; an interrupted run resumes")
     parser.add_argument("--only", action="append", help="run only these (e.g. iid-feddip); repeatable")
     parser.add_argument("--table-only", action="store_true", help="do not run; tabulate what is there")
     parser.add_argument("--budget-mb", type=float, default=250.0, help="communication budget (MB up + down) of the budget column")
     args = parser.parse_args()
 
     out_root = Path(args.out)
-    common = [f"rounds={args.rounds}", f"eval-every={args.eval_every}", f"client-cpus={args.client_cpus}", f"seed={args.seed}"]
+    common = [
+        f"rounds={args.rounds}", f"eval-every={args.eval_every}", f"client-cpus={args.client_cpus}", f"seed={args.seed}",
+        f"checkpoint-every={args.checkpoint_every}",
+    ]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0"}
     if not args.table_only:
         for setting, method, config, extra in GRID:
@@ -167,7 +171,10 @@ def main() -> None:
             if done(out, args.rounds):
                 print(f"[skip] {name}: already has {args.rounds} rounds in {out}")
                 continue
-            cmd = command(config, extra, common, out)
+            if (out / "checkpoint.npz").is_file():  # an interrupted run: continue from its checkpoint
+                cmd = [str(ROOT / ".venv" / "bin" / "fedsparse"), "run", "--resume", str(out)]
+            else:
+                cmd = command(config, extra, common, out)
             print("[run]", " ".join(cmd), flush=True)
             t0 = time.time()
             subprocess.run(cmd, cwd=ROOT, env=env, check=True)

@@ -293,6 +293,33 @@ class FedDIP(FedAvg):
         arrays = ArrayRecord({name: Array(x) for name, x in self._global.items()})
         return arrays, metrics
 
+    def validate_reply(self, server_round: int, msg: Message) -> str | None:
+        """fedsparse's reply screen hook (``fedsparse.validation``): None to accept, else the reason.
+
+        A reply must be a decodable codec payload holding exactly the model's tensors (names, shapes,
+        dtypes), finite; with the sparse uplink (nested masks) it may carry entries only inside the
+        round's mask. A rejected reply is not aggregated.
+        """
+        from fedsparse.validation import check_arrays
+
+        if self._global is None or self.masks is None:
+            return "no round has been configured yet"
+        records = msg.content.array_records
+        if set(records) != {self.arrayrecord_key}:
+            return f"expected one ArrayRecord {self.arrayrecord_key!r}, found {sorted(records)}"
+        try:
+            tensors, kept = codec.decode(codec.from_array_record(records[self.arrayrecord_key]))
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            return f"not a decodable {codec.CODEC_NAME} payload: {err}"
+        spec = {n: (tuple(x.shape), x.dtype.str) for n, x in self._global.items()}
+        problem = check_arrays(tensors, spec)
+        if problem is None and not self.regrowth:
+            for name in self.prunable:
+                outside = int(np.count_nonzero(kept[name] & ~self.masks[name].numpy()))
+                if outside:
+                    return f"sparse uplink expected: {name!r} carries {outside} entries outside the round's mask"
+        return problem
+
     def mask_sparsity(self) -> float:
         """Fraction of pruned positions in the current mask (prunable tensors pooled)."""
         if self.masks is None:

@@ -431,3 +431,63 @@ def test_nested_global_pruning_matches_masks_module() -> None:
     expected = global_magnitude_masks(masked, cubic_sparsity(1, 2, 0.5, 0.9), current_masks=old)
     assert all(torch.equal(expected[n], strategy.masks[n]) for n in old)
     assert math.isclose(strategy.mask_sparsity(), num_pruned(sum(m.numel() for m in old.values()), cubic_sparsity(1, 2, 0.5, 0.9)) / sum(m.numel() for m in old.values()))
+
+
+# ----------------------------------------------------------------------------- reply screening, resume
+
+
+def test_validate_reply_accepts_real_replies_and_rejects_bad_ones() -> None:
+    cfg = _cfg()
+    grid = LoopbackGrid(cfg, 4)
+    strategy = build_strategy(cfg)
+    arrays = ArrayRecord(initial_model(cfg).state_dict())
+    with seeded_sampling(3, 1):
+        msgs = list(strategy.configure_train(1, arrays, ConfigRecord({"server-round": 1}), grid))
+    replies = list(grid.send_and_receive(msgs))
+    assert [strategy.validate_reply(1, r) for r in replies] == [None, None]
+
+    base = {n: a.numpy() for n, a in arrays.items()}
+    masks = {n: m.numpy() for n, m in strategy.masks.items()}
+    dense_reply = _reply_to(msgs[0], base, {}, 10)  # nested masks expect a sparse uplink
+    assert "outside the round's mask" in strategy.validate_reply(1, dense_reply)
+    nan = {n: x.copy() for n, x in base.items()}
+    nan["classifier.4.bias"][0] = np.nan
+    assert "NaN" in strategy.validate_reply(1, _reply_to(msgs[0], nan, masks, 10))
+    short = {n: x for n, x in base.items() if n != "classifier.4.bias"}
+    assert "missing" in strategy.validate_reply(1, _reply_to(msgs[0], short, masks, 10))
+    plain = Message(
+        content=RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10})}), reply_to=msgs[0]
+    )
+    assert "not a decodable" in strategy.validate_reply(1, plain)
+    # with regrowth the dense uplink is the protocol
+    regrow, _, rmsgs, rbase = _small_strategy(regrowth=True)
+    assert regrow.validate_reply(1, _reply_to(rmsgs[0], rbase, {}, 10)) is None
+
+
+class _FailingGrid(LoopbackGrid):
+    """Delivers train messages until round ``fail_at``, then raises (a crashed server process)."""
+
+    def __init__(self, cfg: dict, num_nodes: int, fail_at: int) -> None:
+        super().__init__(cfg, num_nodes)
+        self.fail_at, self.train_rounds = fail_at, 0
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self.train_rounds += 1
+            if self.train_rounds == self.fail_at:
+                raise RuntimeError("simulated crash")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_checkpoint_resume_gives_the_uninterrupted_result(tmp_path: Path) -> None:
+    cfg = _cfg(rounds=4, **{"checkpoint-every": 2})
+    whole = run_server(LoopbackGrid(cfg, 4), cfg, tmp_path / "whole", show_progress=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_server(_FailingGrid(cfg, 4, fail_at=3), cfg, tmp_path / "cut", show_progress=False)
+    resumed = run_server(LoopbackGrid(cfg, 4), cfg, tmp_path / "cut", show_progress=False, resume=True)
+    a, b = whole.arrays.to_torch_state_dict(), resumed.arrays.to_torch_state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    cols = ["round", "sparsity", "lambda", "target_sparsity", "reconfigured", "bytes_down", "bytes_up"]
+    pd.testing.assert_frame_equal(whole.rounds[cols], resumed.rounds[cols])
+    assert resumed.summary["final_sparsity"] == pytest.approx(0.9, abs=1e-4)
