@@ -218,7 +218,15 @@ def _randk_seed_encode(
     }
 
 
+def _require_keys(arrays: Mapping[str, np.ndarray], codec_name: str, keys: tuple[str, ...]) -> None:
+    """A payload holds exactly its codec's arrays: a missing one cannot decode, an extra one would
+    be ignored by the decoder yet counted on the wire (a foreign or tampered payload)."""
+    if set(arrays) != set(keys):
+        raise ValueError(f"a {codec_name} payload holds exactly the arrays {list(keys)}, got {sorted(arrays)}")
+
+
 def _randk_seed_decode(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    _require_keys(arrays, RANDK_CODEC, (HEADER_KEY, VALUES_KEY))
     header, tail = _read_header(arrays[HEADER_KEY], RANDK_CODEC)
     values = np.asarray(arrays[VALUES_KEY])
     if values.dtype != np.float32:
@@ -351,6 +359,9 @@ def _fedpaq_encode(
 
 
 def _fedpaq_decode(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    _require_keys(arrays, QSGD_CODEC, (HEADER_KEY, LEVELS_KEY))
+    if np.asarray(arrays[LEVELS_KEY]).dtype != np.uint8:
+        raise ValueError(f"'{LEVELS_KEY}' must hold bit-packed uint8 codes, got {np.asarray(arrays[LEVELS_KEY]).dtype}")
     header, rest = _read_header(arrays[HEADER_KEY], QSGD_CODEC)
     total_norms = sum(header["nnorms"])
     norms = np.frombuffer(rest[: 4 * total_norms], dtype="<f4")

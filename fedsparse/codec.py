@@ -291,6 +291,14 @@ def _read_header(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], np.n
             f"not a {CODEC_NAME} payload: missing arrays {sorted(missing)} "
             f"(got {sorted(arrays)})"
         )
+    # An array the decoder would ignore is still bytes on the wire and a sign of a foreign or
+    # tampered payload: refuse it rather than silently dropping it.
+    extra = set(arrays) - {INDEX_KEY, VALUES_KEY}
+    if extra:
+        raise ValueError(
+            f"not a {CODEC_NAME} payload: unexpected arrays {sorted(extra)} "
+            f"(a payload holds exactly {INDEX_KEY!r} and {VALUES_KEY!r})"
+        )
     blob = np.asarray(arrays[INDEX_KEY])
     if blob.dtype != np.uint8 or blob.ndim != 1 or blob.size < 4:
         raise ValueError(f"'{INDEX_KEY}' must be a 1-D uint8 array with a header")

@@ -299,8 +299,14 @@ class LUAR(Strategy):
         """Base rule on the received layers, previous update on the recycled ones; draw R_{t+1}."""
         if self._round is None or not self._x:
             raise AggregationError("LUAR.aggregate_train before configure_train: the round's model x_t is unknown")
+        replies = list(replies)
+        if not replies:
+            # Nothing received (or fewer than min-replies): no layer is recycled and LUAR's state
+            # stays as it is. The base still sees the round end, so a base that changes the model
+            # on its own (FedDIP's pruning schedule on a reconfiguration round) behaves as alone.
+            return self.base.aggregate_train(server_round, [])
         omit = set(self.recycled_arrays(self._recycled))
-        replies = [self._without(m, omit) for m in replies] if omit else list(replies)
+        replies = [self._without(m, omit) for m in replies] if omit else replies
         with self._base_state_restricted(omit) as merge:
             out, metrics = self.base.aggregate_train(server_round, replies)
             if out is None:  # nothing received: the model and LUAR's state stay as they are

@@ -329,6 +329,8 @@ def test_decode_rejects_foreign_payloads() -> None:
         decode({"index": arrays["index"], "values": arrays["values"].astype(np.float16)})
     with pytest.raises(ValueError, match="cut short"):
         decode({"index": arrays["index"], "values": arrays["values"][:2]})
+    with pytest.raises(ValueError, match=r"unexpected arrays \['smuggled'\]"):
+        decode({**arrays, "smuggled": np.zeros(3, np.float32)})
 
 
 def test_shannon_bound() -> None:

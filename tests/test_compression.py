@@ -297,6 +297,13 @@ def test_decode_update_rejects_bad_payloads() -> None:
     bad = cc._pack_header({"codec": "other", "version": 1})
     with pytest.raises(ValueError, match="unsupported payload codec"):
         cc.decode_update({"header": bad, "levels": payload["levels"]})
+    with pytest.raises(ValueError, match="holds exactly the arrays"):
+        cc.decode_update({**payload, "smuggled": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="bit-packed uint8 codes"):
+        cc.decode_update({**payload, "levels": payload["levels"].astype(np.int16)})
+    randk, _, _ = cc.compress_update(_update(), {cc.CFG_METHOD: "randk", cc.CFG_RATIO: 0.1})
+    with pytest.raises(ValueError, match="holds exactly the arrays"):
+        cc.decode_update({**randk, "smuggled": np.zeros(3, np.float32)})
     with pytest.raises(ValueError, match="unknown compress-method"):
         cc.compress_update(_update(), {cc.CFG_METHOD: "signsgd"})
 

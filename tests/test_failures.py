@@ -121,17 +121,8 @@ def test_min_replies_cannot_exceed_the_sample() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-#: Known deviations (docs/reliability.md, "Open issues"), expected failures until fixed (not strict).
-KNOWN_GAPS = {
-    "feddip-luar": "with no replies FedDIP returns the model, so LUAR moves the recycled layers: a round "
-    "below min-replies changes the model",
-}
-
-
 @pytest.mark.parametrize("name", strategy_names())
-def test_failures_are_counted_and_state_stays_consistent(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    if name in KNOWN_GAPS:
-        request.applymarker(pytest.mark.xfail(reason=f"{name}: {KNOWN_GAPS[name]}", strict=False))
+def test_failures_are_counted_and_state_stays_consistent(name: str, tmp_path: Path) -> None:
     # round 2: every client raises; round 3: partition 1 raises, partition 2 replies NaN
     result, grid = _run_on(tmp_path, strategy=name, **{"fail-clients": "2:*, 3:1, 3:2:nan"})
     df = result.rounds.set_index("round")

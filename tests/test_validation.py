@@ -241,25 +241,6 @@ def test_universal_check_accepts_a_real_reply_layout(model: ArrayRecord) -> None
 # fuzz: random malformed replies against every registered strategy
 # ------------------------------------------------------------------------------------------------
 
-#: Gaps in strategies' validate_reply hooks found by the fuzz tests (docs/reliability.md, "Open
-#: issues"); marked as expected failures (not strict: a fixed strategy shows up as XPASS) so the
-#: rest of the suite stays meaningful. Remove an entry once its strategy rejects these replies.
-KNOWN_GAPS = {
-    "feddip": "its hook accepts an unknown extra array in the codec record (the codec ignores it)",
-    "topk": "its hook accepts an unknown extra array in the codec record (the codec ignores it)",
-    "randk": "its hook accepts an unknown extra array in the codec record (the codec ignores it)",
-    "fedpaq": "its hook accepts an unknown extra array, and code arrays of another dtype",
-    "fedluar-paq": "its hook accepts an unknown extra array, and code arrays of another dtype",
-    "feddip-luar": "its hook accepts an unknown extra array in the codec record (the codec ignores it)",
-    "snip": "its hook accepts an unknown extra array in the codec record (the codec ignores it)",
-}
-
-
-def _known_gap(name: str, request: pytest.FixtureRequest) -> None:
-    if name in KNOWN_GAPS:
-        request.applymarker(pytest.mark.xfail(reason=f"{name}: {KNOWN_GAPS[name]}", strict=False))
-
-
 UNIVERSAL = ["nan", "inf", "num-examples", "metric-nan", "no-metrics", "two-metrics", "undecodable", "lying-shape"]
 STRUCTURAL = ["wrong-shape", "wrong-dtype", "drop-array", "extra-array", "extra-record", "rename-record"]
 
@@ -423,9 +404,8 @@ def _checks_structure(strategy: Any) -> bool:
 
 @pytest.mark.parametrize("name", strategy_names())
 def test_fuzz_malformed_replies_never_reach_the_model(
-    name: str, rounds_cache: dict, tmp_path: Path, request: pytest.FixtureRequest
+    name: str, rounds_cache: dict, tmp_path: Path
 ) -> None:
-    _known_gap(name, request)
     r = _setup(name, rounds_cache, tmp_path)
     strategy = r.fresh()
     kinds = UNIVERSAL + (STRUCTURAL if _checks_structure(strategy) else [])
@@ -457,11 +437,10 @@ def test_fuzz_malformed_replies_never_reach_the_model(
 
 @pytest.mark.parametrize("name", strategy_names())
 def test_fuzz_structural_damage_needs_a_validate_reply_hook(
-    name: str, rounds_cache: dict, tmp_path: Path, request: pytest.FixtureRequest
+    name: str, rounds_cache: dict, tmp_path: Path
 ) -> None:
     """Wrong shapes / dtypes / missing or extra arrays: checked by the strategy's hook (or the generic
     check for Flower's strategies). A strategy without the hook is reported here, not hidden."""
-    _known_gap(name, request)
     r = _setup(name, rounds_cache, tmp_path)
     if not _checks_structure(r.fresh()):
         pytest.xfail(f"strategy {name!r} defines no validate_reply(): structural damage is not checked")
