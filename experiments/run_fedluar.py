@@ -1,8 +1,8 @@
 """FedLUAR measurement grid (issue 4): δ sweep over FedAvg, then LUAR over FedAdam and FedProx.
 
 Runs one configuration after another on Flower's simulation engine (never in parallel), skips runs
-whose ``summary.json`` already exists (so an interrupted grid continues), then prints a markdown
-table and writes ``table.csv`` / ``table.md`` / ``layers.csv`` and comparison plots under ``--out``::
+whose ``summary.json`` already exists and continues an interrupted one from its checkpoint
+(``--checkpoint-every``), then prints a markdown table and writes ``table.csv`` / ``table.md`` / ``layers.csv`` and comparison plots under ``--out``::
 
     python experiments/run_fedluar.py --out runs/fedluar                 # the measured grid
     python experiments/run_fedluar.py --config experiments/configs/fedluar-fmnist-cnn.toml \\
@@ -41,9 +41,14 @@ def run_one(config: Path, overrides: dict[str, Any], out: Path) -> dict[str, Any
     """One simulation (skipped when its summary exists); its summary plus the run directory."""
     from fedsparse import simulate
 
+    from fedsparse.checkpoint import CHECKPOINT_FILE
+
     summary_path = out / "summary.json"
     if not summary_path.is_file():
-        simulate(config, overrides, out_dir=out, progress=True)
+        if (out / CHECKPOINT_FILE).is_file():  # interrupted: continue from its last checkpoint
+            simulate(resume=out, progress=True)
+        else:
+            simulate(config, overrides, out_dir=out, progress=True)
     summary = json.loads(summary_path.read_text())
     summary["out_dir"] = str(out)
     return summary
@@ -99,11 +104,12 @@ def main() -> None:
     parser.add_argument("--best-delta", type=int, default=None)
     parser.add_argument("--tolerance", type=float, default=0.01, help="accuracy drop allowed for the best δ")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of --config")
+    parser.add_argument("--checkpoint-every", type=int, default=10, help="checkpoint every N rounds; an interrupted run resumes")
     args = parser.parse_args()
     from fedsparse.config import parse_overrides
     from fedsparse.results import plot_comparison
 
-    common = parse_overrides(args.set)
+    common = {"checkpoint-every": args.checkpoint_every, **parse_overrides(args.set)}
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for delta in [int(d) for d in args.deltas.split(",") if d.strip()]:
