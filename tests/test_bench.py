@@ -23,7 +23,8 @@ from fedsparse import bench
 from fedsparse.config import ConfigError
 from fedsparse.server import run_server
 
-from test_compression import LoopbackGrid  # the in-process grid (tests/ is on sys.path under pytest)
+from loopback import set_task_identity  # tests/ is on sys.path under pytest
+from test_compression import loopback_grid  # the in-process grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,11 +37,7 @@ TINY_BASE = {
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
     """In-process runs build Messages outside a running app (flower-notes, 'Tests without Ray')."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = 1
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 0
+    set_task_identity(node_id=0)
 
 
 def _suite(**extra) -> bench.Suite:
@@ -63,7 +60,7 @@ class LoopbackRunner:
 
     def __call__(self, spec: bench.RunSpec, cfg: dict, run_dir: Path, slot: bench.Slot) -> int:
         self.calls.append(spec.name)
-        run_server(LoopbackGrid(cfg, int(cfg["num-clients"])), cfg, run_dir, show_progress=False)
+        run_server(loopback_grid(cfg, int(cfg["num-clients"])), cfg, run_dir, show_progress=False)
         return 0
 
 

@@ -1,26 +1,22 @@
 """Uplink-compression baselines (Top-k + EF, Rand-k, FedPAQ) and SNIP, in process (no Ray).
 
 The compressors are tested on plain arrays (selection, round trip, byte counts, unbiasedness); the
-strategies with real Flower messages through our real ClientApp on a loopback grid (a real
-``flwr.serverapp.Grid`` that calls the ClientApp in this process, as the simulation engine does
-through Ray actors).
+strategies with real Flower messages through our real ClientApp on a loopback grid
+(tests/loopback.py: a real ``flwr.serverapp.Grid`` that calls the ClientApp in this process, as the
+simulation engine does through Ray actors).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from clients import compression as cc
-from clients.app import make_client_app
 from fedsparse import codec
 from fedsparse.accounting import payload_bytes
 from fedsparse.config import ConfigError, resolve_config
@@ -30,53 +26,19 @@ from fedsparse.models import build_model
 from fedsparse.server import initial_model, run_server
 from strategies.registry import build_strategy
 
+from loopback import LoopbackGrid, set_task_identity, train_reply
+
 
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
     """Messages built outside a running app need a task identity (flower-notes, 'Tests without Ray')."""
-    TaskIdentity.run_id = 1
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 0
+    set_task_identity(node_id=0)
 
 
-class LoopbackGrid(Grid):
-    """A Grid whose nodes are our ClientApp called in this process, one Context per node."""
-
-    def __init__(self, cfg: dict, num_nodes: int) -> None:
-        self.app = make_client_app(cfg)
-        self.node_ids = [2000 + 11 * i for i in range(num_nodes)]
-        self.contexts = {
-            nid: Context(run_id=1, node_id=nid, node_config={"partition-id": i, "num-partitions": num_nodes},
-                         state=RecordDict(), run_config={})
-            for i, nid in enumerate(self.node_ids)
-        }
-        self.exchanges: list[tuple[list[Message], list[Message]]] = []
-
-    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
-        pass
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
-        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("LoopbackGrid only implements send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("LoopbackGrid only implements send_and_receive")
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
-        replies = [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
-        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
-            self.exchanges.append((messages, replies))
-        return replies
+def loopback_grid(cfg: dict, num_nodes: int) -> LoopbackGrid:
+    """Our ClientApp for ``cfg`` on nodes 2000, 2011, 2022, … (test_bench and
+    test_compression_combinations use it too)."""
+    return LoopbackGrid.for_config(cfg, num_nodes, first_node_id=2000, node_id_step=11)
 
 
 def tiny_cfg(**over) -> dict:
@@ -317,7 +279,7 @@ def test_decode_update_rejects_bad_payloads() -> None:
 )
 def test_strategy_applies_the_weighted_mean_of_decoded_updates(strategy: str, extra: dict) -> None:
     cfg = tiny_cfg(strategy=strategy, **extra)
-    grid = LoopbackGrid(cfg, 4)
+    grid = loopback_grid(cfg, 4)
     strat = build_strategy(cfg)
     arrays = ArrayRecord(initial_model(cfg).state_dict())
     for t in (1, 2):
@@ -399,7 +361,7 @@ def test_masked_training_keeps_pruned_weights_at_zero() -> None:
 
 def test_snip_run_static_mask_exact_sparsity_and_sparse_both_ways(tmp_path: Path) -> None:
     cfg = tiny_cfg(strategy="snip", rounds=3, **{"target-sparsity": 0.8, "snip-batches": 2})
-    grid = LoopbackGrid(cfg, 4)
+    grid = loopback_grid(cfg, 4)
     result = run_server(grid, cfg, tmp_path, show_progress=False)
     df = result.rounds
     state = result.arrays.to_torch_state_dict()
@@ -437,10 +399,8 @@ def test_snip_run_static_mask_exact_sparsity_and_sparse_both_ways(tmp_path: Path
 
 def test_validate_reply_rejects_bad_updates() -> None:
     """fedsparse's reply screen asks the strategy: NaN, wrong shapes and junk payloads are rejected."""
-    from flwr.app import MetricRecord
-
     cfg = tiny_cfg(strategy="topk")
-    grid = LoopbackGrid(cfg, 4)
+    grid = loopback_grid(cfg, 4)
     strat = build_strategy(cfg)
     arrays = ArrayRecord(initial_model(cfg).state_dict())
     msgs = list(strat.configure_train(1, arrays, ConfigRecord({"server-round": 1}), grid))
@@ -449,7 +409,7 @@ def test_validate_reply_rejects_bad_updates() -> None:
 
     def reply_with(tensors: dict, masks: dict | None = None) -> Message:
         payload = codec.to_array_record(codec.encode(tensors, masks or {}))
-        return Message(RecordDict({"arrays": payload, "metrics": MetricRecord({"num-examples": 10})}), reply_to=msgs[0])
+        return train_reply(msgs[0], payload, 10)
 
     update = {k: np.zeros_like(a.numpy()) for k, a in arrays.items()}
     nan = dict(update)
@@ -461,5 +421,5 @@ def test_validate_reply_rejects_bad_updates() -> None:
     missing = dict(update)
     del missing["features.0.bias"]
     assert "missing arrays: features.0.bias" in strat.validate_reply(1, reply_with(missing))
-    junk = Message(RecordDict({"arrays": codec.to_array_record({"index": np.zeros(3, np.uint8)}), "metrics": MetricRecord({"num-examples": 1})}), reply_to=msgs[0])
+    junk = train_reply(msgs[0], codec.to_array_record({"index": np.zeros(3, np.uint8)}), 1)
     assert "does not decode" in strat.validate_reply(1, junk)

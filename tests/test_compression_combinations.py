@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients import compression as cc
 from fedsparse import codec
@@ -18,20 +17,19 @@ from fedsparse.grid import seeded_sampling
 from fedsparse.server import initial_model, run_server
 from strategies.registry import build_strategy
 
-from test_compression import LoopbackGrid, tiny_cfg
+from loopback import set_task_identity
+from test_compression import loopback_grid, tiny_cfg
 
 PRUNABLE = ["features.0.weight", "features.3.weight", "classifier.0.weight", "classifier.2.weight", "classifier.4.weight"]
 
 
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
-    TaskIdentity.run_id = 1
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 0
+    set_task_identity(node_id=0)
 
 
 def _drive(cfg: dict, rounds: int):
-    grid = LoopbackGrid(cfg, int(cfg["num-clients"]))
+    grid = loopback_grid(cfg, int(cfg["num-clients"]))
     strategy = build_strategy(cfg)
     arrays = ArrayRecord(initial_model(cfg).state_dict())
     history = []
@@ -70,7 +68,7 @@ def test_fedluar_over_fedpaq_omits_recycled_layers_and_recycles_their_update() -
 
 def test_feddip_with_luar_uplink_keeps_the_mask_and_sends_less(tmp_path: Path) -> None:
     cfg = tiny_cfg(strategy="feddip-luar", rounds=4, **{"recycled-layers": 2, "reconfig-every": 2})
-    grid = LoopbackGrid(cfg, 4)
+    grid = loopback_grid(cfg, 4)
     result = run_server(grid, cfg, tmp_path, show_progress=False)
     df = result.rounds
     assert (df["rejected"] == 0).all() and (df["aggregated"]).all()
@@ -87,7 +85,7 @@ def test_feddip_with_luar_uplink_keeps_the_mask_and_sends_less(tmp_path: Path) -
     assert df["sparsity"].iloc[-1] == pytest.approx(zeros / total)
     # the uplink is smaller than FedDIP's own once layers are recycled
     plain = tiny_cfg(strategy="feddip", rounds=4, **{"reconfig-every": 2})
-    plain_df = run_server(LoopbackGrid(plain, 4), plain, tmp_path / "plain", show_progress=False).rounds
+    plain_df = run_server(loopback_grid(plain, 4), plain, tmp_path / "plain", show_progress=False).rounds
     assert df["bytes_up"].iloc[1:].sum() < 0.95 * plain_df["bytes_up"].iloc[1:].sum()
     assert df["bytes_up"].iloc[0] == plain_df["bytes_up"].iloc[0]  # round 1 recycles nothing
 

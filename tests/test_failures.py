@@ -1,10 +1,10 @@
 """Failed clients: exceptions, timeouts and poisoned replies injected with ``fail-clients``.
 
 The real round loop (``run_server``) drives the real strategies and the real ClientApp in process
-(tests/reliability_grid.py fails like Flower's simulation engine does: an exception becomes an
-error reply and leaves the client's context unchanged; a late reply is not returned). Every
-registered strategy is checked: failures are counted, a round without enough valid replies keeps
-the previous model, and the strategy's state stays consistent — the rounds after a failure see no
+(``EngineLikeGrid`` in tests/loopback.py fails like Flower's simulation engine does: an exception
+becomes an error reply and leaves the client's context unchanged; a late reply is not returned).
+Every registered strategy is checked: failures are counted, a round without enough valid replies
+keeps the previous model, and the strategy's state stays consistent — the rounds after a failure see no
 other error than the injected ones (e.g. partial-update clients are resynchronised, not sent a
 patch for a copy they do not hold).
 """
@@ -24,7 +24,7 @@ from clients.app import make_client_app
 from fedsparse.config import ConfigError, resolve_config
 from fedsparse.failures import InjectedFailure, failure_for, inject, parse_fail_clients
 from fedsparse.server import RunResult, run_server
-from reliability_grid import EngineLikeGrid, set_task_identity
+from loopback import EngineLikeGrid, set_task_identity
 from strategies.registry import strategy_names
 
 BASE = {

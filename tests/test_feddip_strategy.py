@@ -1,26 +1,23 @@
 """FedDIP strategy + client step, in process (no Ray): real Flower messages, real ClientApp, real data.
 
-The grid below is a real ``flwr.serverapp.Grid`` implementation that delivers each message to our
-real ClientApp in this process (what the simulation engine does through Ray actors), so the whole
-round trip — codec-encoded downlink, FedDIP local step, sparse uplink, aggregation, re-pruning — runs
-in a second instead of a Ray start.
+The loopback grid (tests/loopback.py) is a real ``flwr.serverapp.Grid`` implementation that delivers
+each message to our real ClientApp in this process (what the simulation engine does through Ray
+actors), so the whole round trip — codec-encoded downlink, FedDIP local step, sparse uplink,
+aggregation, re-pruning — runs in a second instead of a Ray start.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from clients.app import make_client_app
 from clients.feddip import decode_global, encode_update, feddip_client_round
 from fedsparse import codec
 from fedsparse.accounting import payload_bytes
@@ -33,62 +30,20 @@ from fedsparse.server import initial_model, run_server
 from strategies.feddip import FedDIP
 from strategies.registry import build_strategy
 
+from loopback import LoopbackGrid, set_task_identity, train_reply
+
 LENET_ERK_05 = [1.0, 0.525, 0.426, 0.796, 1.0]
 
 
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
     """Messages built outside a running app need a task identity (flower-notes, 'Tests without Ray')."""
-    TaskIdentity.run_id = 1
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 0
+    set_task_identity(node_id=0)
 
 
-class LoopbackGrid(Grid):
-    """A Grid whose nodes are our ClientApp called in this process, one Context per node."""
-
-    def __init__(self, cfg: dict, num_nodes: int) -> None:
-        self.app = make_client_app(cfg)
-        self.node_ids = [1000 + 7 * i for i in range(num_nodes)]
-        self.contexts = {
-            nid: Context(
-                run_id=1,
-                node_id=nid,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i, nid in enumerate(self.node_ids)
-        }
-        self.sent: list[Message] = []
-        self.received: list[Message] = []
-
-    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
-        pass
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
-        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("LoopbackGrid only implements send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("LoopbackGrid only implements send_and_receive")
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
-        replies = [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
-        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
-            self.sent.extend(messages)
-            self.received.extend(replies)
-        return replies
+def _grid(cfg: dict, num_nodes: int = 4, **options: Any) -> LoopbackGrid:
+    """Our ClientApp for ``cfg`` on nodes 1000, 1007, 1014, …"""
+    return LoopbackGrid.for_config(cfg, num_nodes, first_node_id=1000, node_id_step=7, **options)
 
 
 def _cfg(**over) -> dict:
@@ -138,7 +93,7 @@ def _drive(strategy: FedDIP, grid: LoopbackGrid, cfg: dict, rounds: int) -> tupl
 
 def test_round1_sends_erk_masked_model_from_the_seed_and_fewer_bytes() -> None:
     cfg = _cfg()
-    grid = LoopbackGrid(cfg, 4)
+    grid = _grid(cfg)
     arrays = ArrayRecord(initial_model(cfg).state_dict())
     strategy = build_strategy(cfg)
     msgs = list(strategy.configure_train(1, arrays, ConfigRecord({"server-round": 1}), grid))
@@ -174,7 +129,7 @@ def test_round1_sends_erk_masked_model_from_the_seed_and_fewer_bytes() -> None:
 
 def test_dpf_variant_starts_dense() -> None:
     cfg = _cfg(**{"initial-sparsity": 0.0, "lambda-max": 0.0})
-    grid = LoopbackGrid(cfg, 4)
+    grid = _grid(cfg)
     strategy = build_strategy(cfg)
     arrays = ArrayRecord(initial_model(cfg).state_dict())
     msgs = list(strategy.configure_train(1, arrays, ConfigRecord({"server-round": 1}), grid))
@@ -188,7 +143,7 @@ def test_dpf_variant_starts_dense() -> None:
 
 def test_nested_masks_schedule_and_exact_final_sparsity() -> None:
     cfg = _cfg()
-    grid = LoopbackGrid(cfg, 4)
+    grid = _grid(cfg)
     strategy = build_strategy(cfg)
     final, history = _drive(strategy, grid, cfg, rounds=6)
     n_total = sum(m.numel() for m in history[0]["masks"].values())
@@ -225,7 +180,7 @@ def test_nested_masks_schedule_and_exact_final_sparsity() -> None:
 def test_final_round_prunes_to_target_even_when_not_a_multiple_of_r() -> None:
     cfg = _cfg(rounds=3, **{"reconfig-every": 5})
     strategy = build_strategy(cfg)
-    final, _ = _drive(strategy, LoopbackGrid(cfg, 4), cfg, rounds=3)
+    final, _ = _drive(strategy, _grid(cfg), cfg, rounds=3)
     assert [strategy.round_report(t)["reconfigured"] for t in (1, 2, 3)] == [False, False, True]
     zeros, total = _prunable_count(final)
     assert zeros == num_pruned(total, 0.9)
@@ -242,14 +197,12 @@ def test_schedule_rounds_override_decouples_t_from_rounds() -> None:
 
 
 def _reply_to(msg: Message, tensors: dict[str, np.ndarray], masks: dict[str, np.ndarray], n: int) -> Message:
-    arrays = codec.to_array_record(codec.encode(tensors, masks))
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n, "train-loss": 0.0})})
-    return Message(content=content, reply_to=msg)
+    return train_reply(msg, codec.to_array_record(codec.encode(tensors, masks)), n, **{"train-loss": 0.0})
 
 
 def _small_strategy(regrowth: bool) -> tuple[FedDIP, LoopbackGrid, list[Message], dict[str, np.ndarray]]:
     cfg = _cfg(rounds=2, **{"reconfig-every": 1, "regrowth": regrowth})
-    grid = LoopbackGrid(cfg, 4)
+    grid = _grid(cfg)
     strategy = build_strategy(cfg)
     arrays = ArrayRecord(initial_model(cfg).state_dict())
     with seeded_sampling(3, 1):
@@ -302,7 +255,7 @@ def test_client_round_error_feedback_and_sparse_reply() -> None:
     cfg = _cfg()
     strategy = build_strategy(cfg)
     arrays = ArrayRecord(initial_model(cfg).state_dict())
-    msgs = list(strategy.configure_train(1, arrays, ConfigRecord({"server-round": 1}), LoopbackGrid(cfg, 4)))
+    msgs = list(strategy.configure_train(1, arrays, ConfigRecord({"server-round": 1}), _grid(cfg)))
     # a kept weight that is exactly 0.0 stays kept: the mask comes from the index, not the values
     tensors, masks = codec.decode(codec.from_array_record(msgs[0].content["arrays"]))
     name = "features.3.weight"
@@ -337,7 +290,7 @@ def test_feddip_prox_sends_mu_and_changes_the_update() -> None:
     assert strategy.proximal_mu == 0.5
     assert build_strategy(_cfg(**{"proximal-mu": 0.5})).proximal_mu == 0.0
     arrays = ArrayRecord(initial_model(cfg).state_dict())
-    msgs = list(strategy.configure_train(2, arrays, ConfigRecord({"server-round": 2}), LoopbackGrid(cfg, 4)))
+    msgs = list(strategy.configure_train(2, arrays, ConfigRecord({"server-round": 2}), _grid(cfg)))
     config = msgs[0].content["config"]
     assert config["proximal-mu"] == 0.5
     gen = torch.Generator().manual_seed(0)
@@ -356,7 +309,7 @@ def test_feddip_prox_sends_mu_and_changes_the_update() -> None:
 
 def test_state_dict_round_trip_resumes_identically() -> None:
     cfg = _cfg()
-    grid = LoopbackGrid(cfg, 4)
+    grid = _grid(cfg)
     strategy = build_strategy(cfg)
     arrays, _ = _drive(strategy, grid, cfg, rounds=2)
     state = strategy.state_dict()
@@ -377,7 +330,7 @@ def test_strategy_start_in_a_plain_flower_loop() -> None:
     train_config = ConfigRecord({"server-round": 0})
     seen = []
     result = strategy.start(
-        LoopbackGrid(cfg, 4),
+        _grid(cfg),
         ArrayRecord(initial_model(cfg).state_dict()),
         num_rounds=2,
         train_config=train_config,
@@ -391,7 +344,7 @@ def test_strategy_start_in_a_plain_flower_loop() -> None:
 
 def test_run_server_writes_feddip_columns_and_layer_report(tmp_path: Path) -> None:
     cfg = _cfg(rounds=4)
-    result = run_server(LoopbackGrid(cfg, 4), cfg, tmp_path, show_progress=False)
+    result = run_server(_grid(cfg), cfg, tmp_path, show_progress=False)
     df = pd.read_csv(tmp_path / "rounds.csv")
     for col in ("sparsity", "lambda", "target_sparsity", "reconfigured"):
         assert col in df.columns
@@ -438,7 +391,7 @@ def test_nested_global_pruning_matches_masks_module() -> None:
 
 def test_validate_reply_accepts_real_replies_and_rejects_bad_ones() -> None:
     cfg = _cfg()
-    grid = LoopbackGrid(cfg, 4)
+    grid = _grid(cfg)
     strategy = build_strategy(cfg)
     arrays = ArrayRecord(initial_model(cfg).state_dict())
     with seeded_sampling(3, 1):
@@ -455,37 +408,19 @@ def test_validate_reply_accepts_real_replies_and_rejects_bad_ones() -> None:
     assert "NaN" in strategy.validate_reply(1, _reply_to(msgs[0], nan, masks, 10))
     short = {n: x for n, x in base.items() if n != "classifier.4.bias"}
     assert "missing" in strategy.validate_reply(1, _reply_to(msgs[0], short, masks, 10))
-    plain = Message(
-        content=RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10})}), reply_to=msgs[0]
-    )
+    plain = train_reply(msgs[0], arrays, 10)
     assert "not a decodable" in strategy.validate_reply(1, plain)
     # with regrowth the dense uplink is the protocol
     regrow, _, rmsgs, rbase = _small_strategy(regrowth=True)
     assert regrow.validate_reply(1, _reply_to(rmsgs[0], rbase, {}, 10)) is None
 
 
-class _FailingGrid(LoopbackGrid):
-    """Delivers train messages until round ``fail_at``, then raises (a crashed server process)."""
-
-    def __init__(self, cfg: dict, num_nodes: int, fail_at: int) -> None:
-        super().__init__(cfg, num_nodes)
-        self.fail_at, self.train_rounds = fail_at, 0
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
-        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
-            self.train_rounds += 1
-            if self.train_rounds == self.fail_at:
-                raise RuntimeError("simulated crash")
-        return super().send_and_receive(messages, timeout=timeout)
-
-
 def test_checkpoint_resume_gives_the_uninterrupted_result(tmp_path: Path) -> None:
     cfg = _cfg(rounds=4, **{"checkpoint-every": 2})
-    whole = run_server(LoopbackGrid(cfg, 4), cfg, tmp_path / "whole", show_progress=False)
+    whole = run_server(_grid(cfg), cfg, tmp_path / "whole", show_progress=False)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_server(_FailingGrid(cfg, 4, fail_at=3), cfg, tmp_path / "cut", show_progress=False)
-    resumed = run_server(LoopbackGrid(cfg, 4), cfg, tmp_path / "cut", show_progress=False, resume=True)
+        run_server(_grid(cfg, crash_in_round=3), cfg, tmp_path / "cut", show_progress=False)
+    resumed = run_server(_grid(cfg), cfg, tmp_path / "cut", show_progress=False, resume=True)
     a, b = whole.arrays.to_torch_state_dict(), resumed.arrays.to_torch_state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)
     cols = ["round", "sparsity", "lambda", "target_sparsity", "reconfigured", "bytes_down", "bytes_up"]

@@ -3,8 +3,9 @@ the client step, the statistics of the layer draw, the byte accounting and the c
 
 The server side is the real round loop (``fedsparse.server.run_server``) or the real strategies; the
 client side is the real ClientApp (``clients.app.make_client_app``). Only the transport is replaced:
-:class:`InProcessGrid` is a Flower ``Grid`` that hands each message to the ClientApp in this process
-(with one persistent ``Context`` per node, as the simulation engine keeps them) and returns its reply.
+:class:`loopback.LoopbackGrid` is a Flower ``Grid`` that hands each message to the ClientApp in this
+process (with one persistent ``Context`` per node, as the simulation engine keeps them) and returns
+its reply.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +22,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from flwr.supercore.task_identity import TaskIdentity
 
-from clients.app import make_client_app
 from clients.fedluar import MOMENTUM_STATE_KEY, fedluar_train, momentum_record, omit_arrays, restore_momentum
 from fedsparse.config import ConfigError, resolve_config
 from fedsparse.grid import seeded_sampling
@@ -38,7 +34,8 @@ from fedsparse.server import initial_model, run_server
 from strategies.fedluar import LUAR, RECYCLED_CONFIG_KEY, luar_round_lr, recyclable_groups
 from strategies.registry import build_strategy
 
-SERVER_NODE = 1
+from loopback import LoopbackGrid, node_context, set_task_identity, train_reply
+
 TINY = {
     "dataset": "fashion-mnist",
     "model": "lenet5",  # 5 recyclable layers
@@ -60,68 +57,15 @@ CHI2_CRIT_001 = {3: 16.266, 5: 20.515}
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
     """Messages built outside a running app need the process's task identity."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER_NODE, 1
-
-
-class InProcessGrid(Grid):
-    """A Grid whose nodes are the ClientApp in this process, one persistent Context per node."""
-
-    def __init__(self, client_app: ClientApp | None, num_nodes: int) -> None:
-        self.client_app = client_app
-        self.contexts = {
-            100 + i: Context(
-                run_id=1,
-                node_id=100 + i,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i in range(num_nodes)
-        }
-        self.sent: list[list[Message]] = []
-        self.received: list[list[Message]] = []
-        self._pending: dict[str, Message] = {}
-
-    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
-        pass
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
-        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        ids = []
-        for i, m in enumerate(messages):
-            key = f"m{len(self._pending)}-{i}"
-            self._pending[key] = m
-            ids.append(key)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return list(self.send_and_receive([self._pending.pop(k) for k in message_ids]))
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        messages = list(messages)
-        assert self.client_app is not None, "this grid has no ClientApp"
-        replies = [self.client_app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
-        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
-            self.sent.append(messages)
-            self.received.append(replies)
-        return replies
+    set_task_identity()
 
 
 def _cfg(**over: Any) -> dict[str, Any]:
     return resolve_config({**TINY, **over})
 
 
-def _grid(cfg: dict[str, Any]) -> InProcessGrid:
-    return InProcessGrid(make_client_app(cfg), int(cfg["num-clients"]))
+def _grid(cfg: dict[str, Any]) -> LoopbackGrid:
+    return LoopbackGrid.for_config(cfg)
 
 
 def _sampling(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +73,7 @@ def _sampling(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"fraction_train": k / n, "min_train_nodes": k, "min_available_nodes": n, "fraction_evaluate": 0.0}
 
 
-def _rounds(strategy: Strategy, grid: InProcessGrid, arrays: ArrayRecord, rounds: int, seed: int = 0) -> list[ArrayRecord]:
+def _rounds(strategy: Strategy, grid: LoopbackGrid, arrays: ArrayRecord, rounds: int, seed: int = 0) -> list[ArrayRecord]:
     """Flower's training loop (as in Strategy.start / run_server): the global arrays after each round."""
     out = [arrays]
     for t in range(1, rounds + 1):
@@ -300,7 +244,7 @@ def test_fedprox_base_sends_mu_and_recycled_list() -> None:
 SCORES = {"l0": 0.05, "l1": 0.1, "l2": 0.2, "l3": 0.8}
 
 
-def _synthetic_round(strategy: LUAR, grid: InProcessGrid, t: int, x0: ArrayRecord) -> list[str]:
+def _synthetic_round(strategy: LUAR, grid: LoopbackGrid, t: int, x0: ArrayRecord) -> list[str]:
     """One round where every client's update gives layer l the score SCORES[l] exactly."""
     msgs = list(strategy.configure_train(t, x0, ConfigRecord(), grid))
     omit = set(msgs[0].content["config"].get(RECYCLED_CONFIG_KEY, []))
@@ -309,8 +253,7 @@ def _synthetic_round(strategy: LUAR, grid: InProcessGrid, t: int, x0: ArrayRecor
         arrays = ArrayRecord(
             {k: Array(x0[k].numpy() * np.float32(1 + SCORES.get(k, 0.5))) for k in x0.keys() if k not in omit}
         )
-        content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10})})
-        replies.append(Message(content=content, reply_to=m))
+        replies.append(train_reply(m, arrays, 10))
     strategy.aggregate_train(t, replies)
     return sorted(omit)
 
@@ -319,7 +262,7 @@ def _synthetic_round(strategy: LUAR, grid: InProcessGrid, t: int, x0: ArrayRecor
 def test_strategy_draws_layers_with_probability_inverse_to_score(delta: int) -> None:
     x0 = ArrayRecord({k: Array(np.full((3, 2), 2.0, np.float32)) for k in SCORES} | {"bias": Array(np.ones(3, np.float32))})
     strategy = LUAR(FedAvg(fraction_train=1.0, min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0), delta, seed=11)
-    grid = InProcessGrid(None, 2)
+    grid = LoopbackGrid(None, 2)
     assert _synthetic_round(strategy, grid, 1, x0) == []  # round 1 recycles nothing
     assert strategy.scores == pytest.approx(SCORES, rel=1e-6)
     assert set(strategy.groups or {}) == set(SCORES)  # the 1-d bias is not a layer
@@ -451,7 +394,7 @@ def test_client_step_omits_and_keeps_momentum() -> None:
     cfg = _cfg(strategy="fedluar", **{"persist-momentum": True})
     model = initial_model(cfg)
     arrays = ArrayRecord(model.state_dict())
-    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(), run_config={})
+    ctx = node_context(7, 1, 4)
     omit = ["features.0.weight", "classifier.4.weight"]
     msg = Message(
         content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 2, RECYCLED_CONFIG_KEY: omit})}),
@@ -464,7 +407,7 @@ def test_client_step_omits_and_keeps_momentum() -> None:
     assert set(first) == {n for n, _ in model.named_parameters()} and all(v.abs().sum() > 0 for v in first.values())
     # a second round continues from the stored buffers (a fresh optimizer would give other weights)
     again = fedluar_train(msg, ctx, cfg)
-    fresh = fedluar_train(msg, Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(), run_config={}), cfg)
+    fresh = fedluar_train(msg, node_context(7, 1, 4), cfg)
     k = "classifier.0.weight"
     assert not np.array_equal(again.content["arrays"][k].numpy(), fresh.content["arrays"][k].numpy())
     with pytest.raises(ValueError, match="does not have"):
@@ -556,8 +499,7 @@ def test_validate_reply_rejects_what_cannot_be_aggregated() -> None:
     assert strategy.validate_reply(2, good) is None
 
     def reply_with(arrays: dict[str, np.ndarray]) -> Message:
-        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "metrics": MetricRecord({"num-examples": 5})})
-        return Message(content=content, reply_to=msgs[0])
+        return train_reply(msgs[0], ArrayRecord({k: Array(v) for k, v in arrays.items()}), 5)
 
     sent = _np(good.content["arrays"])
     other = next(k for k in sent if k not in omit)

@@ -1,9 +1,9 @@
 """Checkpoint and resume: a run that is killed and resumed ends exactly like one that was not.
 
 * in process (no Ray), for every registered strategy: the real round loop and ClientApp on an
-  engine-like grid (tests/reliability_grid.py), crashed in the middle of a round after a
-  checkpoint, resumed with fresh client contexts and new node ids → the same final arrays (bit for
-  bit) and the same rounds table as an uninterrupted run;
+  engine-like grid (``EngineLikeGrid`` in tests/loopback.py), crashed in the middle of a round
+  after a checkpoint, resumed with fresh client contexts and new node ids → the same final arrays
+  (bit for bit) and the same rounds table as an uninterrupted run;
 * on Flower's simulation engine (Ray): ``fedsparse run`` in a subprocess, ``kill -9`` once the
   round-3 checkpoint exists, ``fedsparse run --resume DIR`` → the same as 6 rounds straight
   (FedAvg in the default suite; FedDIP, FedLUAR and partial-update marked slow);
@@ -34,7 +34,7 @@ from fedsparse import checkpoint as ckpt
 from fedsparse.accounting import Ledger
 from fedsparse.config import ConfigError, resolve_config
 from fedsparse.server import RunResult, run_server
-from reliability_grid import EngineLikeGrid, SimulatedCrash, set_task_identity
+from loopback import EngineLikeGrid, SimulatedCrash, set_task_identity
 from strategies.registry import strategy_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,10 +202,10 @@ def test_crash_and_resume_in_process_is_bitwise_identical(name: str, tmp_path: P
         run_server(crashing, cfg, out, show_progress=False)
     assert ckpt.read_checkpoint_config(out)[0] == 2
     # a new process: new node ids, client contexts empty (their state comes back from client-state/)
-    fresh = EngineLikeGrid(make_client_app(cfg), 4, node_offset=9000)
+    fresh = EngineLikeGrid(make_client_app(cfg), 4, first_node_id=9000)
     resumed = run_server(fresh, cfg, out, show_progress=False, resume=True)
     _compare(straight, resumed)
-    assert not any(m.has_error() for replies in fresh.train_rounds for m in replies)
+    assert not any(m.has_error() for replies in fresh.received for m in replies)
     on_disk = pd.read_csv(out / "rounds.csv")
     assert on_disk["round"].tolist() == [1, 2, 3]
     messages = [pd.read_csv(d / "messages.csv").drop(columns=["node_id", "wire_bytes"]) for d in (tmp_path / "straight", out)]
@@ -243,7 +243,7 @@ def test_resuming_a_finished_run_trains_nothing(tmp_path: Path) -> None:
     first = run_server(EngineLikeGrid(make_client_app(cfg), 4), cfg, out, show_progress=False)
     grid = EngineLikeGrid(make_client_app(cfg), 4)
     again = run_server(grid, cfg, out, show_progress=False, resume=True)
-    assert grid.train_rounds == []
+    assert grid.exchanges == []
     _compare(first, again)
     assert (out / "summary.json").is_file()
 

@@ -2,7 +2,8 @@
 a fuzz test feeds random malformed replies to every registered strategy's validation + aggregation.
 
 Everything runs in process (no Ray): the real ClientApp produces the well-formed replies that are
-then corrupted (tests/reliability_grid.py), the real round-loop pieces screen and aggregate them.
+then corrupted (``EngineLikeGrid`` in tests/loopback.py), the real round-loop pieces screen and
+aggregate them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from fedsparse.validation import (
     spec_of,
     universal_check,
 )
-from reliability_grid import EngineLikeGrid, set_task_identity
+from loopback import EngineLikeGrid, set_task_identity
 from strategies.registry import build_strategy, strategy_names
 
 TINY = {
