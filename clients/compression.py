@@ -44,7 +44,7 @@ from torch import nn
 
 from clients.local import LocalRound, derive_seed, reply, state_dict_cpu
 from clients.registry import register_train_step
-from clients.train import make_optimizer, train_steps
+from clients.train import optimizer_from_config, train_steps
 from fedsparse import codec
 from fedsparse.masks import topk_mask
 
@@ -491,7 +491,7 @@ def compressed_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> 
     config = msg.content["config"]
     global_state = msg.content["arrays"].to_torch_state_dict()
     model = local.model(global_state)
-    optimizer = make_optimizer(model, _client_lr(cfg, local.server_round, local), float(cfg["momentum"]), float(cfg["weight-decay"]))
+    optimizer = optimizer_from_config(model, _client_lr(cfg, local.server_round, local), cfg)
     stats = train_steps(model, local.batches(), optimizer, proximal_mu=float(config.get("proximal-mu", 0.0)))
     trained = state_dict_cpu(model)
     omit = set(config.get(LUAR_RECYCLED, []))  # type: ignore[arg-type]

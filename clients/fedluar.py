@@ -25,7 +25,7 @@ from torch import nn
 
 from clients.local import LocalRound, reply, state_dict_cpu
 from clients.registry import register_train_step
-from clients.train import make_optimizer, train_steps
+from clients.train import optimizer_from_config, train_steps
 from strategies.fedluar import RECYCLED_CONFIG_KEY, luar_round_lr
 
 #: Where a client keeps its momentum buffers between rounds (``context.state``).
@@ -78,9 +78,7 @@ def fedluar_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Mes
     local = LocalRound.from_message(msg, context, cfg)
     model = local.model(msg.content["arrays"].to_torch_state_dict())
     config = msg.content["config"]
-    optimizer = make_optimizer(
-        model, luar_round_lr(cfg, local.server_round), float(cfg["momentum"]), float(cfg["weight-decay"])
-    )
+    optimizer = optimizer_from_config(model, luar_round_lr(cfg, local.server_round), cfg)
     persist = bool(cfg["persist-momentum"])
     if persist and MOMENTUM_STATE_KEY in context.state:
         restore_momentum(model, optimizer, context.state[MOMENTUM_STATE_KEY])  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from clients.train import iterate_batches, make_optimizer, pick_device
+from clients.train import iterate_batches, optimizer_from_config, pick_device
 from fedsparse.clientdata import client_data, dataset_for
 from fedsparse.config import round_lr
 from fedsparse.models import build_model
@@ -85,8 +85,8 @@ class LocalRound:
             device=self.device,
         )
 
-    def optimizer(self, model: nn.Module) -> torch.optim.SGD:
-        return make_optimizer(model, self.lr, float(self.cfg["momentum"]), float(self.cfg["weight-decay"]))
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return optimizer_from_config(model, self.lr, self.cfg)
 
 
 def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:

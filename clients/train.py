@@ -48,9 +48,29 @@ def iterate_batches(
             done += 1
 
 
-def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> torch.optim.SGD:
-    """Plain SGD, as every paper this project reproduces uses."""
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+OPTIMIZERS = ("sgd", "adam")
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, name: str = "sgd"
+) -> torch.optim.Optimizer:
+    """The client optimizer: SGD (what FedDIP, FedLUAR and the baselines use) or Adam (what deep
+    partial updating trains with; ``momentum`` does not apply to it).
+
+    A new optimizer every round: clients are stateless unless a method keeps state on purpose
+    (FedLUAR's ``persist-momentum``)."""
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer = {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+
+
+def optimizer_from_config(model: nn.Module, lr: float, cfg: Mapping[str, object]) -> torch.optim.Optimizer:
+    """``make_optimizer`` with the run configuration's ``optimizer``, ``momentum`` and ``weight-decay``."""
+    return make_optimizer(
+        model, lr, float(cfg["momentum"]), float(cfg["weight-decay"]), str(cfg.get("optimizer", "sgd"))  # type: ignore[arg-type]
+    )
 
 
 def proximal_term(model: nn.Module, global_params: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:

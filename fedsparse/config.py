@@ -87,8 +87,14 @@ SCHEMA: dict[str, Key] = {
     "batch-size": Key(64, "local batch size", minimum=1),
     "lr": Key(0.01, "client learning rate", minimum=0.0, exclusive_minimum=True),
     "lr-decay": Key(1.0, "per-round multiplicative learning-rate decay (lr_t = lr * lr-decay^(t-1))", minimum=0.0, exclusive_minimum=True, maximum=1.0),
+    "optimizer": Key(
+        "sgd",
+        "client optimizer: sgd (every paper reproduced here) or adam (deep partial updating trains with Adam; "
+        "its betas are torch's defaults, momentum is ignored)",
+        choices=("sgd", "adam"),
+    ),
     "momentum": Key(0.0, "SGD momentum", minimum=0.0, maximum=1.0),
-    "weight-decay": Key(0.0, "SGD weight decay", minimum=0.0),
+    "weight-decay": Key(0.0, "weight decay of the client optimizer (L2, added to the gradient)", minimum=0.0),
     "seed": Key(0, "seed for splits, sampling, initialisation and batches", minimum=0),
     # the method
     "strategy": Key("fedavg", "federated strategy"),

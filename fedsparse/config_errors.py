@@ -275,6 +275,8 @@ def other_cases() -> list[Case]:
     add("Rand-k: error feedback on the unbiased estimate", _set({"strategy": "randk", "randk-error-feedback": True}),
         _resolve(strategy="randk", **{"randk-error-feedback": True}))
     add("SNIP: target sparsity 1", _set({"strategy": "snip", "target-sparsity": 1.0}), _resolve(strategy="snip", **{"target-sparsity": 1.0}))
+    add("FedLUAR: keeping momentum of Adam", _set({"strategy": "fedluar", "persist-momentum": True, "optimizer": "adam", "momentum": 0.9}),
+        _resolve(strategy="fedluar", optimizer="adam", **{"persist-momentum": True, "momentum": 0.9}))
     add("fedluar-paq: momentum persistence", _set({"strategy": "fedluar-paq", "persist-momentum": True, "momentum": 0.9}),
         _resolve(strategy="fedluar-paq", **{"persist-momentum": True, "momentum": 0.9}))
     add("fedluar-paq: another base", _set({"strategy": "fedluar-paq", "luar-base": "fedadam"}), _resolve(strategy="fedluar-paq", **{"luar-base": "fedadam"}))

@@ -598,6 +598,11 @@ def _check_fedluar(cfg: Mapping[str, Any]) -> None:
     if cfg["strategy"] != "fedluar":
         return
     parse_milestones(str(cfg["luar-lr-milestones"]))
+    if cfg["persist-momentum"] and str(cfg.get("optimizer", "sgd")) != "sgd":
+        raise ConfigError(
+            f"persist-momentum = true with optimizer = {cfg['optimizer']!r}: only SGD's momentum buffers are kept; "
+            "set optimizer = 'sgd' or persist-momentum = false"
+        )
     if cfg["persist-momentum"] and float(cfg["momentum"]) == 0.0:
         raise ConfigError("persist-momentum = true but momentum = 0.0: there is no momentum to keep; set momentum > 0 (paper: 0.9)")
     try:
