@@ -263,11 +263,12 @@ def train_with_local_contribution(
     *,
     proximal_mu: float = 0.0,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Local SGD (as :func:`clients.train.train_steps`) that also accumulates DPU's local
+    """Local training (as :func:`clients.train.train_steps`) that also accumulates DPU's local
     contribution c_l = −Σ_q g(w^{q−1}) ⊙ Δw^q (paper eq. 9) for the named parameters.
 
     g is the gradient of the step's loss (``param.grad``), Δw the change ``optimizer.step()`` made,
-    so momentum and weight decay are accounted for as they act. Returns (stats, contributions on CPU,
+    so momentum, weight decay and the optimizer itself are accounted for as they act: under plain
+    SGD c_l = lr·Σ g², under Adam (``optimizer = "adam"``, as the paper) −Σ g ⊙ Adam's step. Returns (stats, contributions on CPU,
     float32).
     """
     params = dict(model.named_parameters())

@@ -8,11 +8,21 @@ federation and local training (lr 0.05, 1 local epoch, batch 64, seed 0); runs g
 another (each starts its own Ray), and a run whose ``summary.json`` exists is not repeated.
 
     FEDSPARSE_DATA=/work/shared/data .venv/bin/python experiments/run_partial_update.py \
-        [--out runs/partial-update] [--only mnist-fedavg mnist-combined-k0.05 ...] [--rounds N] \
-        [--table PATH.md] [--list]
+        [--grid main|adam] [--lr LR] [--out runs/partial-update] [--only mnist-fedavg ...] \
+        [--rounds N] [--table PATH.md] [--list]
 
 Prints the results table (markdown) at the end and writes it to ``--table`` (default
 ``OUT/table.md``), with ``OUT/table.csv`` and the comparison plots next to it.
+
+``--grid adam`` is the **Adam ablation**: with plain-SGD clients the local contribution
+−Σ g⊙Δw is lr·Σg², a noisier copy of the δ² ranking, so GCPU (global) can match or beat DPU
+(combined); the paper trains with Adam. The ablation reruns MNIST / MLP FedAvg, combined and
+global at k ∈ {0.01, 0.05} with ``optimizer = "adam"`` clients (``--lr``, default 1e-3, torch's
+Adam default; the main grid's SGD lr 0.05 is far above Adam's usual range), otherwise the same
+federation and local training, into ``runs/partial-update/adam/`` unless ``--out`` says otherwise
+(its own runs, ``table.md``, ``table.csv`` and plot)::
+
+    FEDSPARSE_DATA=/work/shared/data .venv/bin/python experiments/run_partial_update.py --grid adam
 """
 
 from __future__ import annotations
@@ -34,8 +44,19 @@ MNIST = CONFIGS / "partial-mnist-mlp.toml"
 FMNIST = CONFIGS / "partial-fmnist-lenet5.toml"
 
 
-def grid() -> list[tuple[str, Path, dict[str, Any]]]:
-    """(run name, config file, overrides) in the order they run."""
+GRIDS = ("main", "adam")
+ADAM_LR = 1e-3
+
+
+def grid(name: str = "main", lr: float | None = None) -> list[tuple[str, Path, dict[str, Any]]]:
+    """(run name, config file, overrides) in the order they run; ``name`` picks the grid (``main``:
+    issue 5's grid, ``adam``: the Adam ablation, with client learning rate ``lr``)."""
+    if name == "adam":
+        return adam_grid(ADAM_LR if lr is None else lr)
+    if name != "main":
+        raise ValueError(f"unknown grid {name!r}; choose one of: {', '.join(GRIDS)}")
+    if lr is not None:
+        raise ValueError("--lr applies to --grid adam only (the main grid keeps the configs' lr 0.05)")
     runs: list[tuple[str, Path, dict[str, Any]]] = [("mnist-fedavg", MNIST, {"strategy": "fedavg"})]
     for k in (0.005, 0.01, 0.05, 0.1):
         for contribution in ("combined", "global", "random"):
@@ -51,10 +72,21 @@ def grid() -> list[tuple[str, Path, dict[str, Any]]]:
     return runs
 
 
-def run_all(out: Path, only: set[str] | None, rounds: int | None) -> None:
+def adam_grid(lr: float) -> list[tuple[str, Path, dict[str, Any]]]:
+    """The Adam ablation: MNIST / MLP FedAvg, combined (DPU) and global (GCPU) at k ∈ {0.01, 0.05},
+    Adam clients with learning rate ``lr``; everything else as the main grid's MNIST runs."""
+    adam = {"optimizer": "adam", "lr": lr}
+    runs: list[tuple[str, Path, dict[str, Any]]] = [("mnist-adam-fedavg", MNIST, {"strategy": "fedavg", **adam})]
+    for k in (0.01, 0.05):
+        for contribution in ("combined", "global"):
+            runs.append((f"mnist-adam-{contribution}-k{k}", MNIST, {"update-ratio": k, "contribution": contribution, **adam}))
+    return runs
+
+
+def run_all(out: Path, only: set[str] | None, rounds: int | None, runs: list[tuple[str, Path, dict[str, Any]]]) -> None:
     from fedsparse import simulate
 
-    for name, config, overrides in grid():
+    for name, config, overrides in runs:
         if only and name not in only:
             continue
         target = out / name
@@ -100,6 +132,8 @@ def _row(name: str, run_dir: Path) -> dict[str, Any] | None:
         ),
         "k": cfg["update-ratio"] if partial else 1.0,
         "bits": cfg["value-bits"] if partial else 32,
+        "optimizer": cfg.get("optimizer", "sgd"),
+        "lr": cfg["lr"],
         "final acc %": 100 * float(last["test_accuracy"]),
         "best acc %": 100 * float(summary["best_accuracy"]),
         "down ratio": float(last["comm_ratio_down"]),
@@ -138,10 +172,10 @@ def _fresh_ratio(run_dir: Path, df: "Any") -> float:
     return float(values.mean()) / dense if len(values) else math.nan
 
 
-def table(out: Path) -> "Any":
+def table(out: Path, runs: list[tuple[str, Path, dict[str, Any]]]) -> "Any":
     import pandas as pd
 
-    rows = [r for name, _, _ in grid() if (r := _row(name, out / name)) is not None]
+    rows = [r for name, _, _ in runs if (r := _row(name, out / name)) is not None]
     df = pd.DataFrame(rows)
     if df.empty:
         return df
@@ -153,7 +187,7 @@ def table(out: Path) -> "Any":
 def to_markdown(df: "Any") -> str:
     cols = list(df.columns)
     fmt = {
-        "k": "{:g}", "bits": "{:d}", "final acc %": "{:.2f}", "Δ vs FedAvg (pt)": "{:+.2f}", "best acc %": "{:.2f}",
+        "k": "{:g}", "bits": "{:d}", "lr": "{:g}", "final acc %": "{:.2f}", "Δ vs FedAvg (pt)": "{:+.2f}", "best acc %": "{:.2f}",
         "down ratio": "{:.4f}", "fresh ratio": "{:.4f}", "down MB": "{:.1f}", "up ratio": "{:.3f}", "wall min": "{:.1f}",
         "Shannon / measured": "{:.3f}", "index / H(k) bound": "{:.2f}", "dense resyncs": "{:.0f}", "mean lag": "{:.2f}",
     }
@@ -172,8 +206,9 @@ def to_markdown(df: "Any") -> str:
     return "\n".join(lines)
 
 
-def plots(out: Path) -> list[Path]:
-    """Accuracy vs round and vs cumulative downlink MB for the k = 0.05 MNIST runs and FedAvg."""
+def plots(out: Path, grid_name: str = "main") -> list[Path]:
+    """Accuracy vs round and vs cumulative downlink MB for the k = 0.05 MNIST runs and FedAvg
+    (``adam``: every run of the Adam ablation)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,6 +217,8 @@ def plots(out: Path) -> list[Path]:
 
     paths = []
     groups = {
+        "mnist-adam": [name for name, _, _ in adam_grid(ADAM_LR)],
+    } if grid_name == "adam" else {
         "mnist": ["mnist-fedavg", "mnist-combined-k0.05", "mnist-global-k0.05", "mnist-random-k0.05",
                   "mnist-combined-k0.01", "mnist-combined-k0.05-8bit"],
         "fmnist": ["fmnist-fedavg", "fmnist-combined-k0.05", "fmnist-global-k0.05", "fmnist-random-k0.05",
@@ -213,29 +250,45 @@ def plots(out: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "partial-update")
+    parser.add_argument("--grid", choices=GRIDS, default="main", help="main: issue 5's grid; adam: the Adam ablation")
+    parser.add_argument("--lr", type=float, help=f"client lr of --grid adam (default {ADAM_LR:g})")
+    parser.add_argument(
+        "--out", type=Path, help="output directory (default runs/partial-update, and runs/partial-update/adam for --grid adam)"
+    )
     parser.add_argument("--only", nargs="*", help="run names to run (default: all); see --list")
     parser.add_argument("--rounds", type=int, help="override rounds (for a quick smoke run)")
     parser.add_argument("--table", type=Path, help="markdown table output (default OUT/table.md)")
     parser.add_argument("--list", action="store_true", help="list the run names and exit")
     parser.add_argument("--report-only", action="store_true", help="only build the table from existing runs")
     args = parser.parse_args()
+    if args.lr is not None and args.grid != "adam":
+        parser.error("--lr applies to --grid adam only")
+    runs = grid(args.grid, args.lr)
+    if args.out is None:
+        args.out = ROOT / "runs" / "partial-update"
+        if args.grid == "adam":
+            args.out = args.out / "adam"
+    if args.only:
+        unknown = sorted(set(args.only) - {name for name, _, _ in runs})
+        if unknown:
+            parser.error(f"not in --grid {args.grid}: {', '.join(unknown)} (see --list)")
     if args.list:
-        for name, config, overrides in grid():
+        print(f"# grid {args.grid} -> {args.out}")
+        for name, config, overrides in runs:
             print(name, config.name, overrides)
         return
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        run_all(args.out, set(args.only) if args.only else None, args.rounds)
-    df = table(args.out)
+        run_all(args.out, set(args.only) if args.only else None, args.rounds, runs)
+    df = table(args.out, runs)
     if df.empty:
         print("no finished runs yet")
         return
     df.to_csv(args.out / "table.csv", index=False)
     md = to_markdown(df)
     (args.table or args.out / "table.md").write_text(md + "\n")
-    plots(args.out)
+    plots(args.out, args.grid)
     print(md)
 
 

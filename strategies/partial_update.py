@@ -120,9 +120,14 @@ class PartialUpdate(Strategy):
     random; ``contribution_lambda`` λ of the combined score; ``after_broadcast`` rewind | residual;
     ``value_bits`` 32 | 16 | 8 for the broadcast values (16 / 8 quantise the per-round change, biases
     stay float32; catch-up patches merged over several rounds are always float32 so that they stay
-    exact); ``initial_sync`` dense | seed (seed: clients rebuild version 0 themselves and check its
-    digest; needs a ClientApp that can, as fedsparse's does); ``history_rounds`` how many per-round
+    exact); ``initial_sync`` seed | dense (seed, the default as for the ``initial-sync`` key: clients
+    rebuild version 0 themselves and check its digest, which needs a ClientApp that can, as
+    fedsparse's does; pass ``"dense"`` for one that cannot); ``history_rounds`` how many per-round
     fp16 / 8-bit patches to keep for clients catching up; ``seed`` for the ``random`` mask.
+
+    With ``after_broadcast="residual"`` and a local term (``local`` / ``combined``) the local
+    contribution is kept pending like the residual itself: c_l of a weight accumulates over the
+    rounds since it was last sent, so both terms of the score cover the same pending change.
     """
 
     def __init__(
@@ -134,7 +139,7 @@ class PartialUpdate(Strategy):
         contribution_lambda: float = 0.5,
         after_broadcast: str = "rewind",
         value_bits: int = 32,
-        initial_sync: str = "dense",
+        initial_sync: str = "seed",
         history_rounds: int = 8,
         seed: int = 0,
     ) -> None:
@@ -165,6 +170,8 @@ class PartialUpdate(Strategy):
         # --- state (see state_dict) ---
         self.w_dep: dict[str, np.ndarray] | None = None  # the deployed model (what clients hold)
         self.w_srv: dict[str, np.ndarray] | None = None  # residual mode: the server's model w_new
+        # residual mode with a local term: c_l accumulated since each weight was last sent (float64)
+        self.c_pending: dict[str, np.ndarray] | None = None
         self.version = 0
         self.init_digest = ""
         self.digest = ""
@@ -259,15 +266,14 @@ class PartialUpdate(Strategy):
             pid = int(metrics.get("partition-id", -1))
             if pid >= 0:
                 self._learn_partition(node, pid)
-            held = int(metrics.get("pu-version", UNKNOWN))
-            answered.add(node)
-            self.client_versions[self._key(node)] = held
-            if held != self.version or pending.get(node) != self.version:
-                log.warning(
-                    "partial-update: ignoring a reply from node %s trained from version %s (deployed: %s)",
-                    node, held, self.version,
-                )
+            stale = self._stale_reason(msg, pending)
+            if stale is not None:
+                # fedsparse's reply screen rejects these already (validate_reply); this guards
+                # Flower's own Strategy.start, which has no screen. Not "answered": resynchronised densely.
+                log.warning("partial-update: ignoring a reply from node %s: %s", node, stale)
                 continue
+            answered.add(node)
+            self.client_versions[self._key(node)] = int(metrics["pu-version"])
             clean = MetricRecord({k: v for k, v in metrics.items() if k not in _REPLY_ONLY_METRICS})
             usable.append(
                 Message(
@@ -298,9 +304,11 @@ class PartialUpdate(Strategy):
         """fedsparse's reply screen hook (``fedsparse.validation``): None to accept, else the reason.
 
         A reply must carry the whole model (the deployed model's names, shapes and dtypes, finite),
-        the version it trained from, and — for the local / combined contribution — a finite float32
-        contribution for exactly the partial set. A rejected reply is not aggregated, and its client
-        is resynchronised densely at its next round.
+        the version it trained from — which must be the current deployed version, sent to that node
+        this round (a stale reply is rejected here, so the screen counts it as rejected and
+        ``min-replies`` sees only usable replies) — and, for the local / combined contribution, a
+        finite float32 contribution for exactly the partial set. A rejected reply is not aggregated,
+        and its client is resynchronised densely at its next round.
         """
         from fedsparse.validation import check_arrays
 
@@ -321,7 +329,21 @@ class PartialUpdate(Strategy):
             version = metrics.get("pu-version")
             if isinstance(version, bool) or not isinstance(version, int):
                 problem = f"no integer 'pu-version' in the reply's metrics (got {version!r}); is its client step partial-update's?"
+            else:
+                problem = self._stale_reason(msg, self._pending)
         return problem
+
+    def _stale_reason(self, msg: Message, pending: Mapping[int, int]) -> str | None:
+        """Why a reply cannot be aggregated this round (trained from another version than the one
+        deployed, or from a node not sent the current version this round), or None."""
+        node = msg.metadata.src_node_id
+        metrics = msg.content["metrics"] if "metrics" in msg.content else MetricRecord()
+        held = metrics.get("pu-version", UNKNOWN)
+        if pending.get(node) != self.version:
+            return f"node {node} was not sent version {self.version} of the deployed model this round"
+        if held != self.version:
+            return f"trained from version {held} of the deployed model, not the current version {self.version} (stale)"
+        return None
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -366,6 +388,7 @@ class PartialUpdate(Strategy):
         return {
             "w_dep": None if self.w_dep is None else {k: v.copy() for k, v in self.w_dep.items()},
             "w_srv": None if self.w_srv is None else {k: v.copy() for k, v in self.w_srv.items()},
+            "c_pending": None if self.c_pending is None else {k: v.copy() for k, v in self.c_pending.items()},
             "version": self.version,
             "init_digest": self.init_digest,
             "digest": self.digest,
@@ -383,6 +406,8 @@ class PartialUpdate(Strategy):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.w_dep = None if state["w_dep"] is None else {k: np.array(v) for k, v in state["w_dep"].items()}
         self.w_srv = None if state["w_srv"] is None else {k: np.array(v) for k, v in state["w_srv"].items()}
+        pending = state.get("c_pending")
+        self.c_pending = None if pending is None else {k: np.array(v, dtype=np.float64) for k, v in pending.items()}
         self.version = int(state["version"])
         self.init_digest = str(state["init_digest"])
         self.digest = str(state["digest"])
@@ -548,7 +573,13 @@ class PartialUpdate(Strategy):
         else:
             w_new = avg
         delta = {n: (w_new[n] - dep[n]).astype(np.float32) for n in self.partial}
-        scores = self._scores(delta, contributions)
+        c_local = None
+        if self.contribution in ("local", "combined"):
+            c_local = self._local_contribution(contributions)
+            if self.after_broadcast == "residual" and self.c_pending is not None:
+                # δ holds the pending residual of earlier rounds: score it with their pending c_l too
+                c_local = {n: c_local[n] + torch.from_numpy(self.c_pending[n]) for n in self.partial}
+        scores = self._scores(delta, contributions, c_local=c_local)
         k = num_updated(self.update_ratio, self.partial_size)
         mask = {n: m.numpy() for n, m in topk_mask(scores, k).items()}
         new_version = self.version + 1
@@ -574,11 +605,16 @@ class PartialUpdate(Strategy):
             if self.history_rounds > 0:
                 self.history.append((self.version, payload))
         for n in self.partial:
-            self.last_changed[n][mask[n]] = new_version
+            # only the weights whose bits changed: a selected weight with δ = 0 (or an 8-bit step that
+            # rounds to nothing) keeps its value, so a catch-up patch need not carry it
+            self.last_changed[n][mask[n] & _bits_differ(new_dep[n], dep[n])] = new_version
         for n in changed_dense:
             self.tensor_changed[n] = new_version
         self.w_dep = new_dep
         self.w_srv = w_new if self.after_broadcast == "residual" else None
+        if self.after_broadcast == "residual" and c_local is not None:
+            # mirrors the residual: what was sent starts afresh, the rest stays pending
+            self.c_pending = {n: np.where(mask[n], 0.0, c_local[n].numpy()) for n in self.partial}
         self.version = new_version
         self.digest = model_digest(new_dep)
         report["updated_weights"] = int(sum(int(m.sum()) for m in mask.values()))
@@ -589,9 +625,15 @@ class PartialUpdate(Strategy):
             )
 
     def _scores(
-        self, delta: Mapping[str, np.ndarray], contributions: list[tuple[float, Mapping[str, np.ndarray]]]
+        self,
+        delta: Mapping[str, np.ndarray],
+        contributions: list[tuple[float, Mapping[str, np.ndarray]]],
+        *,
+        c_local: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Contribution of every weight of the partial set (higher = sent first)."""
+        """Contribution of every weight of the partial set (higher = sent first). ``c_local``: the
+        local term when the caller has it already (residual mode adds the pending part), else it is
+        aggregated from ``contributions``."""
         if self.contribution == "random":
             total = self.partial_size
             perm = torch.randperm(total, generator=self._rng).to(torch.float64)
@@ -604,7 +646,8 @@ class PartialUpdate(Strategy):
         c_global = {n: torch.from_numpy(delta[n].astype(np.float64) ** 2) for n in self.partial}
         if self.contribution == "global":
             return c_global
-        c_local = self._local_contribution(contributions)
+        if c_local is None:
+            c_local = self._local_contribution(contributions)
         if self.contribution == "local":
             return c_local
         lam = self.contribution_lambda
@@ -633,6 +676,12 @@ class PartialUpdate(Strategy):
                 if n in arrays:
                     out[n] += (weight / total) * np.asarray(arrays[n], dtype=np.float64)
         return {n: torch.from_numpy(v) for n, v in out.items()}
+
+
+def _bits_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise: the two arrays' bytes differ (−0.0 vs 0.0 counts, as it does for the digest)."""
+    width = np.dtype(f"u{a.dtype.itemsize}")
+    return np.ascontiguousarray(a).view(width) != np.ascontiguousarray(b).view(width)
 
 
 def _as_dtype(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -197,6 +197,7 @@ PROPERTY_CASES = [
     dict(value_bits=16, after_broadcast="rewind", contribution="local", initial_sync="seed", history_rounds=3),
     dict(value_bits=8, after_broadcast="residual", contribution="random", initial_sync="seed", history_rounds=2),
     dict(value_bits=8, after_broadcast="rewind", contribution="combined", initial_sync="dense", history_rounds=0),
+    dict(value_bits=16, after_broadcast="residual", contribution="combined", initial_sync="seed", history_rounds=2),
 ]
 
 
@@ -608,8 +609,25 @@ def test_num_updated_rounds_half_up() -> None:
     assert math.isclose(num_updated(0.01, 669_706), 6697)
 
 
+def _configured_round(contribution: str, seed: int = 11, **kw: Any):
+    """Round 1 configured and the clients' replies built, not yet aggregated (the screen's moment)."""
+    initial = tiny_model(seed)
+    clients = make_clients(5, initial)
+    strat = strategy(update_ratio=0.05, contribution=contribution, initial_sync="dense", seed=seed, **kw)
+    strat.base.fraction_train = 1.0
+    random.seed(seed)
+    msgs = list(strat.configure_train(1, record(initial), ConfigRecord({"server-round": 1}), LocalGrid(clients)))
+    rng = np.random.default_rng(seed)
+    replies = []
+    for msg in msgs:
+        c = clients[msg.metadata.dst_node_id]
+        arrays, v = c.patch(msg)
+        replies.append(c.reply(msg, arrays, v, rng))
+    return strat, clients, msgs, replies
+
+
 def test_validate_reply_accepts_the_protocol_and_names_what_is_wrong() -> None:
-    strat, initial, replies, _ = _one_round("combined", 0.05)
+    strat, _, _, replies = _configured_round("combined")
     assert all(strat.validate_reply(1, r) is None for r in replies)
     good = replies[0]
     bad_shape = RecordDict(
@@ -627,6 +645,81 @@ def test_validate_reply_accepts_the_protocol_and_names_what_is_wrong() -> None:
     assert "contribution 'fc2.weight' contains NaN" in strat.validate_reply(1, Message(content=nan, reply_to=_instruction()))
     missing = RecordDict({"arrays": good.content["arrays"], "metrics": good.content["metrics"]})
     assert "expected ArrayRecords" in strat.validate_reply(1, Message(content=missing, reply_to=_instruction()))
+    # a well-formed reply from a node that was not sent this round's version
+    stranger = RecordDict({k: good.content[k] for k in ("arrays", "metrics", "contribution")})
+    assert "was not sent version 0" in strat.validate_reply(1, Message(content=stranger, reply_to=_instruction()))
+
+
+def _claiming(reply: Message, instruction: Message, version: int) -> Message:
+    """The same reply (model, metrics, contribution) claiming it trained from ``version``."""
+    content = RecordDict(
+        {
+            "arrays": reply.content["arrays"],
+            "metrics": MetricRecord({**dict(reply.content["metrics"].items()), "pu-version": version}),
+        }
+    )
+    if "contribution" in reply.content:
+        content["contribution"] = reply.content["contribution"]
+    return Message(content=content, reply_to=instruction)
+
+
+def _round_two(seed: int = 13):
+    """Round 1 aggregated with every client; round 2 configured, the clients' replies built."""
+    initial = tiny_model(seed)
+    clients = make_clients(4, initial)
+    strat = strategy(update_ratio=0.1, contribution="global", initial_sync="dense", seed=seed)
+    for _ in run_rounds(strat, clients, 1, seed, fraction=1.0):
+        pass
+    assert strat.version == 1
+    random.seed(seed)
+    msgs = list(strat.configure_train(2, ArrayRecord(), ConfigRecord({"server-round": 2}), LocalGrid(clients)))
+    rng = np.random.default_rng(seed)
+    replies = []
+    for msg in msgs:
+        c = clients[msg.metadata.dst_node_id]
+        arrays, v = c.patch(msg)
+        replies.append(c.reply(msg, arrays, v, rng))
+    return strat, clients, msgs, replies
+
+
+def test_a_stale_reply_is_rejected_by_the_screen_with_its_reason() -> None:
+    from fedsparse.server import _aggregate
+    from fedsparse.validation import ReplyScreen, spec_of
+
+    strat, clients, msgs, replies = _round_two()
+    screen = ReplyScreen(strat, spec_of(strat.w_dep))
+    # the first client claims it trained from version 0 (the deployed one is 1)
+    screened = screen.screen(2, [_claiming(replies[0], msgs[0], 0), *replies[1:]])
+    assert len(screened.valid) == len(replies) - 1 and len(screened.rejected) == 1
+    reason = screened.rejected[0][1]
+    assert "trained from version 0" in reason and "current version 1 (stale)" in reason
+    arrays, aggregated = _aggregate(strat, 2, screened, 1, ArrayRecord())
+    assert aggregated and strat.version == 2
+    assert strat.round_report(2)["updated_weights"] == num_updated(0.1, strat.partial_size)
+    # the stale client is resynchronised densely; the others hold version 1 (they get the fresh patch)
+    assert strat.client_versions[f"p:{clients[msgs[0].metadata.dst_node_id].pid}"] == UNKNOWN
+    assert all(strat.client_versions[f"p:{clients[m.metadata.dst_node_id].pid}"] == 1 for m in msgs[1:])
+
+
+def test_a_round_whose_only_replies_are_stale_keeps_the_model() -> None:
+    from fedsparse.server import _aggregate
+    from fedsparse.validation import ReplyScreen, spec_of
+
+    strat, clients, msgs, replies = _round_two()
+    deployed = {k: v.copy() for k, v in strat.w_dep.items()}
+    screened = ReplyScreen(strat, spec_of(deployed)).screen(2, [_claiming(r, m, 0) for r, m in zip(replies, msgs)])
+    assert screened.valid == [] and len(screened.rejected) == len(msgs)
+    arrays, aggregated = _aggregate(strat, 2, screened, 1, record(deployed))
+    assert not aggregated and strat.version == 1
+    assert bit_equal(as_numpy(arrays), deployed) and bit_equal(strat.w_dep, deployed)
+    report = strat.round_report(2)
+    assert report["updated_weights"] == 0 and report["deployed_version"] == 1
+    # every client of the round is resynchronised densely next time
+    assert all(strat.client_versions[f"p:{clients[m.metadata.dst_node_id].pid}"] == UNKNOWN for m in msgs)
+    # Flower's own loop has no screen: aggregate_train itself drops them and keeps the model
+    strat2, _, msgs2, replies2 = _round_two()
+    new, metrics = strat2.aggregate_train(2, [_claiming(r, m, 0) for r, m in zip(replies2, msgs2)])
+    assert metrics is None and strat2.version == 1 and bit_equal(as_numpy(new), deployed)
 
 
 def _instruction() -> Message:
@@ -674,3 +767,109 @@ def test_runs_in_flowers_own_strategy_start_loop() -> None:
         assert bit_equal(arrays, deployed[version])
     assert set(strat.client_versions) == {f"p:{c.pid}" for c in clients.values() if any(p == c.pid for p, _, _ in grid.patched)}
     assert strat.version == 6
+
+
+# ----------------------------------------------------------------------------------- review fixes
+
+
+def test_the_constructor_and_the_config_key_default_to_the_seed_rebuild() -> None:
+    cfg = resolve_config({"strategy": "partial-update", "dataset": "mnist", "model": "mlp"})
+    assert cfg["initial-sync"] == "seed" == PartialUpdate().initial_sync
+
+
+def _replies_from(strat: PartialUpdate, clients: dict[int, Client], t: int, rng: np.random.Generator):
+    msgs = list(strat.configure_train(t, ArrayRecord(), ConfigRecord({"server-round": t}), LocalGrid(clients)))
+    replies = []
+    for msg in msgs:
+        c = clients[msg.metadata.dst_node_id]
+        arrays, v = c.patch(msg)
+        replies.append(c.reply(msg, arrays, v, rng))
+    return replies
+
+
+def test_residual_keeps_the_local_contribution_pending_like_the_residual() -> None:
+    """Residual + combined: δ = pending residual + this round's change, so c_l is this round's c_l
+    plus the pending c_l of the weights not sent yet; what was sent starts afresh."""
+    initial = tiny_model(21)
+    clients = make_clients(5, initial)
+    strat = strategy(update_ratio=0.05, contribution="combined", after_broadcast="residual", initial_sync="dense", seed=21)
+    strat.base.fraction_train = 1.0
+    random.seed(21)
+    rng = np.random.default_rng(21)
+    strat.configure_train(1, record(initial), ConfigRecord({"server-round": 1}), LocalGrid(clients))  # initialise
+    strat._pending = {}
+    pending: dict[str, np.ndarray] = {n: np.zeros(initial[n].shape) for n in strat.partial}
+    differs_from_round_only = False
+    k = None
+    for t in range(1, 5):
+        random.seed(21 + t)
+        replies = _replies_from(strat, clients, t, rng)
+        dep = {n: v.copy() for n, v in strat.w_dep.items()}
+        srv = strat.w_srv if strat.w_srv is not None else dep
+        avg = _fedavg(replies)
+        weights = np.array([r.content["metrics"]["num-examples"] for r in replies], dtype=np.float64)
+        weights /= weights.sum()
+        c_round = {
+            n: sum(w * r.content["contribution"][n].numpy().astype(np.float64) for w, r in zip(weights, replies))
+            for n in strat.partial
+        }
+        w_new = {n: (srv[n] + (avg[n].astype(np.float32) - dep[n])).astype(np.float32) for n in strat.partial}
+        c_g = {n: (w_new[n] - dep[n]).astype(np.float32).astype(np.float64) ** 2 for n in strat.partial}
+        c_l = {n: pending[n] + c_round[n] for n in strat.partial}
+
+        def ranked(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            gs, ls = sum(v.sum() for v in c_g.values()), sum(v.sum() for v in local.values())
+            return _expected_mask({n: 0.5 * c_g[n] / gs + 0.5 * local[n] / ls for n in strat.partial}, k)
+
+        k = num_updated(0.05, strat.partial_size)
+        want = ranked(c_l)
+        if t > 1 and any((ranked(c_round)[n] != want[n]).any() for n in strat.partial):
+            differs_from_round_only = True
+        strat.aggregate_train(t, replies)
+        for n in strat.partial:
+            np.testing.assert_array_equal(strat.w_dep[n] != dep[n], want[n])
+            pending[n] = np.where(want[n], 0.0, c_l[n])
+            np.testing.assert_allclose(strat.c_pending[n], pending[n], rtol=1e-12, atol=0)
+            assert not strat.c_pending[n][want[n]].any()
+    assert differs_from_round_only  # the pending part changed the ranking at least once
+    # and it travels with the checkpoint
+    other = strategy(contribution="combined", after_broadcast="residual")
+    other.load_state_dict(strat.state_dict())
+    assert all(np.array_equal(other.c_pending[n], strat.c_pending[n]) for n in strat.partial)
+
+
+def test_only_weights_whose_bits_changed_are_marked_changed() -> None:
+    """k = 1 selects every weight; those with δ = 0 keep their value and stay out of catch-up patches."""
+    from strategies.partial_update import _bits_differ
+
+    assert _bits_differ(np.array([0.0, 1.0], np.float32), np.array([-0.0, 1.0], np.float32)).tolist() == [True, False]
+    initial = tiny_model(22)
+    clients = make_clients(1, initial)
+    client = next(iter(clients.values()))
+    strat = strategy(update_ratio=1.0, contribution="global", initial_sync="seed")
+    strat.base.fraction_train = 1.0
+    random.seed(0)
+    (msg,) = strat.configure_train(1, record(initial), ConfigRecord({"server-round": 1}), LocalGrid(clients))
+    arrays, version = client.patch(msg)
+    trained = {k: v.copy() for k, v in arrays.items()}
+    trained["fc1.weight"] = trained["fc1.weight"] + np.float32(0.01)  # only fc1.weight is trained
+    reply = Message(
+        content=RecordDict(
+            {"arrays": record(trained), "metrics": MetricRecord({"num-examples": 10, "partition-id": 0, "pu-version": version})}
+        ),
+        reply_to=msg,
+    )
+    new, _ = strat.aggregate_train(1, [reply])
+    assert strat.round_report(1)["updated_weights"] == strat.partial_size  # every weight selected
+    assert (strat.last_changed["fc1.weight"] == 1).all()
+    assert not strat.last_changed["conv.weight"].any() and not strat.last_changed["fc2.weight"].any()
+    tensors, _ = codec.decode(strat._merged_payload(0))
+    assert set(tensors) == {"fc1.weight"}
+    # a client at version 0 patched with it holds the deployed model bit for bit
+    other = Client(77, 5, initial)
+    store_held(other.context, initial, 0)
+    random.seed(0)
+    (msg2,) = strat.configure_train(2, new, ConfigRecord({"server-round": 2}), LocalGrid({77: other}))
+    assert msg2.content["config"]["pu-base-version"] == 0
+    got, v = other.patch(msg2)
+    assert v == 1 and bit_equal(got, as_numpy(new))
