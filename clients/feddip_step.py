@@ -10,14 +10,17 @@ Per batch:
    forward pass — there is no second, dense pass);
 3. the dense values are restored (in a ``finally``, so an exception never leaves the model masked),
    keeping the gradient computed at w ⊙ m, and ``optimizer.step()`` applies it to the dense w
-   (straight-through: pruned positions keep receiving gradient and can grow back). Weight decay and
-   momentum of the optimizer therefore act on the dense weights.
+   (straight-through: pruned positions keep receiving gradient and gain values, which matter only
+   where the server ranks dense replies — FedDIP's ``regrowth`` in a re-pruning round; with nested
+   masks they are dropped from the sparse reply, see docs/feddip.md). Weight decay and momentum of
+   the optimizer therefore act on the dense weights.
 
-The loss is cross-entropy + λ_t Σ_z ‖w_z ⊙ m_z‖₂ (plain L2 norm, not squared, per prunable layer)
-+ μ/2 Σ ‖w' − w_global‖² over all parameters, where w' are the parameters as the forward pass sees
-them (masked for prunable layers). The whole objective is thus evaluated at the pruned model, as in
-eq. 5; with the server's (already masked) global model as ``global_params`` the proximal gradient at
-pruned positions is zero, so it does not pull pruned weights back.
+The loss is cross-entropy + λ_t Σ_z ‖w_z ⊙ m_z‖₂ (plain L2 norm, not squared, per prunable layer),
+both evaluated at the pruned model as in eq. 5, + FedProx's μ/2 Σ ‖w − w_global‖² over all
+parameters at the **dense** local weights w (the spec's FedDIP+Prox term). The proximal term is
+therefore added after the dense values are restored, with its own backward pass that adds
+μ(w − w_global) to the gradient: with the server's (masked) global model as ``global_params`` it
+pulls the dense values at pruned positions towards 0.
 """
 
 from __future__ import annotations
@@ -118,14 +121,15 @@ def feddip_train(
                 # parameters currently hold w ⊙ m, so this is Σ_z ‖w_z ⊙ m_z‖₂
                 penalty = torch.stack([torch.linalg.vector_norm(p) for p, _ in masked]).sum()
                 loss = loss + lambda_t * penalty
-            if prox_pairs:
-                prox = torch.stack([(p - g).pow(2).sum() for p, g in prox_pairs]).sum()
-                loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
         finally:
             with torch.no_grad():
                 for (param, _), saved in zip(masked, dense_copies):
                     param.copy_(saved)
+        if prox_pairs:  # μ/2 ‖w − w_global‖² at the dense weights (restored above)
+            prox = 0.5 * proximal_mu * torch.stack([(p - g).pow(2).sum() for p, g in prox_pairs]).sum()
+            prox.backward()  # accumulates μ(w − w_global) into the gradient of the masked forward
+            loss = loss.detach() + prox.detach()
         optimizer.step()
         steps += 1
         examples += int(targets.shape[0])

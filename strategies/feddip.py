@@ -5,9 +5,10 @@ Algorithm 1 of the paper, on the server:
 
 * round 1 (``s_0 > 0``): draw the initial mask m_0 from the ERK distribution at sparsity s_0, from the
   run's seed (line 3), and send w_0 ⊙ m_0;
-* every round τ: send the pruned global model ω_G^(τ−1) through :mod:`fedsparse.codec` (kept values
-  + bitmap/coordinate index for the prunable tensors, everything else dense) together with λ_τ
-  (eq. 9) and the names of the prunable tensors; the clients take their mask from the positions the
+* every round τ = 1..T: send the pruned global model ω_G^(τ−1) through :mod:`fedsparse.codec` (kept
+  values + bitmap/coordinate index for the prunable tensors, everything else dense) together with λ
+  of eq. 9 at the 0-based round index t = τ − 1 (so λ = 0 for exactly the first T/Q rounds) and the
+  names of the prunable tensors; the clients take their mask from the positions the
   codec kept (line 10), train with :func:`clients.feddip_step.feddip_train` and reply;
 * aggregate (eq. 12, weighted by ``num-examples``); when τ mod R = 0 re-prune by **global** magnitude
   at s_τ (eq. 11, line 21) — and always at the schedule's last round T, so the returned model has
@@ -16,8 +17,10 @@ Algorithm 1 of the paper, on the server:
 Nested masks (default, ``regrowth=False``, as in the authors' code): clients send only the entries
 of the current mask (sparse uplink through the codec), the aggregate is masked with the old mask
 before re-pruning, so every new mask is a subset of the previous one. ``regrowth=True`` (DPF's
-spirit): clients send their dense prunable tensors and the server prunes the dense aggregate, so
-pruned weights can come back.
+spirit): in the rounds whose aggregate is re-pruned (:meth:`FedDIP.reconfigures_at`) clients send
+their dense prunable tensors and the server prunes the dense aggregate, so pruned weights can come
+back; in every other round the aggregate is multiplied by the unchanged mask, so the pruned entries
+of a dense reply would be discarded — those rounds ask for the sparse uplink, as nested masks do.
 
 The arrays ``aggregate_train`` returns are a plain dense ``ArrayRecord`` of the pruned model (what
 central evaluation and ``Strategy.start`` expect); only what goes on the wire is codec-encoded. The
@@ -25,8 +28,9 @@ strategy needs nothing from fedsparse's loop, so it works with ``Strategy.start`
 deployment whose ClientApp runs :func:`clients.feddip.feddip_client_round`.
 
 Variants by configuration: FedDP (``lambda-max = 0``), DPF in FL (``initial-sparsity = 0``,
-``lambda-max = 0``), FedDIP+Prox (``feddip-prox = true``: clients add μ/2‖w − w_G‖² with
-μ = ``proximal-mu``).
+``lambda-max = 0``, ``regrowth = true`` — with nested masks no pruned weight can come back, and the
+dense values that error feedback gives pruned weights never reach the server), FedDIP+Prox
+(``feddip-prox = true``: clients add μ/2‖w − w_G‖² at the dense local w, μ = ``proximal-mu``).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ register_keys(
         "reconfig-every": Key(5, "FedDIP R: re-prune the global mask every R rounds", minimum=1),
         "lambda-max": Key(1e-3, "FedDIP λ_max of the incremental regularisation (0 = FedDP)", minimum=0.0),
         "lambda-steps": Key(10, "FedDIP Q: number of λ steps over the schedule (eq. 9)", minimum=1),
-        "regrowth": Key(False, "FedDIP: dense uplink and re-pruning of the dense aggregate (pruned weights can return); false = nested masks, sparse uplink"),
+        "regrowth": Key(False, "FedDIP: re-prune the dense aggregate (pruned weights can return; dense uplink in re-pruning rounds only); false = nested masks, sparse uplink"),
         "feddip-prox": Key(False, "FedDIP+Prox: clients add FedProx's term with mu = proximal-mu"),
         "feddip-schedule-rounds": Key(0, "FedDIP T of the sparsity and λ schedules (0 = rounds)", minimum=0),
     },
@@ -112,7 +116,8 @@ class FedDIP(FedAvg):
     lambda_max : float, lambda_steps : int
         λ_max and Q of eq. 9 (λ_max = 0 gives FedDP).
     regrowth : bool
-        False (default): nested masks, sparse uplink. True: dense uplink, pruned weights may return.
+        False (default): nested masks, sparse uplink. True: pruned weights may return; the uplink is
+        dense in re-pruning rounds and sparse in the others (:meth:`sparse_uplink_at`).
     proximal_mu : float
         > 0 makes clients add FedProx's proximal term (FedDIP+Prox); sent as ``proximal-mu``.
     seed : int
@@ -167,8 +172,13 @@ class FedDIP(FedAvg):
 
     # ------------------------------------------------------------------ schedules
     def lambda_at(self, server_round: int) -> float:
-        """λ_τ of eq. 9 for round τ = ``server_round``."""
-        return incremental_lambda(server_round, self.total_rounds, self.lambda_max, self.lambda_steps)
+        """λ for round τ = ``server_round`` (1-based): eq. 9 at the 0-based round index t = τ − 1.
+
+        Eq. 9's intervals (i − 1)T/Q ≤ t < iT/Q start at t = 0, so round τ = 1 is t = 0: λ = 0 for
+        exactly the first T/Q rounds (τ ≤ T/Q when Q divides T), λ_max/Q from τ = T/Q + 1, and the
+        last step λ_max(Q − 1)/Q for τ > (Q − 1)T/Q.
+        """
+        return incremental_lambda(server_round - 1, self.total_rounds, self.lambda_max, self.lambda_steps)
 
     def sparsity_at(self, server_round: int) -> float:
         """s_τ of eq. 11 (exactly s_p for τ ≥ T)."""
@@ -177,6 +187,15 @@ class FedDIP(FedAvg):
     def reconfigures_at(self, server_round: int) -> bool:
         """Whether the mask is re-pruned after aggregating round τ: τ mod R = 0, or τ = T."""
         return server_round % self.reconfig_every == 0 or server_round == self.total_rounds
+
+    def sparse_uplink_at(self, server_round: int) -> bool:
+        """Whether round τ's replies carry only the entries of the round's mask.
+
+        Always with nested masks; with ``regrowth`` in every round except the re-pruning ones (only
+        they rank the dense aggregate — in the others it is multiplied by the unchanged mask, so
+        dense values at pruned positions would be sent for nothing).
+        """
+        return not (self.regrowth and self.reconfigures_at(server_round))
 
     # ------------------------------------------------------------------ masks
     def _init_masks(self, arrays: ArrayRecord) -> None:
@@ -230,7 +249,7 @@ class FedDIP(FedAvg):
         config = ConfigRecord(dict(config))  # Strategy.start reuses one config object: never mutate it
         config[CONFIG_LAMBDA] = lam
         config[CONFIG_PRUNABLE] = list(self.prunable)
-        config[CONFIG_SPARSE_UPLINK] = not self.regrowth
+        config[CONFIG_SPARSE_UPLINK] = self.sparse_uplink_at(server_round)
         if self.proximal_mu > 0:
             config[CONFIG_PROXIMAL_MU] = self.proximal_mu
         self._round_info[server_round] = {
@@ -271,6 +290,8 @@ class FedDIP(FedAvg):
         else:  # no replies: keep the model, still apply the schedule (the last round must reach s_p)
             aggregate = {name: x.copy() for name, x in self._global.items()}
 
+        # Sparse replies decode to zeros at pruned positions; dense ones (regrowth, re-pruning round)
+        # carry every value. Outside re-pruning rounds both are masked below, so they aggregate alike.
         reconfigured = self.reconfigures_at(server_round)
         if reconfigured:
             s_t = self.sparsity_at(server_round)
@@ -297,7 +318,8 @@ class FedDIP(FedAvg):
         """fedsparse's reply screen hook (``fedsparse.validation``): None to accept, else the reason.
 
         A reply must be a decodable codec payload holding exactly the model's tensors (names, shapes,
-        dtypes), finite; with the sparse uplink (nested masks) it may carry entries only inside the
+        dtypes), finite; in a round with the sparse uplink (:meth:`sparse_uplink_at`: always with
+        nested masks, outside re-pruning rounds with regrowth) it may carry entries only inside the
         round's mask. A rejected reply is not aggregated.
         """
         from fedsparse.validation import check_arrays
@@ -313,7 +335,7 @@ class FedDIP(FedAvg):
             return f"not a decodable {codec.CODEC_NAME} payload: {err}"
         spec = {n: (tuple(x.shape), x.dtype.str) for n, x in self._global.items()}
         problem = check_arrays(tensors, spec)
-        if problem is None and not self.regrowth:
+        if problem is None and self.sparse_uplink_at(server_round):
             for name in self.prunable:
                 outside = int(np.count_nonzero(kept[name] & ~self.masks[name].numpy()))
                 if outside:

@@ -33,8 +33,9 @@ def test_feddip_two_rounds_on_ray(tmp_path: Path) -> None:
     assert len(rounds) == 2 and (rounds["replies"] == 2).all() and (rounds["failures"] == 0).all()
     for col in ("sparsity", "lambda", "target_sparsity", "reconfigured"):
         assert col in rounds.columns
-    # eq. 9 with T = 2, Q = 4 at rounds τ = 1, 2: λ_max·⌊τQ/T⌋/Q (capped at (Q−1)/Q)
-    assert list(rounds["lambda"]) == [incremental_lambda(t, 2, 1e-3, 4) for t in (1, 2)] == [5e-4, 7.5e-4]
+    # eq. 9 with T = 2, Q = 4 at the 0-based round index t = τ − 1: λ_max·⌊tQ/T⌋/Q, so round 1 (t = 0)
+    # is unregularised and round 2 (t = 1) has λ_max·2/4
+    assert list(rounds["lambda"]) == [incremental_lambda(t - 1, 2, 1e-3, 4) for t in (1, 2)] == [0.0, 5e-4]
     assert list(rounds["reconfigured"]) == [False, True]
     # the measured bytes: the sparse downlink and uplink are smaller than FedAvg's dense model
     assert (rounds["comm_ratio_down"] < 0.6).all()

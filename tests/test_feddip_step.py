@@ -119,7 +119,7 @@ def test_proximal_term_zero_at_global_and_pulls_otherwise() -> None:
     batches = _batches(1)
     plain, prox = _model(), _model()
     masks = _masks(plain)
-    # the server sends the masked global model; the client starts from it, so w ⊙ m = w_global
+    # the server sends the masked global model; the client starts from it, so w = w_global
     with torch.no_grad():
         for m in (plain, prox):
             for name, p in m.named_parameters():
@@ -134,19 +134,33 @@ def test_proximal_term_zero_at_global_and_pulls_otherwise() -> None:
     a, b = plain.state_dict(), prox.state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)
 
-    # away from the global model the term adds μ·(w' − w_global) to the gradient
-    shifted = {n: t + 0.5 for n, t in global_params.items()}
-    plain2, prox2 = copy.deepcopy(prox), copy.deepcopy(prox)
-    start = copy.deepcopy(prox2.state_dict())
-    feddip_train(plain2, masks, batches, torch.optim.SGD(plain2.parameters(), lr=lr), lambda_t=0.0)
-    feddip_train(
-        prox2, masks, batches, torch.optim.SGD(prox2.parameters(), lr=lr), lambda_t=0.0,
-        proximal_mu=mu, global_params=shifted,
+
+def test_proximal_term_is_taken_at_the_dense_weights() -> None:
+    """FedDIP+Prox's μ/2‖w − w_global‖² uses the dense local w (spec), not w ⊙ m: its gradient adds
+    μ(w − w_global) everywhere, also at pruned positions, where w ⊙ m would give −μ·w_global."""
+    mu, lr = 0.7, 0.1
+    batches = _batches(1)
+    start_model = _model()  # dense: nonzero values at pruned positions, as after error feedback
+    masks = _masks(start_model)
+    start = copy.deepcopy(start_model.state_dict())
+    global_params = {n: t + 0.5 for n, t in start.items()}
+    plain, prox = copy.deepcopy(start_model), copy.deepcopy(start_model)
+    s_plain = feddip_train(plain, masks, batches, torch.optim.SGD(plain.parameters(), lr=lr), lambda_t=0.0)
+    s_prox = feddip_train(
+        prox, masks, batches, torch.optim.SGD(prox.parameters(), lr=lr), lambda_t=0.0,
+        proximal_mu=mu, global_params=global_params,
     )
-    for name, _ in prox2.named_parameters():
-        seen = start[name] * masks[name] if name in masks else start[name]
-        expected = -lr * mu * (seen - shifted[name])
-        torch.testing.assert_close(prox2.state_dict()[name] - plain2.state_dict()[name], expected, atol=1e-6, rtol=1e-4)
+    penalty = 0.0
+    for name, _ in prox.named_parameters():
+        expected = -lr * mu * (start[name] - global_params[name])  # dense w, also for prunable layers
+        torch.testing.assert_close(prox.state_dict()[name] - plain.state_dict()[name], expected, atol=1e-6, rtol=1e-4)
+        penalty += float((start[name] - global_params[name]).pow(2).sum())
+    for name in PRUNABLE:  # the masked variant would differ exactly at the pruned positions
+        masked_w = start[name] * masks[name]
+        assert not torch.allclose(start[name][~masks[name]], masked_w[~masks[name]])
+    # the reported loss includes μ/2‖w − w_global‖² at the dense w; cross-entropy is unchanged
+    assert s_prox["loss"] - s_plain["loss"] == pytest.approx(0.5 * mu * penalty, rel=1e-5)
+    assert s_prox["ce-loss"] == pytest.approx(s_plain["ce-loss"], rel=1e-6)
 
 
 def test_weights_restored_dense_after_exception() -> None:

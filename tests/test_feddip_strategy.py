@@ -101,7 +101,7 @@ def test_round1_sends_erk_masked_model_from_the_seed_and_fewer_bytes() -> None:
     config = msgs[0].content["config"]
     names = list(config["feddip-prunable"])
     assert names == ["features.0.weight", "features.3.weight", "classifier.0.weight", "classifier.2.weight", "classifier.4.weight"]
-    assert config["feddip-lambda"] == incremental_lambda(1, 6, 1e-3, 3) == 0.0
+    assert config["feddip-lambda"] == incremental_lambda(0, 6, 1e-3, 3) == 0.0  # round τ = 1 is eq. 9's t = 0
     assert config["feddip-sparse-uplink"] is True
     assert "proximal-mu" not in config  # FedDIP's proximal term is off unless feddip-prox = true
 
@@ -147,9 +147,11 @@ def test_nested_masks_schedule_and_exact_final_sparsity() -> None:
     strategy = build_strategy(cfg)
     final, history = _drive(strategy, grid, cfg, rounds=6)
     n_total = sum(m.numel() for m in history[0]["masks"].values())
+    # eq. 9 with T = 6, Q = 3 at t = τ − 1: zero for exactly the first T/Q = 2 rounds
+    assert [strategy.round_report(t)["lambda"] for t in range(1, 7)] == pytest.approx([0, 0, 1e-3 / 3, 1e-3 / 3, 2e-3 / 3, 2e-3 / 3])
     for t, h in enumerate(history, start=1):
         report = strategy.round_report(t)
-        assert report["lambda"] == incremental_lambda(t, 6, 1e-3, 3)
+        assert report["lambda"] == incremental_lambda(t - 1, 6, 1e-3, 3)
         assert h["msgs"][0].content["config"]["feddip-lambda"] == report["lambda"]
         assert report["target_sparsity"] == cubic_sparsity(t, 6, 0.5, 0.9)
         assert report["reconfigured"] == (t % 2 == 0)
@@ -175,6 +177,25 @@ def test_nested_masks_schedule_and_exact_final_sparsity() -> None:
     zeros, total = _prunable_count(final)
     assert zeros == num_pruned(total, 0.9)
     assert strategy.round_report(6)["sparsity"] == pytest.approx(0.9, abs=1 / total)
+
+
+def test_lambda_uses_the_zero_based_round_index() -> None:
+    """Eq. 9's t is τ − 1: λ = 0 for exactly the first T/Q rounds, λ_max/Q from τ = T/Q + 1, and the
+    last step λ_max(Q − 1)/Q only for τ > (Q − 1)T/Q."""
+    lam = 1e-3
+    s = FedDIP(total_rounds=1000, lambda_max=lam, lambda_steps=10)
+    assert s.lambda_at(1) == 0.0
+    assert s.lambda_at(100) == 0.0  # τ = T/Q: still in the first T/Q rounds
+    assert s.lambda_at(101) == pytest.approx(lam / 10)  # τ = T/Q + 1
+    assert s.lambda_at(200) == pytest.approx(lam / 10)
+    assert s.lambda_at(201) == pytest.approx(2 * lam / 10)
+    assert s.lambda_at(900) == pytest.approx(8 * lam / 10)  # τ = (Q − 1)T/Q
+    assert s.lambda_at(901) == pytest.approx(9 * lam / 10)  # τ > (Q − 1)T/Q: the last step
+    assert s.lambda_at(1000) == pytest.approx(9 * lam / 10)
+    assert [s.lambda_at(t) for t in range(1, 1001)].count(0.0) == 100
+    # T not a multiple of Q: T = 7, Q = 2, boundary at t = 3.5 → τ = 1..4 unregularised
+    s = FedDIP(total_rounds=7, lambda_max=1.0, lambda_steps=2)
+    assert [s.lambda_at(t) for t in range(1, 8)] == [0, 0, 0, 0, 0.5, 0.5, 0.5]
 
 
 def test_final_round_prunes_to_target_even_when_not_a_multiple_of_r() -> None:
@@ -218,13 +239,19 @@ def test_weighted_average_and_nested_mask_ignores_pruned_positions() -> None:
     b = {n: np.full_like(x, 4.0) for n, x in base.items()}
     name = "classifier.0.weight"
     pruned_pos = tuple(np.argwhere(~masks[name])[0])
-    a[name][pruned_pos] = 1e6  # would win any magnitude ranking if it leaked
+    # The marker goes into the reply sent dense (b): it reaches the server and survives decoding and
+    # averaging (0.75 · 1e6 at a pruned position), so it would win the magnitude ranking if the
+    # server re-pruned from the unmasked aggregate. Nested masks must ignore it.
+    b[name][pruned_pos] = 1e6
     replies = [_reply_to(msgs[0], a, masks, 100), _reply_to(msgs[1], b, {}, 300)]  # second: dense uplink
+    decoded_b = codec.decode(codec.from_array_record(replies[1].content["arrays"]))[0]
+    assert decoded_b[name][pruned_pos] == 1e6  # the server does see it
     arrays, metrics = strategy.aggregate_train(1, replies)
     out = arrays.to_torch_state_dict()
     assert float(out["classifier.0.bias"][0]) == pytest.approx(0.25 * 1 + 0.75 * 4)
     assert float(out[name][pruned_pos]) == 0.0
     assert not bool(strategy.masks[name][pruned_pos])
+    assert not any(bool((strategy.masks[n] & ~torch.from_numpy(masks[n])).any()) for n in masks)  # nested
     assert metrics is not None and "train-loss" in metrics
 
 
@@ -238,6 +265,100 @@ def test_regrowth_lets_a_pruned_weight_return() -> None:
     arrays, _ = strategy.aggregate_train(1, [_reply_to(msgs[0], a, {}, 10)])
     assert bool(strategy.masks[name][pruned_pos])
     assert float(arrays.to_torch_state_dict()[name][pruned_pos]) == pytest.approx(1e3)
+
+
+def test_regrowth_uplink_is_dense_exactly_in_reconfiguration_rounds(tmp_path: Path) -> None:
+    """Under regrowth only the re-pruning rounds rank the dense aggregate, so only they ask for (and
+    get, and count) the dense uplink; the other rounds are sparse, as with nested masks."""
+    cfg = _cfg(rounds=5, **{"regrowth": True})  # R = 2: re-pruning after rounds 2, 4 and T = 5
+    strategy = build_strategy(cfg)
+    _, history = _drive(strategy, _grid(cfg), cfg, rounds=5)
+    reconfig = [strategy.round_report(t)["reconfigured"] for t in range(1, 6)]
+    assert reconfig == [False, True, False, True, True]
+    for t, h in enumerate(history, start=1):
+        assert h["msgs"][0].content["config"]["feddip-sparse-uplink"] is (not reconfig[t - 1])
+        sent_masks = codec.decode(codec.from_array_record(h["msgs"][0].content["arrays"]))[1]
+        for r in h["replies"]:
+            info = codec.tensor_nbytes(codec.from_array_record(r.content["arrays"]))
+            for n in strategy.prunable:
+                if reconfig[t - 1]:
+                    assert info[n]["kind"] == "dense" and info[n]["nnz"] == info[n]["numel"]
+                else:  # only the round's mask (ERK leaves some layers fully kept: those are dense anyway)
+                    assert info[n]["nnz"] == int(sent_masks[n].sum())
+            if not reconfig[t - 1]:
+                assert sum(info[n]["nnz"] for n in strategy.prunable) < sum(info[n]["numel"] for n in strategy.prunable)
+    # the measured uplink bytes of rounds.csv: dense (≈ FedAvg's) exactly in the re-pruning rounds
+    result = run_server(_grid(cfg), cfg, tmp_path, show_progress=False)
+    rounds = result.rounds.set_index("round")
+    dense_up = rounds["cum_dense_bytes_up"].diff().fillna(rounds["cum_dense_bytes_up"])  # FedAvg's, per round
+    ratio = rounds["bytes_up"] / dense_up
+    assert all(ratio[t] >= 0.99 for t in (2, 4, 5))
+    assert all(ratio[t] < 0.75 for t in (1, 3))
+    assert result.summary["final_sparsity"] == pytest.approx(0.9, abs=1e-4)
+
+
+def test_regrowth_sparse_round_aggregates_sparse_replies_and_screens_dense_ones() -> None:
+    cfg = _cfg(rounds=4, **{"regrowth": True})  # R = 2: round 1 is not a re-pruning round
+    strategy = build_strategy(cfg)
+    arrays = ArrayRecord(initial_model(cfg).state_dict())
+    with seeded_sampling(3, 1):
+        msgs = list(strategy.configure_train(1, arrays, ConfigRecord({"server-round": 1}), _grid(cfg)))
+    assert msgs[0].content["config"]["feddip-sparse-uplink"] is True
+    base = {n: a.numpy() for n, a in arrays.items()}
+    masks = {n: m.numpy() for n, m in strategy.masks.items()}
+    old = {n: m.clone() for n, m in strategy.masks.items()}
+    a = {n: np.full_like(x, 2.0) for n, x in base.items()}
+    sparse = _reply_to(msgs[0], a, masks, 10)
+    assert strategy.validate_reply(1, sparse) is None
+    assert "outside the round's mask" in strategy.validate_reply(1, _reply_to(msgs[0], a, {}, 10))
+    out, _ = strategy.aggregate_train(1, [sparse])
+    state = out.to_torch_state_dict()
+    assert all(torch.equal(strategy.masks[n], old[n]) for n in old)  # no re-pruning in round 1
+    for n, m in old.items():
+        assert bool((state[n][m] == 2.0).all()) and bool((state[n][~m] == 0).all())
+
+
+def test_regrowth_error_feedback_lets_a_pruned_weight_back_into_the_mask() -> None:
+    """What error feedback buys under regrowth: a weight pruned at the start of a re-pruning round
+    gains a value during local training (eq. 5, gradient at w ⊙ m applied to the dense w), the dense
+    uplink carries it, and global magnitude pruning of the dense aggregate keeps it. With eq. 7's
+    training of the masked model only, the same replies would be zero there (the kept weights follow
+    the same trajectory either way: the forward pass never sees the pruned values), and the new
+    mask could only be a subset of the old one."""
+    # T = 100 so that s_1 is barely above s_0 = 0.5 and the weakest kept weights are small; a few
+    # steps at lr 0.2 let pruned weights gain more than them (> 100 come back with seed 3)
+    cfg = _cfg(rounds=2, lr=0.2, **{"local-steps": 4, "reconfig-every": 1, "regrowth": True, "feddip-schedule-rounds": 100})
+    grid = _grid(cfg)
+    strategy = build_strategy(cfg)
+    arrays = ArrayRecord(initial_model(cfg).state_dict())
+    with seeded_sampling(3, 1):
+        msgs = list(strategy.configure_train(1, arrays, ConfigRecord({"server-round": 1}), grid))
+    assert msgs[0].content["config"]["feddip-sparse-uplink"] is False  # round 1 re-prunes
+    old = {n: m.clone() for n, m in strategy.masks.items()}
+    replies = list(grid.send_and_receive(msgs))
+    strategy.aggregate_train(1, replies)
+    regrown = {n: strategy.masks[n] & ~old[n] for n in old}
+    assert sum(int(r.sum()) for r in regrown.values()) >= 10  # weights pruned at round start came back
+    for r in replies:  # they came back through what they gained: the server received them nonzero
+        dense = codec.decode(codec.from_array_record(r.content["arrays"]))[0]
+        assert all(bool((dense[n][regrown[n].numpy()] != 0).all()) for n in old)
+        # the round start sent them as 0: any value is what local training gave them
+    sent = codec.decode(codec.from_array_record(msgs[0].content["arrays"]))[0]
+    assert all(bool((sent[n][~old[n].numpy()] == 0).all()) for n in old)
+
+    # eq. 7 counterfactual: the same replies with pruned positions at 0 (masked-model-only training)
+    masked_only = build_strategy(cfg)
+    with seeded_sampling(3, 1):
+        m_msgs = list(masked_only.configure_train(1, arrays, ConfigRecord({"server-round": 1}), grid))
+    np_old = {n: m.numpy() for n, m in old.items()}
+    zeroed = []
+    for r, m in zip(replies, m_msgs):
+        dense = codec.decode(codec.from_array_record(r.content["arrays"]))[0]
+        n_ex = int(next(iter(r.content.metric_records.values()))["num-examples"])
+        zeroed.append(_reply_to(m, dense, np_old, n_ex))
+    masked_only.aggregate_train(1, zeroed)
+    assert all(not bool((masked_only.masks[n] & ~old[n]).any()) for n in old)
+    assert any(not torch.equal(masked_only.masks[n], strategy.masks[n]) for n in old)
 
 
 def test_no_replies_keeps_model_but_still_applies_schedule() -> None:
@@ -410,7 +531,7 @@ def test_validate_reply_accepts_real_replies_and_rejects_bad_ones() -> None:
     assert "missing" in strategy.validate_reply(1, _reply_to(msgs[0], short, masks, 10))
     plain = train_reply(msgs[0], arrays, 10)
     assert "not a decodable" in strategy.validate_reply(1, plain)
-    # with regrowth the dense uplink is the protocol
+    # with regrowth the dense uplink is the protocol in re-pruning rounds (R = 1 here: every round)
     regrow, _, rmsgs, rbase = _small_strategy(regrowth=True)
     assert regrow.validate_reply(1, _reply_to(rmsgs[0], rbase, {}, 10)) is None
 
