@@ -111,16 +111,12 @@ def _pack_header(header: Mapping[str, Any], *tail: bytes) -> np.ndarray:
 
 
 def _read_header(blob: np.ndarray, codec_name: str) -> tuple[dict[str, Any], bytes]:
-    blob = np.asarray(blob)
-    if blob.dtype != np.uint8 or blob.ndim != 1 or blob.size < 4:
-        raise ValueError(f"'{HEADER_KEY}' must be a 1-D uint8 array with a header")
-    hlen = int.from_bytes(blob[:4].tobytes(), "little")
-    if 4 + hlen > blob.size:
-        raise ValueError("truncated payload: header longer than its array")
-    header = json.loads(blob[4 : 4 + hlen].tobytes().decode("utf-8"))
+    """The JSON header of a ``header`` array (the sparse codec's layout, :func:`codec.parse_header`),
+    checked to name ``codec_name`` at this format version, and the bytes after it."""
+    header, rest = codec.parse_header(blob, HEADER_KEY)
     if header.get("codec") != codec_name or header.get("version") != FORMAT_VERSION:
         raise ValueError(f"unsupported payload: codec={header.get('codec')!r} version={header.get('version')!r}")
-    return header, blob[4 + hlen :].tobytes()
+    return header, rest.tobytes()
 
 
 def _split_float(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -437,7 +433,8 @@ def compress_update(
         payload = _fedpaq_encode(
             acc, raws, int(config[CFG_LEVELS]), int(config.get(CFG_BUCKET, 0)), rng, str(config.get(CFG_QSCOPE, "tensor"))
         )
-        sent, _ = _fedpaq_decode(payload)
+        # what was sent, decoded, is needed only for the error-feedback residual
+        sent = _fedpaq_decode(payload)[0] if ef else {}
     else:
         raise ValueError(f"unknown compress-method {method!r}; choose one of: {', '.join(METHODS)}")
     if ef:
@@ -450,7 +447,7 @@ def compress_update(
 def decode_update(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Any baseline's payload → (Δ of the floating tensors, values of the non-floating ones)."""
     if HEADER_KEY in arrays:
-        name = _codec_name(arrays[HEADER_KEY])
+        name = codec.parse_header(arrays[HEADER_KEY], HEADER_KEY)[0].get("codec")
         if name == RANDK_CODEC:
             return _randk_seed_decode(arrays)
         if name == QSGD_CODEC:
@@ -458,14 +455,6 @@ def decode_update(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarra
         raise ValueError(f"unsupported payload codec {name!r}; expected {RANDK_CODEC!r} or {QSGD_CODEC!r}")
     tensors, _ = codec.decode(arrays)
     return _split_float(tensors)
-
-
-def _codec_name(blob: np.ndarray) -> Any:
-    blob = np.asarray(blob)
-    if blob.dtype != np.uint8 or blob.ndim != 1 or blob.size < 4:
-        raise ValueError(f"'{HEADER_KEY}' must be a 1-D uint8 array with a header")
-    hlen = int.from_bytes(blob[:4].tobytes(), "little")
-    return json.loads(blob[4 : 4 + hlen].tobytes().decode("utf-8")).get("codec")
 
 
 def _residual_from_state(context: Context) -> dict[str, np.ndarray]:

@@ -4,22 +4,28 @@
 through ``fedsparse run`` (i.e. :func:`fedsparse.simulate`) in its own subprocess — each run starts and
 stops its own Ray instance, so a crash or a leaked actor stays inside one run — then writes:
 
-``DIR/all_rounds.csv``
+``DIR/<suite name>/all_rounds.csv``
     every run's ``rounds.csv`` stacked, one row per run per round, with ``run``, ``method``,
     ``split`` and ``seed`` columns (tidy: ``pandas.read_csv`` and group by what you like).
-``DIR/runs.csv``
+``DIR/<suite name>/runs.csv``
     one row per run: its summary.json (final/best accuracy, MB up/down/total, ...) and wall time.
-``DIR/summary.csv`` / ``DIR/summary.md``
+``DIR/<suite name>/summary.csv`` / ``summary.md``
     one row per (split, method): final and best accuracy as mean ± sample std (ddof = 1) over seeds,
     MB up / down / total (means), the ratio of each to the baseline method (FedAvg) measured in the
     same split, wall seconds per run, and whether the method is on the Pareto front.
-``DIR/accuracy_vs_mb.png`` / ``DIR/pareto.png``
+``DIR/<suite name>/accuracy_vs_mb.png`` / ``pareto.png``
     accuracy vs cumulative MB per method (mean over seeds), and final accuracy vs total MB with the
-    Pareto front (higher accuracy, fewer bytes), one panel per split.
+    Pareto front (no other method with total MB ≤ and final accuracy ≥, one of them strictly), one
+    panel per split.
 
-A run whose ``DIR/<run>/summary.json`` exists and whose ``config.toml`` matches the configuration the
-suite asks for is skipped, so an interrupted suite resumes where it stopped (a run cut short is
-started again from round 1: its directory is cleared first).
+The runs live in ``DIR/<run>/`` and are shared: suites run into one ``DIR`` reuse each other's
+identical runs, and each suite's reports go to its own ``DIR/<suite name>/``.
+
+A run is complete when the bench wrote its completion marker ``DIR/<run>/bench.json`` (only after
+the run's process exited 0 and its summary.json parsed) and its ``config.toml`` matches the
+configuration the suite asks for: such a run is skipped, so an interrupted suite resumes where it
+stopped. Any other run (cut short, failed after writing summary.json, truncated files) is started
+again from round 1: its directory is cleared first.
 
 Suite file (TOML)::
 
@@ -69,9 +75,10 @@ from fedsparse.config import Config, ConfigError, parse_overrides, resolve_confi
 MB = 1e6
 RUN_SEP = "--"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
-#: Keys that do not change what a run computes: a finished run with other values is still valid.
-VOLATILE_KEYS = ("out-dir", "data-dir", "client-cpus", "client-gpus", "round-timeout", "checkpoint-every")
 USAGE_FILE = "bench-usage.json"
+#: The bench's completion marker in a run directory: written (atomically) only once the run's
+#: process exited 0 and its summary.json parsed. A run directory without it is not finished.
+DONE_FILE = "bench.json"
 SUITE_KEYS = {"name", "description", "seeds", "baseline", "base", "splits", "methods"}
 
 
@@ -146,7 +153,7 @@ def _table(data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
 
 
 def _check_name(kind: str, name: Any, where: str) -> str:
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or RUN_SEP in name:
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or RUN_SEP in name or not name.strip("."):
         raise ConfigError(
             f"{where}: {kind} name {name!r} is not allowed; use letters, digits, '_', '.', '+' or a single '-'"
         )
@@ -188,7 +195,9 @@ def parse_suite(data: Mapping[str, Any], *, where: str = "suite", path: Path | N
     baseline = data.get("baseline", "fedavg" if "fedavg" in methods else None)
     if baseline is not None and baseline not in methods:
         raise ConfigError(f"{where}: baseline {baseline!r} is not one of the methods ({', '.join(methods)})")
-    name = str(data.get("name", path.stem if path else "suite"))
+    # the name is a directory (DIR/<suite name>/ holds the suite's reports): a safe name without
+    # "--", so it never collides with a run directory (method--split--sSEED)
+    name = _check_name("suite", str(data.get("name", path.stem if path else "suite")), where)
     return Suite(name, str(data.get("description", "")), base, methods, splits, list(seeds), baseline, path)
 
 
@@ -353,19 +362,88 @@ class TreeCPU:
 
 
 def _comparable(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in VOLATILE_KEYS}
+    # Operational keys do not change what a run computes: a finished run with other values is still
+    # valid (the same keys a resumed run may change; imported here: checkpoint imports torch).
+    from fedsparse.checkpoint import OPERATIONAL_KEYS
+
+    return {k: v for k, v in cfg.items() if k not in OPERATIONAL_KEYS}
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished run's figures: its summary.json and the bench's completion marker (bench.json)."""
+
+    summary: dict[str, Any]
+    record: dict[str, Any]
+
+
+def _read_json_object(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """(the JSON object in ``path``, "") or (None, why it cannot be used)."""
+    if not path.is_file():
+        return None, f"no {path.name}"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, f"{path.name} does not parse ({type(err).__name__})"
+    if not isinstance(data, dict):
+        return None, f"{path.name} holds {type(data).__name__}, not a JSON object"
+    return data, ""
+
+
+def _run_outputs(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
+    """(summary, "") when the files the reports read are there and summary.json parses."""
+    summary, why = _read_json_object(run_dir / "summary.json")
+    if summary is None:
+        return None, why
+    if not (run_dir / "rounds.csv").is_file():
+        return None, "no rounds.csv"
+    return summary, ""
+
+
+def finished_run(run_dir: Path) -> tuple[FinishedRun | None, str]:
+    """The one definition of a finished run, used both to skip runs (:func:`run_status`) and to read
+    them (:func:`collect`): the bench's completion marker ``bench.json`` parses (the bench writes it,
+    atomically, only after the run's process exited 0 and its summary.json parsed), summary.json
+    still parses and rounds.csv is there. Returns (the run, "") or (None, why not).
+
+    A summary.json without the marker is a run that failed after writing it (plots, process exit)
+    or was cut short while the bench waited: it is not finished, whatever summary.json says.
+    """
+    if not run_dir.exists():
+        return None, "not run"
+    record, why = _read_json_object(run_dir / DONE_FILE)
+    if record is None:
+        return None, "incomplete" if why == f"no {DONE_FILE}" else f"incomplete ({why})"
+    summary, why = _run_outputs(run_dir)
+    if summary is None:
+        return None, f"incomplete ({why})"
+    return FinishedRun(summary, record), ""
+
+
+def _write_marker(run_dir: Path, record: Mapping[str, Any]) -> None:
+    """Write bench.json atomically (a temporary file renamed over it): it is whole or absent."""
+    tmp = run_dir / f".{DONE_FILE}.tmp"
+    with tmp.open("w") as f:
+        f.write(json.dumps(dict(record)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / DONE_FILE)
 
 
 def run_status(run_dir: Path, cfg: Config) -> tuple[bool, str]:
-    """(complete, why not): complete when summary.json exists and config.toml matches ``cfg``."""
-    if not (run_dir / "summary.json").is_file():
-        return False, "not run" if not run_dir.exists() else "incomplete"
+    """(complete, why not): complete when :func:`finished_run` says so and config.toml matches ``cfg``."""
+    finished, why = finished_run(run_dir)
+    if finished is None:
+        return False, why
     cfg_file = run_dir / "config.toml"
     if not cfg_file.is_file():
         return False, "no config.toml"
     from fedsparse.config import defaults
 
-    done = tomllib.loads(cfg_file.read_text())
+    try:
+        done = tomllib.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False, "config.toml does not parse"
     want = json.loads(json.dumps(_comparable(cfg)))
     have = json.loads(json.dumps(_comparable(done)))
     # A key the finished run did not know yet (added to fedsparse since) counted as its default.
@@ -461,16 +539,27 @@ def run_suite(
                     log.write(f"\nrunner raised: {err!r}\n")
                 code = -1
             wall = time.monotonic() - t0
-            ok = code == 0 and (run_dir / "summary.json").is_file()
+            failure = f"exit {code}"
+            done_run = None
+            if code == 0:
+                summary, problem = _run_outputs(run_dir)
+                if summary is None:
+                    failure = f"exit 0, but {problem}"
+                else:
+                    extra, _ = _read_json_object(run_dir / USAGE_FILE)
+                    record = {**(extra or {}), "exit_code": 0, "wall_seconds": wall, "cores": slot.cores, "jobs": jobs}
+                    try:
+                        _write_marker(run_dir, record)  # the run counts as finished from here on
+                    except OSError as err:
+                        problem = f"{DONE_FILE} could not be written ({err})"
+                    else:
+                        done_run, problem = finished_run(run_dir)
+                    failure = f"exit 0, but {problem}"
             with lock:
-                if ok:
-                    usage = run_dir / USAGE_FILE
-                    extra = json.loads(usage.read_text()) if usage.is_file() else {}
-                    record = {"wall_seconds": wall, "cores": slot.cores, "jobs": jobs, **extra}
-                    (run_dir / "bench.json").write_text(json.dumps(record) + "\n")
+                if done_run is not None:
                     ran.append(spec.name)
                     walls.append(wall)
-                    s = json.loads((run_dir / "summary.json").read_text())
+                    s = {k: v if isinstance(v, (int, float)) else math.nan for k, v in done_run.summary.items()}
                     remaining = len(todo) - len(ran) - len(failed)
                     eta = (sum(walls) / len(walls)) * remaining / len(slots)
                     report(
@@ -485,7 +574,7 @@ def run_suite(
                     if log.is_file():
                         lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
                         tail = (" — " + lines[-1][:200]) if lines else ""
-                    report(f"[{i:>{width}}/{len(todo)}] FAILED {spec.name} (exit {code}); log: {log}{tail}")
+                    report(f"[{i:>{width}}/{len(todo)}] FAILED {spec.name} ({failure}); log: {log}{tail}")
         finally:
             free.put(slot)
 
@@ -493,9 +582,10 @@ def run_suite(
         with ThreadPoolExecutor(max_workers=len(slots)) as pool:
             for future in [pool.submit(one, i, spec, why) for i, (spec, why) in enumerate(todo, start=1)]:
                 future.result()
-    finished = [s for s in specs if (out_dir / s.name / "summary.json").is_file() and s.name not in failed]
+    finished = [s for s in specs if s.name not in failed and finished_run(out_dir / s.name)[0] is not None]
     summary, files = write_reports(suite, out_dir, finished, command=command, failed=failed)
-    report(f"[bench] wrote {', '.join(str(p.name) for p in files)} in {out_dir}" + (f"; {len(failed)} run(s) failed" if failed else ""))
+    where = files[0].parent if files else report_dir(out_dir, suite)
+    report(f"[bench] wrote {', '.join(str(p.name) for p in files)} in {where}" + (f"; {len(failed)} run(s) failed" if failed else ""))
     return BenchResult(out_dir, ran, skipped, failed, summary, files)
 
 
@@ -505,12 +595,16 @@ def run_suite(
 
 
 def collect(out_dir: Path, specs: Iterable[RunSpec]) -> tuple[Any, Any]:
-    """(all rounds stacked, one row per run) from the finished runs' files."""
+    """(all rounds stacked, one row per run) from the files of those ``specs`` that are finished
+    (:func:`finished_run`; the others are left out)."""
     import pandas as pd
 
     frames, rows = [], []
     for spec in specs:
         run_dir = out_dir / spec.name
+        finished, _ = finished_run(run_dir)
+        if finished is None:
+            continue
         df = pd.read_csv(run_dir / "rounds.csv")
         df.insert(0, "run", spec.name)
         df.insert(1, "method", spec.method)
@@ -518,9 +612,7 @@ def collect(out_dir: Path, specs: Iterable[RunSpec]) -> tuple[Any, Any]:
         df["seed"] = spec.seed
         df["cum_mb_total"] = (df["cum_bytes_up"] + df["cum_bytes_down"]) / MB
         frames.append(df)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        bench = run_dir / "bench.json"
-        usage = json.loads(bench.read_text()) if bench.is_file() else {}
+        summary, usage = finished.summary, finished.record
         row = {"run": spec.name, "method": spec.method, "split": spec.split, "seed": spec.seed}
         row.update({k: v for k, v in summary.items() if not isinstance(v, (dict, list)) and k not in row})
         row["run_wall_seconds"] = usage.get("wall_seconds", summary.get("wall_seconds"))
@@ -643,20 +735,29 @@ def _cost_line(runs: Any) -> str:
     return text + "."
 
 
+def report_dir(out_dir: Path, suite: Suite) -> Path:
+    """Where a suite's reports go: ``out_dir/<suite name>/`` (the runs, ``out_dir/<run>/``, are
+    shared by every suite run into ``out_dir``; the reports are per suite)."""
+    return Path(out_dir) / suite.name
+
+
 def write_reports(
     suite: Suite, out_dir: Path, finished: Sequence[RunSpec], *, command: str = "", failed: Sequence[str] = ()
 ) -> tuple[Any, list[Path]]:
-    """all_rounds.csv, runs.csv, summary.csv, summary.md and the plots, from the finished runs."""
+    """all_rounds.csv, runs.csv, summary.csv, summary.md and the plots, from the finished runs,
+    in :func:`report_dir` (``out_dir/<suite name>/``)."""
     all_rounds, runs = collect(out_dir, finished)
     files: list[Path] = []
     if runs.empty:
         return runs, files
-    all_rounds.to_csv(out_dir / "all_rounds.csv", index=False)
-    runs.to_csv(out_dir / "runs.csv", index=False)
+    rdir = report_dir(out_dir, suite)
+    rdir.mkdir(parents=True, exist_ok=True)
+    all_rounds.to_csv(rdir / "all_rounds.csv", index=False)
+    runs.to_csv(rdir / "runs.csv", index=False)
     summary = summarize_runs(runs, suite.baseline, list(suite.methods))
-    summary.to_csv(out_dir / "summary.csv", index=False)
-    files += [out_dir / "all_rounds.csv", out_dir / "runs.csv", out_dir / "summary.csv"]
-    files += plot_suite(all_rounds, summary, out_dir, title=suite.name)
+    summary.to_csv(rdir / "summary.csv", index=False)
+    files += [rdir / "all_rounds.csv", rdir / "runs.csv", rdir / "summary.csv"]
+    files += plot_suite(all_rounds, summary, rdir, title=suite.name)
     md = [f"# Benchmark suite `{suite.name}`", ""]
     if suite.description:
         md += [suite.description.strip(), ""]
@@ -673,7 +774,8 @@ def write_reports(
         "best = best evaluated round). MB: payload megabytes (10⁶ B) actually serialised, mean over seeds; "
         f"× = ratio to `{suite.baseline}` in the same split. s/run: wall seconds per run (subprocess, Ray start "
         "included); s/round: median wall seconds of rounds 2.. (round 1 carries the actors' start-up). "
-        "★ = on the Pareto front (no other method has both fewer total MB and a higher final accuracy).",
+        "★ = on the Pareto front (no other method of the split has total MB ≤ and final accuracy ≥ this one's, "
+        "with at least one of the two strictly better).",
         "",
         markdown_table(summary),
         _cost_line(runs),
@@ -685,9 +787,9 @@ def write_reports(
         "Plots: `accuracy_vs_mb.png` (accuracy vs cumulative MB, mean over seeds), `pareto.png`.",
     ]
     if failed:
-        md += ["", f"Failed runs (see their bench.log): {', '.join(failed)}"]
-    (out_dir / "summary.md").write_text("\n".join(md) + "\n")
-    files.insert(3, out_dir / "summary.md")
+        md += ["", f"Failed runs (see `../<run>/bench.log`): {', '.join(failed)}"]
+    (rdir / "summary.md").write_text("\n".join(md) + "\n")
+    files.insert(3, rdir / "summary.md")
     return summary, files
 
 
@@ -768,13 +870,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         specs = suite.runs(methods, splits, seeds)
         configs = resolve_runs(specs)
         walls = []
+        todo = 0
         for spec in specs:
             done, why = run_status(out / spec.name, configs[spec.name])
-            bench = out / spec.name / "bench.json"
-            if done and bench.is_file():
-                walls.append(json.loads(bench.read_text())["wall_seconds"])
+            finished, _ = finished_run(out / spec.name)
+            wall = finished.record.get("wall_seconds") if done and finished is not None else None
+            if isinstance(wall, (int, float)) and math.isfinite(wall):
+                walls.append(float(wall))
+            todo += not done
             print(f"{spec.name:40s} {'done' if done else why}")
-        todo = sum(1 for s in specs if not run_status(out / s.name, configs[s.name])[0])
         est = f"; about {_fmt_seconds(sum(walls) / len(walls) * todo / args.jobs)} at the finished runs' mean" if walls and todo else ""
         print(f"{len(specs)} runs, {todo} to run{est}")
         return 0
@@ -796,7 +900,10 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:  # noqa: 
     )
     bench.add_argument("suite", help="suite TOML file (see docs/benchmarks.md)")
     bench.add_argument("--jobs", type=int, default=1, help="runs at once, each on its own share of the cores (default 1)")
-    bench.add_argument("--out", help="results directory (default: runs/bench-<suite name>); finished runs there are skipped")
+    bench.add_argument(
+        "--out", help="results directory (default: runs/bench-<suite name>): runs in DIR/<run>/ (finished ones are "
+        "skipped, and shared with other suites run there), this suite's reports in DIR/<suite name>/",
+    )
     bench.add_argument("--only", help="comma-separated methods to run (default: all)")
     bench.add_argument("--splits", help="comma-separated splits to run (default: all)")
     bench.add_argument("--seeds", help="comma-separated seeds to run (default: the suite's)")
@@ -807,6 +914,7 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:  # noqa: 
 
 
 __all__ = [
-    "Suite", "RunSpec", "load_suite", "parse_suite", "resolve_runs", "run_suite", "run_status", "collect",
-    "summarize_runs", "pareto_front", "write_reports", "make_slots", "slot_env", "add_bench_command",
+    "Suite", "RunSpec", "FinishedRun", "load_suite", "parse_suite", "resolve_runs", "run_suite", "run_status",
+    "finished_run", "collect", "summarize_runs", "pareto_front", "write_reports", "report_dir", "make_slots",
+    "slot_env", "add_bench_command",
 ]

@@ -299,17 +299,33 @@ def _read_header(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], np.n
             f"not a {CODEC_NAME} payload: unexpected arrays {sorted(extra)} "
             f"(a payload holds exactly {INDEX_KEY!r} and {VALUES_KEY!r})"
         )
-    blob = np.asarray(arrays[INDEX_KEY])
-    if blob.dtype != np.uint8 or blob.ndim != 1 or blob.size < 4:
-        raise ValueError(f"'{INDEX_KEY}' must be a 1-D uint8 array with a header")
-    hlen = int.from_bytes(blob[:4].tobytes(), "little")
-    if 4 + hlen > blob.size:
-        raise ValueError("truncated payload: header longer than the index array")
-    header = json.loads(blob[4 : 4 + hlen].tobytes().decode("utf-8"))
+    header, rest = parse_header(arrays[INDEX_KEY], INDEX_KEY)
     if header.get("codec") != CODEC_NAME or header.get("version") != CODEC_VERSION:
         raise ValueError(
             f"unsupported payload: codec={header.get('codec')!r} version={header.get('version')!r}"
         )
+    return header, rest
+
+
+def parse_header(blob: np.ndarray, what: str = INDEX_KEY) -> tuple[dict[str, Any], np.ndarray]:
+    """The JSON header at the start of a payload array and the bytes after it.
+
+    ``blob`` is a 1-D uint8 array laid out as this codec's ``index`` array is:
+    ``[4-byte little-endian length H][H bytes of UTF-8 JSON object][rest]``. The length is checked
+    against the array; which codec and version the header names is the caller's to check. Other
+    payload formats that reuse the layout (the compression baselines' ``header`` arrays,
+    :mod:`clients.compression`) parse it with this. ``what`` names the array in error messages.
+    Raises ValueError for anything that is not such an array.
+    """
+    blob = np.asarray(blob)
+    if blob.dtype != np.uint8 or blob.ndim != 1 or blob.size < 4:
+        raise ValueError(f"'{what}' must be a 1-D uint8 array with a header")
+    hlen = int.from_bytes(blob[:4].tobytes(), "little")
+    if 4 + hlen > blob.size:
+        raise ValueError(f"truncated payload: header longer than the '{what}' array")
+    header = json.loads(blob[4 : 4 + hlen].tobytes().decode("utf-8"))  # JSON / Unicode errors are ValueErrors
+    if not isinstance(header, dict):
+        raise ValueError(f"corrupt payload: the header of '{what}' is not a JSON object")
     return header, blob[4 + hlen :]
 
 

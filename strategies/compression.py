@@ -48,6 +48,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from clients import compression as cc
 from fedsparse import codec
 from fedsparse.config import Config, ConfigError, Key, cross_check, register_keys
+from fedsparse.validation import check_arrays
 from strategies.registry import register_strategy, sampling_kwargs
 
 log = logging.getLogger("fedsparse")
@@ -103,29 +104,6 @@ def _check_compression(cfg: Config) -> None:
 def _weight(msg: Message, key: str) -> float:
     record = next(iter(msg.content.metric_records.values()))
     return float(record[key])
-
-
-def check_decoded(
-    tensors: Mapping[str, np.ndarray], spec: Mapping[str, tuple[tuple[int, ...], str]], omit: Iterable[str] = ()
-) -> str | None:
-    """None when ``tensors`` are exactly the arrays of ``spec`` minus ``omit`` (shapes, dtypes) and
-    finite; else the first problem. Used by the strategies' ``validate_reply`` hooks."""
-    omitted = set(omit)
-    expected = [k for k in spec if k not in omitted]
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        return f"missing arrays: {', '.join(missing)}"
-    unexpected = [k for k in tensors if k not in expected]
-    if unexpected:
-        return f"unexpected arrays: {', '.join(unexpected)}"
-    for key in expected:
-        x = np.asarray(tensors[key])
-        shape, dtype = spec[key]
-        if tuple(x.shape) != tuple(shape) or np.dtype(x.dtype) != np.dtype(dtype):
-            return f"array {key!r} is {x.dtype}{tuple(x.shape)}, expected {np.dtype(dtype)}{tuple(shape)}"
-        if x.dtype.kind == "f" and not np.isfinite(x).all():
-            return f"array {key!r} is not finite"
-    return None
 
 
 def _spec(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -234,7 +212,7 @@ class UplinkCompression(FedAvg):
         spec = self._spec or (_spec(self._global) if self._global is not None else None)
         if spec is None:
             return None
-        return check_decoded({**deltas, **raws}, spec, self._omit)
+        return check_arrays({**deltas, **raws}, spec, omit=self._omit)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -456,7 +434,7 @@ def _feddip_partial_uplink() -> type:
             if self._global is None:
                 return None
             spec = {k: (x.shape, x.dtype.str) for k, x in self._global.items()}
-            return check_decoded(tensors, spec, getattr(self, "_omit", []))
+            return check_arrays(tensors, spec, omit=getattr(self, "_omit", []))
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
             return super().aggregate_train(server_round, [self._complete(m) for m in replies])
@@ -524,4 +502,4 @@ def _feddip_luar(cfg: Mapping[str, Any]) -> Strategy:
     return wrapper
 
 
-__all__ = ["UplinkCompression", "build_uplink", "check_decoded", "COMBINATIONS"]
+__all__ = ["UplinkCompression", "build_uplink", "COMBINATIONS"]

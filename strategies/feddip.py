@@ -90,7 +90,7 @@ def _mask_seed(seed: int) -> int:
     return zlib.crc32(f"feddip-erk/{int(seed)}".encode())
 
 
-def _weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
+def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
     """Σ ρ_n x_n in float64, cast back to the inputs' dtype (integers rounded)."""
     acc = np.zeros(arrays[0].shape, dtype=np.float64)
     for x, w in zip(arrays, weights):
@@ -285,7 +285,7 @@ class FedDIP(FedAvg):
             if not total > 0:
                 raise ValueError(f"replies' {self.weighted_by_key!r} sum to {total}; cannot weight the average")
             rho = [w / total for w in weights]
-            aggregate = {name: _weighted_mean([d[name] for d in decoded], rho) for name in self._global}
+            aggregate = {name: weighted_mean([d[name] for d in decoded], rho) for name in self._global}
             metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         else:  # no replies: keep the model, still apply the schedule (the last round must reach s_p)
             aggregate = {name: x.copy() for name, x in self._global.items()}

@@ -12,14 +12,19 @@ at zero (:class:`clients.compression.masked_training`), and the server averages 
 
 The saliency exchange is a real pair of messages sent from ``configure_train`` of round 1 (dense
 initial model down, dense saliency of the prunable tensors up); the grid meters it, so its bytes are
-part of round 1's figures. Where the paper computes the saliency on one batch of the (centralised)
-training set, here it is computed on the clients' own data: the server holds none.
+part of round 1's figures. Its replies bypass the round loop's reply screen, so the strategy screens
+them itself (:meth:`SNIP.check_saliency`: the prunable tensors, finite, ≥ 0, normalised, a valid
+``num-examples``), drops bad ones with a logged reason (counted in round 1's ``saliency_rejected``
+/ ``saliency_failures`` columns) and adds the rest in partition order, so the mask is reproducible.
+Where the paper computes the saliency on one batch of the (centralised) training set, here it is
+computed on the clients' own data: the server holds none.
 
 Works in ``Strategy.start`` in any deployment whose ClientApp runs :func:`clients.compression.snip_train`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -34,16 +39,20 @@ from flwr.serverapp.strategy import FedAvg
 
 from clients import compression as cc
 from fedsparse import codec
-from fedsparse.config import SCHEMA, Config, ConfigError, Key, cross_check, register_keys
+from fedsparse.config import Config, ConfigError, Key, cross_check, register_keys
 from fedsparse.masks import global_magnitude_masks, prunable_names
+from fedsparse.validation import check_arrays, check_num_examples, spec_of
+
+# ``target-sparsity`` means the same for FedDIP (its s_p): FedDIP registers it, SNIP shares it; and
+# the weighted average Σ ρ_n x_n (float64, cast back, integers rounded) is FedDIP's.
+from strategies.feddip import weighted_mean
 from strategies.registry import register_strategy, sampling_kwargs
 
-try:  # ``target-sparsity`` means the same for FedDIP (its s_p): share its definition when present
-    import strategies.feddip  # noqa: F401
-except ImportError:  # pragma: no cover - FedDIP absent
-    pass
-if "target-sparsity" not in SCHEMA:  # pragma: no cover - only without FedDIP
-    register_keys("snip", {"target-sparsity": Key(0.9, "sparsity of the pruned model (prunable weights)", minimum=0.0, maximum=1.0)})
+log = logging.getLogger("fedsparse")
+
+#: A saliency reply is normalised to sum to 1 (or is all zero): tolerated deviation of its sum.
+SALIENCY_SUM_TOLERANCE = 1e-3
+
 register_keys(
     "snip",
     {
@@ -58,14 +67,6 @@ def _check_snip(cfg: Config) -> None:
         return
     if not float(cfg["target-sparsity"]) < 1.0:
         raise ConfigError(f"target-sparsity = {cfg['target-sparsity']!r} prunes every weight; allowed: 0 <= target-sparsity < 1")
-
-
-def _weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    acc = np.zeros(arrays[0].shape, dtype=np.float64)
-    for x, w in zip(arrays, weights):
-        acc += w * np.asarray(x, dtype=np.float64)
-    dtype = arrays[0].dtype
-    return (np.rint(acc) if dtype.kind in "iub" else acc).astype(dtype)
 
 
 class SNIP(FedAvg):
@@ -99,10 +100,41 @@ class SNIP(FedAvg):
         self.saliency_timeout = saliency_timeout
         self.masks: dict[str, np.ndarray] | None = None
         self.prunable: list[str] = []
-        self.saliency_clients = 0
+        self.saliency_clients = 0  # saliency replies the mask was built from
+        self.saliency_rejected = 0  # saliency replies dropped as invalid (logged with the reason)
+        self.saliency_failures = 0  # saliency requests answered with an error or not at all
+        self.saliency_round: int | None = None  # the round whose configure_train built the mask
         self._global: dict[str, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ the one-shot mask
+    def check_saliency(self, msg: Message, spec: Mapping[str, tuple[tuple[int, ...], str]]) -> str | None:
+        """None when a saliency reply may enter the mask, else why not: one ArrayRecord holding
+        exactly the prunable tensors (the model's shapes and dtypes, finite, ≥ 0, summing to 1 as
+        the client normalises them, or all zero) and a valid ``num-examples``."""
+        metric_records = msg.content.metric_records
+        if not metric_records:
+            return "no MetricRecord in the reply"
+        metrics = next(iter(metric_records.values()))
+        if self.weighted_by_key not in metrics:
+            return f"no {self.weighted_by_key!r} in the reply's metrics"
+        problem = check_num_examples(metrics[self.weighted_by_key], None)
+        if problem:
+            return problem
+        records = msg.content.array_records
+        if list(records) != [self.arrayrecord_key]:
+            return f"expected exactly one ArrayRecord named {self.arrayrecord_key!r}, found {sorted(records)}"
+        problem = check_arrays(records[self.arrayrecord_key], spec, what="saliency tensor")
+        if problem:
+            return problem
+        parts = {n: records[self.arrayrecord_key][n].numpy() for n in spec}
+        negative = [n for n, x in parts.items() if (x < 0).any()]
+        if negative:
+            return f"saliency {negative[0]!r} has negative entries (|∂L/∂w ⊙ w| is >= 0)"
+        total = float(sum(float(np.sum(x, dtype=np.float64)) for x in parts.values()))
+        if total != 0.0 and abs(total - 1.0) > SALIENCY_SUM_TOLERANCE:
+            return f"the saliencies sum to {total!r}, not 1 (clients normalise them)"
+        return None
+
     def _compute_masks(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> None:
         self.prunable = prunable_names(arrays.to_torch_state_dict(), exclude_shortcuts=self.exclude_shortcuts)
         if not self.prunable:
@@ -116,18 +148,61 @@ class SNIP(FedAvg):
             }
         )
         messages = list(super().configure_train(server_round, arrays, ask, grid))
-        replies = [m for m in grid.send_and_receive(messages, timeout=self.saliency_timeout) if not m.has_error()]
-        if not replies:
-            raise RuntimeError("SNIP: no client answered the saliency request; cannot build the mask")
-        weights = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in replies]
+        replies = list(grid.send_and_receive(messages, timeout=self.saliency_timeout))
+        # Replies arrive in any order and float sums are reproducible only in a fixed one: the
+        # grid's partition order when it knows it (fedsparse's metered grid), else node ids.
+        in_order = getattr(grid, "in_partition_order", None)
+        replies = list(in_order(replies)) if callable(in_order) else sorted(replies, key=lambda m: m.metadata.src_node_id)
+        partition_of = getattr(grid, "partition_of", None)
+
+        def sender(msg: Message) -> str:
+            node = msg.metadata.src_node_id
+            pid = partition_of.get(node) if isinstance(partition_of, Mapping) else None
+            return f"partition {pid} (node {node})" if pid is not None else f"node {node}"
+
+        spec = {n: s for n, s in spec_of(arrays).items() if n in set(self.prunable)}
+        valid: list[Message] = []
+        failures = len(messages) - len(replies)
+        rejected = 0
+        for msg in replies:
+            if msg.has_error():
+                failures += 1
+                log.warning("SNIP round %d: no saliency from %s: %s", server_round, sender(msg), msg.error.reason)
+                continue
+            try:
+                problem = self.check_saliency(msg, spec)
+            except Exception as err:  # noqa: BLE001 - a reply that breaks a check is dropped, not fatal
+                problem = f"the reply could not be checked ({type(err).__name__}: {err})"
+            if problem is not None:
+                rejected += 1
+                log.warning("SNIP round %d: dropped the saliency of %s: %s", server_round, sender(msg), problem)
+                continue
+            valid.append(msg)
+        self.saliency_clients, self.saliency_rejected, self.saliency_failures = len(valid), rejected, failures
+        self.saliency_round = server_round
+        if rejected or failures:
+            log.warning(
+                "SNIP round %d: the mask is built from %d saliency replies (%d dropped as invalid, %d failed or missing)",
+                server_round, len(valid), rejected, failures,
+            )
+        if not valid:
+            raise RuntimeError(
+                f"SNIP: no valid saliency reply ({len(messages)} asked, {rejected} invalid, {failures} failed or missing); "
+                "cannot build the mask"
+            )
+        weights = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in valid]
         total = sum(weights)
+        if not total > 0:
+            raise RuntimeError(f"SNIP: the saliency replies' {self.weighted_by_key!r} sum to {total}; cannot weight them")
+        rho = [w / total for w in weights]
         saliency = {}
         for name in self.prunable:
-            parts = [np.asarray(m.content[self.arrayrecord_key][name].numpy(), dtype=np.float64) for m in replies]
-            saliency[name] = torch.from_numpy(sum((w / total) * p for w, p in zip(weights, parts)))
+            parts = [np.asarray(m.content[self.arrayrecord_key][name].numpy(), dtype=np.float64) for m in valid]
+            saliency[name] = torch.from_numpy(weighted_mean(parts, rho))
+        if not sum(float(s.sum()) for s in saliency.values()) > 0:
+            raise RuntimeError("SNIP: the averaged saliency is zero everywhere; cannot rank the weights")
         masks = global_magnitude_masks(saliency, self.target_sparsity)
         self.masks = {n: m.numpy().copy() for n, m in masks.items()}
-        self.saliency_clients = len(replies)
 
     def _masked(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert self.masks is not None
@@ -154,8 +229,6 @@ class SNIP(FedAvg):
     def validate_reply(self, server_round: int, msg: Message) -> str | None:
         """fedsparse's reply screen: the codec payload decodes to the model's arrays, finite, and
         nothing outside the mask is set."""
-        from strategies.compression import check_decoded
-
         records = msg.content.array_records
         if list(records) != [self.arrayrecord_key]:
             return f"expected exactly one ArrayRecord named {self.arrayrecord_key!r}, found {sorted(records)}"
@@ -165,7 +238,7 @@ class SNIP(FedAvg):
             return f"the sparse model does not decode ({err})"
         if self._global is None or self.masks is None:
             return None
-        problem = check_decoded(tensors, {k: (x.shape, x.dtype.str) for k, x in self._global.items()})
+        problem = check_arrays(tensors, {k: (x.shape, x.dtype.str) for k, x in self._global.items()})
         if problem is None:
             outside = [n for n in self.prunable if np.any(tensors[n][~self.masks[n]])]
             if outside:
@@ -192,7 +265,7 @@ class SNIP(FedAvg):
             weights.append(float(next(iter(msg.content.metric_records.values()))[self.weighted_by_key]))
         total = sum(weights)
         rho = [w / total for w in weights]
-        self._global = self._masked({n: _weighted_mean([d[n] for d in decoded], rho) for n in self._global})
+        self._global = self._masked({n: weighted_mean([d[n] for d in decoded], rho) for n in self._global})
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return ArrayRecord({n: Array(x) for n, x in self._global.items()}), metrics
 
@@ -211,7 +284,17 @@ class SNIP(FedAvg):
         return 1.0 - sum(int(m.sum()) for m in self.masks.values()) / total
 
     def round_report(self, server_round: int) -> dict[str, Any]:
-        return {"sparsity": self.measured_sparsity(), "mask_sparsity": self.mask_sparsity()}
+        """rounds.csv columns: measured and mask sparsity; in the round that built the mask also the
+        saliency exchange's replies used, dropped as invalid, and failed or missing (the round's own
+        ``failures`` / ``rejected`` count its train exchange only)."""
+        row: dict[str, Any] = {"sparsity": self.measured_sparsity(), "mask_sparsity": self.mask_sparsity()}
+        if server_round == self.saliency_round:
+            row.update(
+                saliency_replies=self.saliency_clients,
+                saliency_rejected=self.saliency_rejected,
+                saliency_failures=self.saliency_failures,
+            )
+        return row
 
     def layer_table(self) -> list[dict[str, Any]]:
         """Per prunable tensor: size, kept weights and sparsity of the SNIP mask."""
@@ -234,6 +317,8 @@ class SNIP(FedAvg):
             "final_sparsity": self.measured_sparsity(),
             "final_mask_sparsity": self.mask_sparsity(),
             "snip_saliency_clients": self.saliency_clients,
+            "snip_saliency_rejected": self.saliency_rejected,
+            "snip_saliency_failures": self.saliency_failures,
             "layer_sparsity": {r["layer"]: r["sparsity"] for r in self.layer_table()},
         }
 
@@ -243,6 +328,8 @@ class SNIP(FedAvg):
             "masks": None if self.masks is None else {n: m.copy() for n, m in self.masks.items()},
             "prunable": list(self.prunable),
             "saliency_clients": self.saliency_clients,
+            "saliency_rejected": self.saliency_rejected,
+            "saliency_failures": self.saliency_failures,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -252,6 +339,8 @@ class SNIP(FedAvg):
         self.masks = None if masks is None else {n: np.asarray(m, dtype=bool).copy() for n, m in masks.items()}
         self.prunable = list(state.get("prunable", []))
         self.saliency_clients = int(state.get("saliency_clients", 0))
+        self.saliency_rejected = int(state.get("saliency_rejected", 0))
+        self.saliency_failures = int(state.get("saliency_failures", 0))
         self._global = None
 
 

@@ -161,7 +161,8 @@ def test_resume_skips_finished_runs_and_summary_is_computed_from_the_runs(tmp_pa
 
     # the summary's figures are the per-run figures aggregated over seeds
     runs = {n: json.loads((out / n / "summary.json").read_text()) for n in names}
-    summary = pd.read_csv(out / "summary.csv")
+    reports = out / "tiny"  # the suite's reports: DIR/<suite name>/
+    summary = pd.read_csv(reports / "summary.csv")
     for method in ("fedavg", "topk"):
         row = summary[summary["method"] == method].iloc[0]
         finals = [runs[f"{method}--iid--s{s}"]["final_accuracy"] for s in (0, 1)]
@@ -180,16 +181,19 @@ def test_resume_skips_finished_runs_and_summary_is_computed_from_the_runs(tmp_pa
     assert list(summary["pareto"]) == bench.pareto_front(list(zip(summary["mb_total"], summary["final_acc_mean"])))
 
     # the tidy table is every run's rounds.csv with method / split / seed columns
-    all_rounds = pd.read_csv(out / "all_rounds.csv")
+    all_rounds = pd.read_csv(reports / "all_rounds.csv")
     assert len(all_rounds) == 4 * 2 and {"run", "method", "split", "seed", "cum_mb_total"} <= set(all_rounds.columns)
     for n in names:
         own = pd.read_csv(out / n / "rounds.csv")
         mine = all_rounds[all_rounds["run"] == n]
         assert mine["cum_bytes_up"].tolist() == own["cum_bytes_up"].tolist()
         assert (mine["seed"] == int(n[-1])).all() and (mine["method"] == n.split("--")[0]).all()
-    md = (out / "summary.md").read_text()
+    md = (reports / "summary.md").read_text()
     assert "| topk | topk | 2 |" in md and "Pareto front" in md
-    assert (out / "pareto.png").stat().st_size > 0 and (out / "accuracy_vs_mb.png").stat().st_size > 0
+    assert (reports / "pareto.png").stat().st_size > 0 and (reports / "accuracy_vs_mb.png").stat().st_size > 0
+    assert not (out / "summary.csv").exists()  # nothing of the suite's own at the top of DIR
+    marker = json.loads((out / "fedavg--iid--s0" / "bench.json").read_text())
+    assert marker["exit_code"] == 0 and marker["wall_seconds"] > 0
 
     # an interrupted run (no summary.json) is run again — and only that one
     (out / "topk--iid--s1" / "summary.json").unlink()
@@ -219,8 +223,78 @@ def test_failed_run_is_reported_and_the_suite_goes_on(tmp_path: Path) -> None:
     assert result.failed == ["topk--iid--s0"] and result.ran == ["fedavg--iid--s0"]
     assert "runner raised: RuntimeError('boom')" in (tmp_path / "topk--iid--s0" / "bench.log").read_text()
     assert any("FAILED topk--iid--s0" in ln for ln in lines)
-    assert list(pd.read_csv(tmp_path / "summary.csv")["method"]) == ["fedavg"]
-    assert "Failed runs" in (tmp_path / "summary.md").read_text()
+    assert list(pd.read_csv(tmp_path / "tiny" / "summary.csv")["method"]) == ["fedavg"]
+    assert "Failed runs" in (tmp_path / "tiny" / "summary.md").read_text()
+    assert not (tmp_path / "topk--iid--s0" / "bench.json").exists()
+
+
+def test_a_run_is_finished_only_with_the_bench_marker_and_a_readable_summary(tmp_path: Path) -> None:
+    """A run that wrote summary.json but then failed (non-zero exit), a run whose completion marker is
+    missing, and one whose summary.json is truncated are all run again — never skipped, never read."""
+    suite = _suite(seeds=[0])
+    names = ["fedavg--iid--s0", "topk--iid--s0"]
+    calls: list[str] = []
+
+    def fails_after_summary(spec, cfg, run_dir, slot):  # noqa: ANN001
+        calls.append(spec.name)
+        LoopbackRunner()(spec, cfg, run_dir, slot)  # summary.json, rounds.csv, config.toml all written
+        return 1 if spec.method == "topk" else 0  # ... and then the process failed (plots, exit)
+
+    lines: list[str] = []
+    first = bench.run_suite(suite, tmp_path, runner=fails_after_summary, report=lines.append)
+    assert first.failed == ["topk--iid--s0"] and first.ran == ["fedavg--iid--s0"]
+    assert (tmp_path / "topk--iid--s0" / "summary.json").is_file()
+    assert not (tmp_path / "topk--iid--s0" / "bench.json").exists()
+    assert any("FAILED topk--iid--s0 (exit 1)" in ln for ln in lines)
+    cfgs = bench.resolve_runs(suite.runs())
+    assert bench.run_status(tmp_path / "topk--iid--s0", cfgs["topk--iid--s0"]) == (False, "incomplete")
+    assert list(pd.read_csv(tmp_path / "tiny" / "summary.csv")["method"]) == ["fedavg"]  # not reported
+
+    # the next invocation reruns the failed run (its directory cleared), and only that one
+    runner = LoopbackRunner()
+    (tmp_path / "topk--iid--s0" / "stale.txt").write_text("from the failed attempt")
+    second = bench.run_suite(suite, tmp_path, runner=runner, report=lines.append)
+    assert runner.calls == ["topk--iid--s0"] and second.skipped == ["fedavg--iid--s0"]
+    assert not (tmp_path / "topk--iid--s0" / "stale.txt").exists()
+    assert list(pd.read_csv(tmp_path / "tiny" / "summary.csv")["method"]) == ["fedavg", "topk"]
+
+    # a truncated summary.json (marker present) is not finished either: rerun, and the report does not crash
+    summary = tmp_path / "fedavg--iid--s0" / "summary.json"
+    summary.write_text(summary.read_text()[:40])
+    done, why = bench.run_status(tmp_path / "fedavg--iid--s0", cfgs["fedavg--iid--s0"])
+    assert not done and "summary.json does not parse" in why
+    all_rounds, runs = bench.collect(tmp_path, suite.runs())  # the unreadable run is left out
+    assert list(runs["run"]) == ["topk--iid--s0"]
+    # a missing marker (summary.json intact) means the run was not seen to finish
+    (tmp_path / "topk--iid--s0" / "bench.json").unlink()
+    assert bench.run_status(tmp_path / "topk--iid--s0", cfgs["topk--iid--s0"]) == (False, "incomplete")
+    runner.calls.clear()
+    third = bench.run_suite(suite, tmp_path, runner=runner, report=lines.append)
+    assert runner.calls == names and third.skipped == [] and third.failed == []
+    assert all(bench.run_status(tmp_path / n, cfgs[n])[0] for n in names)
+
+
+def test_suites_sharing_an_out_dir_share_runs_but_not_reports(tmp_path: Path) -> None:
+    """Two suites run into one DIR: identical runs are reused, each suite's reports are its own."""
+    main = _suite(seeds=[0])
+    other = _suite(name="tiny-extra", seeds=[0], methods=[
+        {"name": "fedavg", "strategy": "fedavg"},  # identical to the main suite's: shared
+        {"name": "fedprox", "strategy": "fedprox", "proximal-mu": 0.01},
+    ])
+    runner = LoopbackRunner()
+    bench.run_suite(main, tmp_path, runner=runner, report=lambda line: None)
+    runner.calls.clear()
+    result = bench.run_suite(other, tmp_path, runner=runner, report=lambda line: None)
+    assert runner.calls == ["fedprox--iid--s0"] and result.skipped == ["fedavg--iid--s0"]
+    assert {p.parent for p in result.files} == {tmp_path / "tiny-extra"}
+    assert list(pd.read_csv(tmp_path / "tiny" / "summary.csv")["method"]) == ["fedavg", "topk"]
+    assert list(pd.read_csv(tmp_path / "tiny-extra" / "summary.csv")["method"]) == ["fedavg", "fedprox"]
+    assert "Benchmark suite `tiny`" in (tmp_path / "tiny" / "summary.md").read_text()
+    assert "Benchmark suite `tiny-extra`" in (tmp_path / "tiny-extra" / "summary.md").read_text()
+    # the suite name is a directory next to the runs: it must be a plain name without "--"
+    for bad in ("a/b", "x--iid--s0", ".."):
+        with pytest.raises(ConfigError, match=f"suite name {bad!r} is not allowed"):
+            bench.parse_suite({"name": bad, "methods": [{"name": "a", "strategy": "fedavg"}]})
 
 
 def test_cli_dry_run_lists_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -244,7 +318,7 @@ def test_smoke_suite_end_to_end(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "fedsparse.cli", "bench", str(suite), "--out", str(tmp_path), "--jobs", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
-    summary = pd.read_csv(tmp_path / "summary.csv")
+    summary = pd.read_csv(tmp_path / "smoke" / "summary.csv")
     assert list(summary["method"]) == ["fedavg", "topk", "fedpaq"]
     assert (summary["final_acc_mean"] > 0.1).all()
     assert summary.set_index("method").loc["topk", "ratio_up"] < 0.1

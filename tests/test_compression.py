@@ -8,20 +8,22 @@ simulation engine does through Ray actors).
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from clients import compression as cc
 from fedsparse import codec
 from fedsparse.accounting import payload_bytes
 from fedsparse.config import ConfigError, resolve_config
 from fedsparse.grid import seeded_sampling
-from fedsparse.masks import num_pruned
+from fedsparse.masks import global_magnitude_masks, num_pruned
 from fedsparse.models import build_model
 from fedsparse.server import initial_model, run_server
 from strategies.registry import build_strategy
@@ -310,6 +312,48 @@ def test_strategy_applies_the_weighted_mean_of_decoded_updates(strategy: str, ex
         assert report["uplink_nonzero_fraction"] == pytest.approx(0.05, abs=1e-3)
 
 
+def test_topk_error_feedback_round_two_sends_topk_of_update_plus_stored_residual() -> None:
+    """Round 2's reply is top-k(Δ₂ + e₁), e₁ the residual round 1 left in the client's context.state.
+
+    Δ₂ is recovered by replaying the same client round on a copy of its context without the
+    residual: that reply and its new residual split Δ₂ exactly (sent + e = a, entry by entry)."""
+    cfg = tiny_cfg(strategy="topk", **{"compress-ratio": 0.05, "clients-per-round": 4})
+    grid = loopback_grid(cfg, 4)
+    strat = build_strategy(cfg)
+    arrays = ArrayRecord(initial_model(cfg).state_dict())
+    with seeded_sampling(int(cfg["seed"]), 1):
+        msgs = list(strat.configure_train(1, arrays, ConfigRecord({"server-round": 1}), grid))
+    arrays, _ = strat.aggregate_train(1, list(grid.send_and_receive(msgs)))
+    before = {n: copy.deepcopy(c) for n, c in grid.contexts.items()}  # every client holds a residual e₁
+    with seeded_sampling(int(cfg["seed"]), 2):
+        msgs = list(strat.configure_train(2, arrays, ConfigRecord({"server-round": 2}), grid))
+    replies = list(grid.send_and_receive(msgs))
+    assert len(replies) == 4
+    residual_mattered = False
+    for msg, reply in zip(msgs, replies):
+        context = before[msg.metadata.dst_node_id]
+        e1 = {k: a.numpy() for k, a in context.state[cc.RESIDUAL_STATE_KEY].items()}
+        assert any(np.any(v) for v in e1.values())
+        sent, _ = cc.decode_update(codec.from_array_record(reply.content["arrays"]))
+
+        del context.state[cc.RESIDUAL_STATE_KEY]
+        replay = grid.client_app(msg, context)
+        sent0, _ = cc.decode_update(codec.from_array_record(replay.content["arrays"]))
+        e0 = {k: a.numpy() for k, a in context.state[cc.RESIDUAL_STATE_KEY].items()}
+        delta = {k: sent0[k] + e0[k] for k in sent0}  # Δ₂, exactly
+
+        acc = {k: delta[k] + e1[k] for k in delta}  # a = Δ₂ + e₁, in float32 as the client adds them
+        keep = cc.topk_masks(acc, 0.05, "model")
+        for k in acc:
+            np.testing.assert_array_equal(sent[k], np.where(keep[k], acc[k], np.float32(0)))
+        residual_mattered |= any(not np.array_equal(sent[k], sent0[k]) for k in sent)
+        # and the residual stored for round 3 is a − top-k(a)
+        e2 = {k: a.numpy() for k, a in grid.contexts[msg.metadata.dst_node_id].state[cc.RESIDUAL_STATE_KEY].items()}
+        for k in acc:
+            np.testing.assert_array_equal(e2[k], acc[k] - np.where(keep[k], acc[k], np.float32(0)))
+    assert residual_mattered  # ignoring the residual would have sent something else
+
+
 def test_compression_config_errors_name_the_value() -> None:
     with pytest.raises(ConfigError, match="compress-ratio"):
         tiny_cfg(strategy="topk", **{"compress-ratio": 0.0})
@@ -378,6 +422,15 @@ def test_snip_run_static_mask_exact_sparsity_and_sparse_both_ways(tmp_path: Path
     assert saliency_msgs[0].content["config"][cc.CFG_SNIP_BATCHES] == 2
     assert set(saliency_replies[0].content["arrays"].keys()) == set(prunable)
     assert len(grid.exchanges) == 4
+    # the mask, recomputed from the saliency replies: their example-weighted mean (partition order =
+    # node-id order on this grid), then the (1 − s) fraction of the pooled weights with the largest one
+    ordered = sorted(saliency_replies, key=lambda m: m.metadata.src_node_id)
+    counts = [float(m.content["metrics"]["num-examples"]) for m in ordered]
+    saliency = {
+        n: sum((c / sum(counts)) * m.content["arrays"][n].numpy().astype(np.float64) for c, m in zip(counts, ordered))
+        for n in prunable
+    }
+    keep = total - num_pruned(total, 0.8)
     masks = []
     for msgs, replies in grid.exchanges[1:]:
         assert msgs[0].content["config"][cc.CFG_SNIP_PHASE] == "train"
@@ -389,12 +442,121 @@ def test_snip_run_static_mask_exact_sparsity_and_sparse_both_ways(tmp_path: Path
     for later in masks[1:]:  # static mask
         for n in prunable:
             np.testing.assert_array_equal(later[n], masks[0][n])
+    assert sum(int(masks[0][n].sum()) for n in prunable) == keep
+    kept_min = min(float(saliency[n][masks[0][n]].min()) for n in prunable if masks[0][n].any())
+    pruned_max = max(float(saliency[n][~masks[0][n]].max()) for n in prunable if (~masks[0][n]).any())
+    assert kept_min >= pruned_max  # nothing more salient was pruned
+    expected = global_magnitude_masks({n: torch.from_numpy(saliency[n]) for n in prunable}, 0.8)
+    for n in prunable:
+        np.testing.assert_array_equal(masks[0][n], expected[n].numpy())
+    assert df["saliency_replies"].iloc[0] == 2 and df["saliency_rejected"].iloc[0] == 0
+    assert df["saliency_failures"].iloc[0] == 0
     for n in prunable:  # the final model is zero outside the mask
         assert not state[n][~torch.from_numpy(masks[0][n])].any()
     # the saliency exchange is metered in round 1; later rounds move far less than the dense model
     assert df["bytes_up"].iloc[0] > 2 * df["bytes_up"].iloc[1]
     assert df["comm_ratio_down"].iloc[-1] < 0.75
     assert (tmp_path / "snip_layer_sparsity.csv").is_file()
+
+
+def _snip_round_one(cfg: dict, tamper=None, reverse: bool = False):  # noqa: ANN001, ANN202
+    """Build a SNIP strategy and run its round-1 configure_train (the saliency exchange) on a
+    loopback grid whose saliency replies can be tampered with (``tamper(i, msg, reply)``, i in
+    node order) and arrive in reverse order."""
+    grid = loopback_grid(cfg, int(cfg["num-clients"]))
+    inner = grid.send_and_receive
+    seen: dict[str, list] = {}
+
+    def send_and_receive(messages, *, timeout=None):  # noqa: ANN001, ANN202
+        messages = list(messages)
+        replies = list(inner(messages, timeout=timeout))
+        if messages[0].content["config"][cc.CFG_SNIP_PHASE] != "saliency":
+            return replies
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        replies = sorted(replies, key=lambda r: r.metadata.src_node_id)
+        if tamper is not None:
+            replies = [tamper(i, by_node[r.metadata.src_node_id], r) for i, r in enumerate(replies)]
+        seen["replies"] = replies
+        return replies[::-1] if reverse else replies
+
+    grid.send_and_receive = send_and_receive  # type: ignore[method-assign]
+    strat = build_strategy(cfg)
+    arrays = ArrayRecord(initial_model(cfg).state_dict())
+    with seeded_sampling(int(cfg["seed"]), 1):
+        list(strat.configure_train(1, arrays, ConfigRecord({"server-round": 1}), grid))
+    return strat, seen["replies"]
+
+
+def _expected_snip_mask(replies: list, prunable: list[str], sparsity: float) -> dict[str, np.ndarray]:
+    counts = [float(r.content["metrics"]["num-examples"]) for r in replies]
+    saliency = {
+        n: torch.from_numpy(sum((c / sum(counts)) * r.content["arrays"][n].numpy().astype(np.float64) for c, r in zip(counts, replies)))
+        for n in prunable
+    }
+    return {n: m.numpy() for n, m in global_magnitude_masks(saliency, sparsity).items()}
+
+
+def test_snip_saliency_replies_are_aggregated_in_partition_order_and_screened(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import strategies.snip as snip_module
+
+    cfg = tiny_cfg(strategy="snip", **{"clients-per-round": 4, "target-sparsity": 0.8})
+    order: list[list[np.ndarray]] = []
+    real = snip_module._weighted_mean
+    monkeypatch.setattr(snip_module, "_weighted_mean", lambda parts, rho: order.append(parts) or real(parts, rho))
+
+    # replies arriving in reverse are summed in partition (here: node-id) order
+    strat, replies = _snip_round_one(cfg, reverse=True)
+    prunable = strat.prunable
+    first = [r.content["arrays"][prunable[0]].numpy().astype(np.float64) for r in replies]
+    assert len(order[0]) == 4 and all(np.array_equal(a, b) for a, b in zip(order[0], first))
+    expected = _expected_snip_mask(replies, prunable, 0.8)
+    for n in prunable:
+        np.testing.assert_array_equal(strat.masks[n], expected[n])
+
+    # bad saliencies are dropped with a logged reason, counted, and the mask is built from the rest
+    def tamper(i, msg, reply):  # noqa: ANN001, ANN202
+        tensors = {n: a.numpy().copy() for n, a in reply.content["arrays"].items()}
+        count = int(reply.content["metrics"]["num-examples"])
+        if i == 1:
+            tensors[prunable[0]].flat[0] = np.nan
+        elif i == 2:
+            del tensors[prunable[-1]]
+        elif i == 3:
+            count = 0
+        return train_reply(msg, ArrayRecord({n: Array(x) for n, x in tensors.items()}), count)
+
+    caplog.set_level(logging.WARNING, logger="fedsparse")
+    strat, replies = _snip_round_one(cfg, tamper=tamper)
+    expected = _expected_snip_mask(replies[:1], prunable, 0.8)
+    for n in prunable:
+        np.testing.assert_array_equal(strat.masks[n], expected[n])
+    assert (strat.saliency_clients, strat.saliency_rejected, strat.saliency_failures) == (1, 3, 0)
+    report = strat.round_report(1)
+    assert report["saliency_replies"] == 1 and report["saliency_rejected"] == 3
+    assert "saliency_rejected" not in strat.round_report(2)
+    text = caplog.text
+    assert "contains NaN" in text and f"missing saliency tensors: {prunable[-1]}" in text and "num-examples = 0 is not > 0" in text
+
+    # nothing valid: a clear refusal instead of a mask from garbage (or a division by zero)
+    with pytest.raises(RuntimeError, match="no valid saliency reply .*4 invalid"):
+        _snip_round_one(cfg, tamper=lambda i, msg, r: tamper(3, msg, r))
+
+    # the per-reply check: shapes/dtypes of the prunable tensors, >= 0, normalised
+    good = replies[0]
+    spec = {n: (tuple(good.content["arrays"][n].shape), "<f4") for n in prunable}
+    assert strat.check_saliency(good, spec) is None
+
+    def variant(change) -> str | None:  # noqa: ANN001
+        tensors = {n: a.numpy().copy() for n, a in good.content["arrays"].items()}
+        change(tensors)
+        return strat.check_saliency(train_reply(good, ArrayRecord({n: Array(x) for n, x in tensors.items()}), 10), spec)
+
+    assert "negative" in variant(lambda t: t[prunable[0]].__setitem__((0,) * t[prunable[0]].ndim, -1.0))
+    assert "sum to" in variant(lambda t: [np.multiply(x, 5, out=x) for x in t.values()])
+    assert "dtype float64" in variant(lambda t: t.__setitem__(prunable[0], t[prunable[0]].astype(np.float64)))
+    assert "unexpected saliency tensors: extra" in variant(lambda t: t.__setitem__("extra", np.zeros(3, np.float32)))
 
 
 def test_validate_reply_rejects_bad_updates() -> None:
@@ -414,10 +576,12 @@ def test_validate_reply_rejects_bad_updates() -> None:
     update = {k: np.zeros_like(a.numpy()) for k, a in arrays.items()}
     nan = dict(update)
     nan["classifier.4.bias"] = np.full_like(nan["classifier.4.bias"], np.nan)
-    assert "not finite" in strat.validate_reply(1, reply_with(nan))
+    assert "'classifier.4.bias' contains NaN" in strat.validate_reply(1, reply_with(nan))
     wrong = dict(update)
     wrong["classifier.4.bias"] = np.zeros(3, np.float32)
-    assert "expected float32(10,)" in strat.validate_reply(1, reply_with(wrong))
+    assert "has shape (3,), expected (10,)" in strat.validate_reply(1, reply_with(wrong))
+    wrong["classifier.4.bias"] = np.zeros(10, np.float64)
+    assert "has dtype float64, expected float32" in strat.validate_reply(1, reply_with(wrong))
     missing = dict(update)
     del missing["features.0.bias"]
     assert "missing arrays: features.0.bias" in strat.validate_reply(1, reply_with(missing))

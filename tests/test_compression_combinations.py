@@ -10,10 +10,12 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 
 from clients import compression as cc
+from clients.partial_update import unpack_parts
 from fedsparse import codec
 from fedsparse.accounting import payload_bytes
 from fedsparse.config import ConfigError
 from fedsparse.grid import seeded_sampling
+from fedsparse.masks import num_pruned
 from fedsparse.server import initial_model, run_server
 from strategies.registry import build_strategy
 
@@ -81,8 +83,10 @@ def test_feddip_with_luar_uplink_keeps_the_mask_and_sends_less(tmp_path: Path) -
     state = result.arrays.to_torch_state_dict()
     total = sum(state[n].numel() for n in PRUNABLE)
     zeros = sum(int((state[n] == 0).sum()) for n in PRUNABLE)
-    assert zeros / total >= 0.9 - 1e-6
-    assert df["sparsity"].iloc[-1] == pytest.approx(zeros / total)
+    assert zeros == num_pruned(total, 0.9)  # exactly s_p: neither under- nor over-pruned
+    # one weight too many or too few is 1/total ≈ 2e-5: far outside the float tolerance
+    assert df["mask_sparsity"].iloc[-1] == pytest.approx(zeros / total, rel=0, abs=1e-12)
+    assert df["sparsity"].iloc[-1] == pytest.approx(zeros / total, rel=0, abs=1e-12)
     # the uplink is smaller than FedDIP's own once layers are recycled
     plain = tiny_cfg(strategy="feddip", rounds=4, **{"reconfig-every": 2})
     plain_df = run_server(loopback_grid(plain, 4), plain, tmp_path / "plain", show_progress=False).rounds
@@ -91,10 +95,27 @@ def test_feddip_with_luar_uplink_keeps_the_mask_and_sends_less(tmp_path: Path) -
 
 
 def test_dpu_with_8bit_values_is_a_configuration() -> None:
-    """DPU + Q needs no new code: partial-update's value-bits = 8 quantises the broadcast values."""
-    cfg = tiny_cfg(strategy="partial-update", **{"value-bits": 8, "update-ratio": 0.05})
-    strategy = build_strategy(cfg)
+    """DPU + Q needs no new code: partial-update's value-bits = 8 quantises the broadcast values —
+    what goes down the wire is the 8-bit codec: uint8 values, one byte per sent value."""
+    cfg = tiny_cfg(strategy="partial-update", rounds=3, **{"value-bits": 8, "update-ratio": 0.05, "clients-per-round": 4})
+    strategy, history = _drive(cfg, 3)
     assert strategy.value_bits == 8
+    patches = 0
+    for h in history[1:]:  # round 1 starts every client from the seed; later rounds send patches
+        for msg in h["msgs"]:
+            semantics = list(msg.content["config"].get("pu-parts", []))
+            parts = unpack_parts(msg.content["arrays"], len(semantics))
+            for how, payload in zip(semantics, parts):
+                if how != "add":  # an exact (assign) patch: a dense resync or catch-up, float32
+                    continue
+                patches += 1
+                header, _ = codec.parse_header(payload[codec.INDEX_KEY])
+                values = payload[codec.VALUES_KEY]
+                assert header["value_bits"] == 8 and values.dtype == np.uint8
+                sent = sum(t["nnz"] for t in codec.tensor_nbytes(payload).values() if t["kind"] != "raw")
+                assert values.nbytes == sent > 0  # one byte per value
+                assert all(t["value_bytes"] == t["nnz"] for t in codec.tensor_nbytes(payload).values() if t["kind"] != "raw")
+    assert patches >= 4  # 8-bit patches were really sent (8 today: 4 clients in each of rounds 2 and 3)
 
 
 def test_combination_config_errors() -> None:
