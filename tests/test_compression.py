@@ -503,8 +503,8 @@ def test_snip_saliency_replies_are_aggregated_in_partition_order_and_screened(
 
     cfg = tiny_cfg(strategy="snip", **{"clients-per-round": 4, "target-sparsity": 0.8})
     order: list[list[np.ndarray]] = []
-    real = snip_module._weighted_mean
-    monkeypatch.setattr(snip_module, "_weighted_mean", lambda parts, rho: order.append(parts) or real(parts, rho))
+    real = snip_module.weighted_mean
+    monkeypatch.setattr(snip_module, "weighted_mean", lambda parts, rho: order.append(parts) or real(parts, rho))
 
     # replies arriving in reverse are summed in partition (here: node-id) order
     strat, replies = _snip_round_one(cfg, reverse=True)
