@@ -293,6 +293,8 @@ def other_cases() -> list[Case]:
     add("bench: a repeated seed", "suite: seeds = [0, 0]", _suite({"seeds": [0, 0]}))
     add("bench: splits is not a table of tables", "suite: splits = 3", _suite({"splits": 3}))
     add("bench: a split name with a path separator", "suite: [splits.\"a/b\"]", _suite({"splits": {"a/b": {}}}))
+    add("bench: a suite name with a path separator", "suite: name = \"a/b\"",
+        _suite({"name": "a/b", "methods": [{"name": "x", "strategy": "fedavg"}]}))
     add("bench: no methods", "suite without [[methods]]", _suite({}))
     add("bench: a method that is not a table", "suite: methods = [3]", _suite({"methods": [3]}))
     add("bench: a method defined twice", "suite: two [[methods]] named fedavg",
