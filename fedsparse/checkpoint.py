@@ -19,6 +19,11 @@ A run with ``checkpoint-every = N`` (N > 0) writes, in its output directory,
     are versioned by round so that the state matching a checkpoint at round R is the newest file
     with a round <= R: on resume the server deletes the files of rounds after R (work of the
     interrupted rounds), and at every checkpoint it deletes files no resume can need any more.
+    Clients mirror while ``checkpoint-every > 0`` and restore whenever the folder exists, so a run
+    resumed with ``checkpoint-every = 0`` still gets its clients' state back.
+
+Every file is written by :func:`atomic_write` (temporary file, fsync, ``os.replace``, directory
+fsync), which the rest of fedsparse uses for its outputs too.
 
 Sampling needs no saved state: every round's client draw is seeded from (seed, round)
 (:func:`fedsparse.grid.seeded_sampling`), and clients seed their batches from (seed, round,
@@ -29,7 +34,9 @@ ints of any size, floats including NaN/inf, bools, strings, None, ArrayRecords).
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import math
 import os
 import random
@@ -38,7 +45,7 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import numpy as np
 import torch
@@ -46,6 +53,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedsparse.accounting import Ledger
 from fedsparse.config import ConfigError
+
+log = logging.getLogger("fedsparse")
 
 FORMAT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.npz"
@@ -69,6 +78,9 @@ __all__ = [
     "resume_config",
     "strategy_state",
     "load_strategy_state",
+    "snapshot_strategy",
+    "restore_strategy",
+    "atomic_write",
     "capture_rng",
     "restore_rng",
     "save_client_state",
@@ -191,6 +203,52 @@ def load_strategy_state(strategy: Any, saved: Mapping[str, Any]) -> None:
         setattr(strategy, name, value)
 
 
+def snapshot_strategy(strategy: Any) -> dict[str, Any]:
+    """An in-memory copy of the strategy as it is now, for :func:`restore_strategy` within a round.
+
+    The round loop takes one before ``aggregate_train`` and rolls back to it when the aggregate
+    comes out non-finite, then ends the round as one without valid replies
+    (``aggregate_train(t, [])``). That needs the state of the round in flight too, which
+    ``state_dict()`` leaves out on purpose (FedDIP's masked model sent this round, LUAR's x_t and
+    R_t, partial-update's patches sent this round), so the snapshot is a deep copy of the
+    strategy's attributes (nested strategies included). A strategy whose attributes cannot be
+    copied gets its :func:`strategy_state` (what a checkpoint saves) instead: the rollback then
+    restores the state between rounds only (``complete`` is False).
+    """
+    try:
+        return {"complete": True, "attributes": copy.deepcopy(vars(strategy))}
+    except Exception as err:  # noqa: BLE001 - e.g. a third-party strategy holding a lock or a socket
+        log.warning("%s cannot be deep-copied (%s); a rollback restores its state_dict() only", type(strategy).__name__, err)
+        return {"complete": False, "state": pack_state(strategy_state(strategy))}
+
+
+def restore_strategy(strategy: Any, snapshot: Mapping[str, Any]) -> bool:
+    """Put ``strategy`` back as it was when :func:`snapshot_strategy` took ``snapshot``.
+
+    The attributes come back from a copy of the snapshot (so it can be restored again); nested
+    strategies (a wrapper's ``base``) are restored in place, so references to them stay valid.
+    Returns whether the round in flight was restored too (see :func:`snapshot_strategy`).
+    """
+    if snapshot["complete"]:
+        _restore_attributes(strategy, copy.deepcopy(dict(snapshot["attributes"])))
+        return True
+    load_strategy_state(strategy, unpack_state(*snapshot["state"]))
+    return False
+
+
+def _restore_attributes(obj: Any, saved: dict[str, Any]) -> None:
+    current = vars(obj)
+    for name in [n for n in current if n not in saved]:
+        delattr(obj, name)
+    for name, value in saved.items():
+        now = current.get(name)
+        nested = now is not None and now is not obj and type(now) is type(value) and callable(getattr(now, "aggregate_train", None))
+        if nested and hasattr(now, "__dict__"):
+            _restore_attributes(now, dict(vars(value)))
+        else:
+            setattr(obj, name, value)
+
+
 def capture_rng() -> dict[str, Any]:
     """The server process's global RNG states (Python, NumPy, torch CPU)."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state().numpy().copy()}
@@ -251,7 +309,6 @@ def checkpoint_path(out_dir: str | Path) -> Path:
 def save_checkpoint(out_dir: str | Path, ckpt: Checkpoint) -> Path:
     """Write ``checkpoint.npz`` atomically (temporary file, fsync, ``os.replace``)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     meta_obj = {
         "format": FORMAT_VERSION,
         "server_round": int(ckpt.server_round),
@@ -267,19 +324,35 @@ def save_checkpoint(out_dir: str | Path, ckpt: Checkpoint) -> Path:
     meta = json.dumps(packed, allow_nan=False).encode()
     members = {f"a{i}": a for i, a in enumerate(arrays)}
     members["meta"] = np.frombuffer(meta, dtype=np.uint8)
-    target = checkpoint_path(out_dir)
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=out_dir)
+    return atomic_write(checkpoint_path(out_dir), lambda fh: np.savez(fh, **members))  # type: ignore[arg-type]
+
+
+def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], Any]) -> Path:
+    """Write ``path`` so that a crash at any moment leaves the old file or the new one, never a torn one.
+
+    ``data``: the bytes, a str (UTF-8), or a function writing to the open binary file. It goes to a
+    temporary file in the same directory, which is flushed, fsync'ed and moved over ``path`` with
+    ``os.replace``; then the directory is fsync'ed so that the rename itself survives a power cut.
+    On any error the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **members)  # type: ignore[arg-type]
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data.encode() if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(out_dir)
-    return target
+    _fsync_dir(directory)
+    return path
 
 
 def _fsync_dir(path: Path) -> None:
@@ -420,7 +493,14 @@ _CLIENT_FILE = re.compile(r"^p(\d+)-r(\d+)\.rd$")
 
 def client_state_dir(cfg: Mapping[str, Any]) -> Path | None:
     """Where clients mirror their state: ``<out-dir>/client-state`` when checkpoints are on."""
-    if int(cfg.get("checkpoint-every", 0) or 0) <= 0 or not str(cfg.get("out-dir", "")):
+    if int(cfg.get("checkpoint-every", 0) or 0) <= 0:
+        return None
+    return _client_state_folder(cfg)
+
+
+def _client_state_folder(cfg: Mapping[str, Any]) -> Path | None:
+    """``<out-dir>/client-state`` (None without an out-dir), whether or not checkpoints are on."""
+    if not str(cfg.get("out-dir", "")):
         return None
     return Path(str(cfg["out-dir"])) / CLIENT_STATE_DIR
 
@@ -460,19 +540,7 @@ def save_client_state(cfg: Mapping[str, Any], context: Context, server_round: in
     pid = int(context.node_config.get("partition-id", -1))
     if pid < 0:
         return None
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"p{pid}-r{int(server_round)}.rd"
-    fd, tmp = tempfile.mkstemp(prefix=f".p{pid}-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(_serialize(RecordDict(items)))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(directory / f"p{pid}-r{int(server_round)}.rd", _serialize(RecordDict(items)))
 
 
 def restore_client_state(cfg: Mapping[str, Any], context: Context, server_round: int) -> int | None:
@@ -480,9 +548,14 @@ def restore_client_state(cfg: Mapping[str, Any], context: Context, server_round:
 
     Returns the round the state was saved at (None: nothing restored). A Context that already went
     through this (marked in its state) is left alone, so a running simulation never re-reads disk.
+
+    What decides is whether the run directory holds a ``client-state`` folder, not the current
+    ``checkpoint-every``: a run resumed with ``checkpoint-every = 0`` (an operational key, which a
+    resume may change) still gets back the state its clients mirrored before the interruption. A
+    new run never sees a previous run's folder (the server deletes it before round 1).
     """
-    directory = client_state_dir(cfg)
-    if directory is None or RESTORED_MARK in context.state:
+    directory = _client_state_folder(cfg)
+    if directory is None or RESTORED_MARK in context.state or not directory.is_dir():
         return None
     pid = int(context.node_config.get("partition-id", -1))
     found = max(((r, p) for q, r, p in _client_files(directory) if q == pid and r < int(server_round)), default=None)

@@ -8,7 +8,9 @@
 * ``timeout``: the client sleeps past the round's deadline (1.5 × ``round-timeout`` + 0.5 s) before
   doing its normal work, so the server stops waiting for it and the reply never counts;
 * ``nan``: the client trains normally, then replaces every floating-point value of its reply's
-  arrays with NaN — a diverged (or malicious) client, which reply validation must reject.
+  arrays with NaN — a diverged (or malicious) client, which reply validation must reject. A reply
+  with no floating-point array (bit-packed codes only, e.g. FedPAQ's) has nothing to put NaN in:
+  its ``train-loss`` metric becomes NaN instead, as a diverged client's loss would.
 
 Examples: ``"2:0"`` (partition 0 fails in round 2), ``"*:3"`` (partition 3 always fails),
 ``"4:*"`` (every client of round 4 fails), ``"2:1:timeout, 3:*"``. The ClientApp
@@ -18,12 +20,13 @@ configuration, so a run with failures repeats exactly.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from fedsparse.config import ConfigError
 
@@ -100,15 +103,26 @@ def inject(cfg: Mapping[str, Any], server_round: int, partition: int) -> None:
 
 
 def poison(cfg: Mapping[str, Any], server_round: int, partition: int, reply: Message) -> Message:
-    """The reply with NaN in every floating-point array if ``fail-clients`` says ``nan``; else as is."""
+    """The reply with NaN in every floating-point array if ``fail-clients`` says ``nan``; else as is.
+
+    A reply without any floating-point array (bit-packed codes only) gets ``train-loss = NaN`` in
+    its MetricRecord instead, so that the injected failure always takes effect.
+    """
     if failure_for(cfg, server_round, partition) != "nan" or reply.has_error():
         return reply
+    floats = 0
     for name, record in list(reply.content.array_records.items()):
         poisoned = {}
         for key, arr in record.items():
             x = arr.numpy()
-            poisoned[key] = Array(np.full_like(x, np.nan) if x.dtype.kind == "f" else x)
+            if x.dtype.kind == "f" and x.size:
+                floats += 1
+                x = np.full_like(x, np.nan)
+            poisoned[key] = Array(x)
         reply.content[name] = ArrayRecord(poisoned)
+    if not floats:
+        for name, metrics in list(reply.content.metric_records.items()):
+            reply.content[name] = MetricRecord({**dict(metrics.items()), "train-loss": math.nan})
     return reply
 
 

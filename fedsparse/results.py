@@ -2,10 +2,15 @@
 
 ``rounds.csv`` is tidy (one row per round) so that runs concatenate into one pandas frame;
 it is rewritten after each round, so an interrupted run keeps everything up to its last round.
+
+Every file is written atomically (:func:`fedsparse.checkpoint.atomic_write`: temporary file, fsync,
+``os.replace``), and ``summary.json`` is written last: its presence means the run finished and
+everything else of it is on disk (benchmark runners treat it as the completion marker).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -13,6 +18,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from fedsparse.checkpoint import atomic_write
 from fedsparse.config import to_toml
 
 BASE_COLUMNS = [
@@ -68,7 +74,12 @@ class RoundsTable:
         row["comm_ratio_total"] = (up + down) / (dup + ddown) if dup + ddown else math.nan
         self.rows.append(row)
         if self.out_dir is not None:
-            self.frame().to_csv(self.out_dir / "rounds.csv", index=False)
+            self.write()
+
+    def write(self) -> None:
+        """(Re)write ``rounds.csv`` atomically with the rows so far."""
+        if self.out_dir is not None:
+            atomic_write(self.out_dir / "rounds.csv", self.frame().to_csv(index=False))
 
     def frame(self) -> pd.DataFrame:
         df = pd.DataFrame(self.rows)
@@ -127,8 +138,10 @@ def _accuracy_plots(groups: list[tuple[str, pd.DataFrame]], out_dir: Path, prefi
         ax.legend()
         fig.tight_layout()
         path = out_dir / f"{prefix}{name}"
-        fig.savefig(path, dpi=120)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=120, format="png")
         plt.close(fig)
+        atomic_write(path, buffer.getvalue())
         paths.append(path)
     return paths
 
@@ -139,12 +152,14 @@ def plot_run(df: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
 
 
 def write_outputs(out_dir: Path, cfg: Mapping[str, Any], df: pd.DataFrame, extra: Mapping[str, Any] | None = None) -> dict:
-    """config.toml, summary.json and the plots (rounds.csv is already there)."""
+    """config.toml, the plots, then summary.json — last, so that it marks a finished run (rounds.csv
+    is already there). Each file is written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(to_toml(cfg))
+    atomic_write(out_dir / "config.toml", to_toml(cfg))
     summary = summarize(df, cfg) | dict(extra or {})
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    text = json.dumps(summary, indent=2, default=str) + "\n"  # before the plots: a bad value fails early
     plot_run(df, out_dir, f"{cfg['strategy']} / {cfg['model']} / {cfg['dataset']}")
+    atomic_write(out_dir / "summary.json", text)
     return summary
 
 

@@ -126,6 +126,13 @@ def _aggregate(
     replies, Flower's "nothing arrived" path — so it can settle its bookkeeping (partial-update
     marks the round's clients as needing a resynchronisation; FedDIP applies its pruning schedule);
     what it returns replaces the model only if it is finite.
+
+    An aggregate that comes out non-finite (finite replies can still overflow) is discarded, and so
+    is everything the aggregation did to the strategy: it is rolled back to a snapshot taken just
+    before (:func:`fedsparse.checkpoint.snapshot_strategy`) and the round then ends exactly like one
+    below ``min-replies``. Without the rollback the strategy would keep building on the bad
+    aggregate (partial-update's deployed model, FedAvgM's / FedAdam's stored model and moments,
+    FedDIP's masks re-pruned from NaN) while the loop kept the old model.
     """
     enough = len(screened.valid) >= min_replies
     if not enough:
@@ -133,13 +140,27 @@ def _aggregate(
             "round %d: %d valid replies < min-replies = %d; the previous model is kept",
             server_round, len(screened.valid), min_replies,
         )
-    new_arrays, _metrics = strategy.aggregate_train(server_round, screened.valid if enough else [])
+    snapshot = ckpt.snapshot_strategy(strategy)
+    if enough:
+        new_arrays, _metrics = strategy.aggregate_train(server_round, screened.valid)
+        if new_arrays is None:
+            return arrays, False
+        if _finite(new_arrays):
+            return new_arrays, True
+        log.error(
+            "round %d: the aggregated model is not finite; the strategy is rolled back, the previous model is "
+            "kept and the round ends as one without valid replies", server_round,
+        )
+        if not ckpt.restore_strategy(strategy, snapshot):
+            return arrays, False  # the round in flight could not be restored: nothing more to settle
+    new_arrays, _metrics = strategy.aggregate_train(server_round, [])
     if new_arrays is None:
         return arrays, False
     if not _finite(new_arrays):
-        log.error("round %d: the aggregated model is not finite; the previous model is kept", server_round)
+        log.error("round %d: the model the strategy returned is not finite; it is rolled back and the previous model kept", server_round)
+        ckpt.restore_strategy(strategy, snapshot)
         return arrays, False
-    return new_arrays, enough
+    return new_arrays, False
 
 
 def _resume(
@@ -159,16 +180,18 @@ def _resume(
     ckpt.drop_client_states_after(out_dir, saved.server_round)
     table = RoundsTable(out_dir, saved.rows)
     if saved.rows:
-        table.frame().to_csv(out_dir / "rounds.csv", index=False)  # drop rows of interrupted rounds
+        table.write()  # drop rows of interrupted rounds
     log.info("resuming %s after round %d", out_dir, saved.server_round)
     return saved, table
 
 
 def _fresh_start(out_dir: Path | None, cfg: Mapping[str, Any]) -> None:
-    """A new run: its config next to the results, no stale checkpoint or client state to pick up."""
+    """A new run: its config next to the results, no stale checkpoint, client state or completion
+    marker (``summary.json``, written last by a finished run) of a previous run in the directory."""
     if out_dir is None:
         return
-    (out_dir / "config.toml").write_text(to_toml(cfg))
+    (out_dir / "summary.json").unlink(missing_ok=True)
+    ckpt.atomic_write(out_dir / "config.toml", to_toml(cfg))  # resume reads it: never a torn file
     ckpt.checkpoint_path(out_dir).unlink(missing_ok=True)
     state_dir = out_dir / ckpt.CLIENT_STATE_DIR
     if state_dir.is_dir():
@@ -256,8 +279,8 @@ def run_server(
     df = table.frame()
     summary: dict[str, Any] = {}
     if out_dir is not None:
-        metered.ledger.messages_frame().to_csv(out_dir / "messages.csv", index=False)
-        metered.ledger.layers_frame().to_csv(out_dir / "layer_bytes.csv", index=False)
+        ckpt.atomic_write(out_dir / "messages.csv", metered.ledger.messages_frame().to_csv(index=False))
+        ckpt.atomic_write(out_dir / "layer_bytes.csv", metered.ledger.layers_frame().to_csv(index=False))
         final = getattr(strategy, "final_report", None)
         extra = final(out_dir) if callable(final) else None
         summary = write_outputs(out_dir, cfg, df, extra)

@@ -19,7 +19,9 @@ None`` (None = accept, a string = the reason to reject) when it has one — stra
 are not plain models (codec-packed sparse updates, omitted layers, extra records) must define it,
 usually with :func:`check_arrays` / :func:`check_finite` on what they decode. Flower's own
 strategies (FedAvg, FedProx, FedAdam, ...) get the **generic model check** instead: exactly one
-ArrayRecord, ``arrays``, holding exactly the model's arrays with the model's shapes and dtypes.
+ArrayRecord, ``arrays``, holding exactly the model's arrays, in the model's order, with the model's
+shapes and dtypes. (Order matters: Flower's aggregation takes the first reply's key order and
+FedAvgM pairs arrays by position; :func:`check_arrays` checks it for every ArrayRecord.)
 Custom strategies without the hook get the universal checks only (logged once).
 
 Finally the round's accepted replies must agree on their metric keys (Flower's aggregation raises
@@ -110,12 +112,18 @@ def check_arrays(
     *,
     omit: Iterable[str] = (),
     what: str = "array",
+    ordered: bool | None = None,
 ) -> str | None:
     """None when ``arrays`` holds exactly the arrays of ``spec`` minus ``omit``, each with its shape
-    and dtype and finite; else the first problem found (missing / unexpected / shape / dtype / NaN).
+    and dtype and finite; else the first problem found (missing / unexpected / out of order / shape /
+    dtype / NaN).
 
     Takes an ArrayRecord (decoded here, corrupt buffers rejected) or already decoded tensors (e.g.
-    what a strategy's codec produced).
+    what a strategy's codec produced). ``ordered`` (default: True for an ArrayRecord) also requires
+    the arrays in ``spec``'s order: Flower's aggregation gives the global model the first reply's
+    key order, and FedAvgM pairs arrays with its stored model by position, so a reply with the
+    right arrays in another order would silently mix layers up. Decoded tensors that a strategy
+    aggregates by name need no order.
     """
     omitted = set(omit)
     expected = [k for k in spec if k not in omitted]
@@ -126,6 +134,11 @@ def check_arrays(
     unexpected = [k for k in have if k not in spec or k in omitted]
     if unexpected:
         return f"unexpected {what}s: {', '.join(map(str, unexpected))}"
+    if ordered is None:
+        ordered = isinstance(arrays, ArrayRecord)
+    if ordered and have != expected:
+        i = next(i for i, (a, b) in enumerate(zip(have, expected)) if a != b)
+        return f"{what} {have[i]!r} is out of order: position {i} should hold {expected[i]!r} (the model's order)"
     for key in expected:
         if isinstance(arrays, ArrayRecord):
             x, problem = _decode(arrays, key)
@@ -186,7 +199,8 @@ def universal_check(msg: Message, max_examples: int | None) -> str | None:
 
 def model_reply_check(msg: Message, spec: ArraySpec, *, arrays_key: str = ARRAYS_KEY, omit: Iterable[str] = ()) -> str | None:
     """The generic check of a reply that carries the model: one ArrayRecord ``arrays_key`` with
-    exactly the model's arrays (minus ``omit``), shapes and dtypes as in ``spec``, finite."""
+    exactly the model's arrays (minus ``omit``) in the model's order, shapes and dtypes as in
+    ``spec``, finite."""
     records = msg.content.array_records
     if list(records) != [arrays_key]:
         return f"expected exactly one ArrayRecord named {arrays_key!r}, found {sorted(records)}"

@@ -482,9 +482,17 @@ class LUAR(Strategy):
 
     # ---- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue a run between rounds (numpy arrays and JSON-able values)."""
+        """Everything needed to continue a run between rounds (numpy arrays and JSON-able values).
+
+        The base strategy's state: its own ``state_dict()`` when it has one (``base_state``; e.g.
+        FedDIP's masks and schedule position under feddip-luar, a compressor's settings under
+        fedluar-paq), otherwise — Flower's own strategies — its per-array attributes (``base``:
+        FedOpt's ``current_arrays`` / ``m_t`` / ``v_t``, FedAvgM's ``current_arrays`` /
+        ``momentum_vector``).
+        """
+        base_fn = getattr(self.base, "state_dict", None)
         base_state: dict[str, Any] = {}
-        for name in PER_ARRAY_STATE:
+        for name in () if callable(base_fn) else PER_ARRAY_STATE:
             value = getattr(self.base, name, None)
             if isinstance(value, ArrayRecord):
                 base_state[name] = {"type": "ArrayRecord", "value": {k: np.array(a.numpy()) for k, a in value.items()}}
@@ -505,6 +513,7 @@ class LUAR(Strategy):
             "history": copy.deepcopy(self.history),
             "rng_state": copy.deepcopy(self.rng.bit_generator.state),
             "base": base_state,
+            **({"base_state": base_fn()} if callable(base_fn) else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -521,6 +530,19 @@ class LUAR(Strategy):
         self.recycled_count = dict(state["recycled_count"])
         self.history = copy.deepcopy(list(state["history"]))
         self.rng.bit_generator.state = copy.deepcopy(state["rng_state"])
+        base_load = getattr(self.base, "load_state_dict", None)
+        if "base_state" in state:
+            if not callable(base_load):
+                raise ValueError(
+                    f"the saved LUAR state holds a state_dict() of its base strategy, but {type(self.base).__name__} "
+                    "has no load_state_dict()"
+                )
+            base_load(state["base_state"])
+        elif callable(base_load) and callable(getattr(self.base, "state_dict", None)):
+            raise ValueError(
+                f"the saved LUAR state holds no state of its base strategy {type(self.base).__name__} (saved by an "
+                "older fedsparse, whose LUAR dropped it); it cannot be resumed exactly: start a new run"
+            )
         for name, item in state.get("base", {}).items():
             value = item["value"]
             if item["type"] == "ArrayRecord":

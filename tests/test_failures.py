@@ -6,7 +6,8 @@ becomes an error reply and leaves the client's context unchanged; a late reply i
 Every registered strategy is checked: failures are counted, a round without enough valid replies
 keeps the previous model, and the strategy's state stays consistent — the rounds after a failure see no
 other error than the injected ones (e.g. partial-update clients are resynchronised, not sent a
-patch for a copy they do not hold).
+patch for a copy they do not hold). A non-finite aggregate is discarded with everything it did to
+the strategy: the round ends exactly like one in which no reply arrived.
 """
 
 from __future__ import annotations
@@ -128,12 +129,16 @@ def test_failures_are_counted_and_state_stays_consistent(name: str, tmp_path: Pa
     df = result.rounds.set_index("round")
     assert (df["clients"] == df["replies"] + df["failures"] + df["rejected"]).all()
     assert df["failures"].tolist() == [0, 4, 1], "only the injected failures: no client lost its state"
-    # The 'nan' client's reply: NaN in every floating-point array. Replies of bit-packed codes only
-    # (no float array to poison) go through unchanged and are rightly accepted.
+    # The 'nan' client's reply: NaN in every floating-point array (a reply of bit-packed codes only,
+    # FedPAQ's, has none: its train-loss is NaN instead). The poison must take effect for every
+    # strategy, and the screen must reject it.
     poisoned = [m for m in grid.replies_of_round[3] if not m.has_error() and m.metadata.src_node_id == 102]
-    nan = int(_has_nan(poisoned[0]))
-    assert df["rejected"].tolist() == [0, 0, nan]
-    assert df["replies"].tolist() == [4, 0, 3 - nan]
+    assert len(poisoned) == 1
+    assert _has_nan(poisoned[0]) or math.isnan(poisoned[0].content["metrics"]["train-loss"]), (
+        f"{name}: the 'nan' failure did not poison the reply"
+    )
+    assert df["rejected"].tolist() == [0, 0, 1]
+    assert df["replies"].tolist() == [4, 0, 2]
     assert df["aggregated"].tolist() == [True, False, True]
     # round 2 kept round 1's model, bit for bit; round 3 moved on
     after = grid.globals_after
@@ -142,7 +147,7 @@ def test_failures_are_counted_and_state_stays_consistent(name: str, tmp_path: Pa
     assert not _same_arrays(after[3], after[2])
     assert _finite(result) and math.isfinite(df.loc[3, "test_loss"])
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["failures"] == 5 and summary["rejected"] == nan
+    assert summary["failures"] == 5 and summary["rejected"] == 1
 
     if name == "fedluar":  # LUAR counted two rounds per layer (aggregated or recycled), not three
         layers = summary["luar_layers"]
@@ -178,6 +183,108 @@ def test_min_replies_keeps_the_model(tmp_path: Path) -> None:
     assert lenient["aggregated"].tolist() == [True, True]
     assert not _same_arrays(grid.globals_after[2], grid.globals_after[1])
     assert lenient["failures"].tolist() == strict["failures"].tolist() == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# a non-finite aggregate rolls the strategy back
+# ------------------------------------------------------------------------------------------------
+
+HUGE = 3.0e38  # finite float32, but a weighted average of it times a server lr > 4, or its fp16 cast, is inf
+
+
+def _huge_reply(server_round: int, partition: int) -> Any:
+    """A stand-in for ``clients.app.poison``: the reply of (round, partition) with every floating-point
+    value set to ±HUGE — finite, so validation accepts it, but it overflows in the aggregation."""
+    from flwr.app import Array, ArrayRecord
+
+    def poison(cfg: Any, t: int, pid: int, reply: Any) -> Any:
+        if (t, pid) != (server_round, partition) or reply.has_error():
+            return reply
+        for name, record in list(reply.content.array_records.items()):
+            out = {}
+            for key, arr in record.items():
+                x = arr.numpy()
+                out[key] = Array(np.where(x < 0, -HUGE, HUGE).astype(x.dtype) if x.dtype.kind == "f" else x)
+            reply.content[name] = ArrayRecord(out)
+        return reply
+
+    return poison
+
+
+def _inf_biases(x: np.ndarray) -> np.ndarray:
+    """inf in 1-D float arrays (biases; partial-update moves them densely, outside its top-k, whose
+    ranking refuses non-finite scores), everything else as is."""
+    return np.full_like(x, np.inf) if x.dtype.kind == "f" and x.ndim == 1 else x
+
+
+def _inf_from_the_base(server_round: int) -> Any:
+    """A stand-in for ``fedsparse.server.build_strategy``: the real strategy, whose *inner* (base)
+    aggregation returns inf biases in round ``server_round`` — so the wrapper builds its own state on it."""
+    from flwr.app import Array, ArrayRecord
+
+    import fedsparse.server
+
+    real = fedsparse.server.build_strategy
+
+    def build(cfg: Any) -> Any:
+        strategy = real(cfg)
+        inner = strategy.base.aggregate_train
+
+        def aggregate_train(t: int, replies: Any) -> Any:
+            out, metrics = inner(t, replies)
+            if t == server_round and out is not None:
+                out = ArrayRecord({k: Array(_inf_biases(a.numpy())) for k, a in out.items()})
+            return out, metrics
+
+        strategy.base.aggregate_train = aggregate_train
+        return strategy
+
+    return build
+
+
+@pytest.mark.parametrize(
+    ("over", "how"),
+    [
+        # partial-update: its base's aggregate is inf, and so would be its deployed model
+        ({"strategy": "partial-update"}, "inf-base"),
+        # FedAvgM (LUAR with delta = 0 is exactly its base): a finite reply, but x - lr * momentum overflows
+        ({"strategy": "fedluar", "luar-base": "fedavgm", "recycled-layers": 0, "luar-server-lr": 10.0, "luar-server-momentum": 0.9}, "huge"),
+        # and with recycled layers: LUAR's own state (previous updates, scores, R_t) over FedAvgM's
+        ({"strategy": "fedluar", "luar-base": "fedavgm", "recycled-layers": 2, "luar-server-lr": 10.0, "luar-server-momentum": 0.9}, "huge"),
+    ],
+    ids=["partial-update", "fedavgm", "fedluar-fedavgm"],
+)
+def test_a_non_finite_aggregate_rolls_the_strategy_back(
+    over: dict[str, Any], how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 2: the aggregate is not finite (a finite but huge reply overflows, or the inner rule's
+    aggregate is inf). The loop must discard the
+    aggregate *and* what aggregating did to the strategy (partial-update's deployed model,
+    FedAvgM's stored model and momentum, LUAR's previous updates), then end the round as one
+    without valid replies: the run ends bit for bit like one whose round 2 had no reply at all."""
+    import clients.app
+
+    # no client state (persist-momentum off): the reference's clients, which raised in round 2,
+    # and these, which trained, then hold the same state
+    common = {"rounds": 4, "eval-every": 1, "persist-momentum": False, **over}
+    reference, _ = _run_on(tmp_path / "reference", **common, **{"fail-clients": "2:*"})
+    if how == "huge":
+        monkeypatch.setattr(clients.app, "poison", _huge_reply(2, 1))
+    else:
+        import fedsparse.server
+
+        monkeypatch.setattr(fedsparse.server, "build_strategy", _inf_from_the_base(2))
+    result, grid = _run_on(tmp_path / "overflow", **common)
+    ref, df = reference.rounds.set_index("round"), result.rounds.set_index("round")
+    assert not any(m.has_error() for m in grid.replies_of_round[2])
+    assert df.loc[2, "replies"] == 4 and df.loc[2, "rejected"] == 0  # finite: the screen let it through
+    assert df["aggregated"].tolist() == ref["aggregated"].tolist() == [True, False, True, True]
+    assert _finite(result)
+    assert _same_arrays(result.arrays, reference.arrays), "the strategy kept something of the discarded aggregate"
+    assert df["test_loss"].tolist() == ref["test_loss"].tolist()
+    if over["strategy"] == "partial-update":
+        assert df["deployed_version"].tolist() == ref["deployed_version"].tolist() == [1, 1, 2, 3]
+        assert df.loc[3, "clients_dense"] == 4  # every client of round 2 is resynchronised
 
 
 @pytest.mark.ray

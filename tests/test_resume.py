@@ -1,14 +1,17 @@
 """Checkpoint and resume: a run that is killed and resumed ends exactly like one that was not.
 
-* in process (no Ray), for every registered strategy: the real round loop and ClientApp on an
+* in process (no Ray), for every registered strategy (FedDIP's masks re-pruned before the
+  checkpoint; FedLUAR also over FedAdam and FedAvgM): the real round loop and ClientApp on an
   engine-like grid (``EngineLikeGrid`` in tests/loopback.py), crashed in the middle of a round
   after a checkpoint, resumed with fresh client contexts and new node ids → the same final arrays
-  (bit for bit) and the same rounds table as an uninterrupted run;
+  (bit for bit) and the same rounds table as an uninterrupted run; also resumed with
+  ``checkpoint-every = 0`` (the same), and without the client-state mirror (not the same);
 * on Flower's simulation engine (Ray): ``fedsparse run`` in a subprocess, ``kill -9`` once the
   round-3 checkpoint exists, ``fedsparse run --resume DIR`` → the same as 6 rounds straight
   (FedAvg in the default suite; FedDIP, FedLUAR and partial-update marked slow);
-* the checkpoint format: nested state round trips exactly, writes are atomic, and a resume with a
-  conflicting configuration is refused with a message naming the keys.
+* the checkpoint format: nested state round trips exactly (LUAR's includes its base's own
+  state: FedDIP's masks under feddip-luar), writes are atomic — every output file's, summary.json
+  last — and a resume with a conflicting configuration is refused with a message naming the keys.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from fedsparse import checkpoint as ckpt
 from fedsparse.accounting import Ledger
 from fedsparse.config import ConfigError, resolve_config
 from fedsparse.server import RunResult, run_server
-from loopback import EngineLikeGrid, SimulatedCrash, set_task_identity
+from loopback import EngineLikeGrid, SimulatedCrash, set_task_identity, train_round
 from strategies.registry import strategy_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,6 +142,50 @@ def test_checkpoint_file_round_trip_and_atomic_replace(tmp_path: Path, monkeypat
     assert [p.name for p in tmp_path.iterdir()] == [ckpt.CHECKPOINT_FILE]
 
 
+def test_every_output_is_written_atomically_and_summary_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.toml (a resume reads it), rounds.csv, the checkpoint, the client-state files (their
+    folder fsync'ed), the ledgers and plots all go through atomic_write; summary.json — the
+    completion marker — comes last, after the plots."""
+    import fedsparse.results
+
+    written: list[str] = []
+    synced: list[str] = []
+    real_write, real_sync = ckpt.atomic_write, ckpt._fsync_dir
+
+    def spy(path: Any, data: Any) -> Path:
+        written.append(Path(path).name)
+        return real_write(path, data)
+
+    def sync_spy(path: Path) -> None:
+        synced.append(Path(path).name)
+        real_sync(path)
+
+    monkeypatch.setattr(ckpt, "atomic_write", spy)
+    monkeypatch.setattr(fedsparse.results, "atomic_write", spy)
+    monkeypatch.setattr(ckpt, "_fsync_dir", sync_spy)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")  # a previous run's marker: gone as soon as a new run starts
+    cfg = _cfg(out, rounds=1, strategy="partial-update", **{"checkpoint-every": 1, "eval-every": 1})
+    grid = EngineLikeGrid(make_client_app(cfg), 4)
+    original = grid.send_and_receive
+
+    def checking(messages: Any, **kw: Any) -> Any:
+        messages = list(messages)
+        if train_round(messages) is not None:
+            assert not (out / "summary.json").exists()
+        return original(messages, **kw)
+
+    grid.send_and_receive = checking  # type: ignore[method-assign]
+    run_server(grid, cfg, out, show_progress=False)
+    assert written[0] == "config.toml" and written[-1] == "summary.json"
+    for name in ("rounds.csv", ckpt.CHECKPOINT_FILE, "messages.csv", "layer_bytes.csv", "accuracy_vs_round.png", "accuracy_vs_mb.png"):
+        assert name in written, name
+    assert any(n.endswith(".rd") for n in written) and ckpt.CLIENT_STATE_DIR in synced
+    assert written.index("accuracy_vs_mb.png") < written.index("summary.json")
+    assert not [p.name for p in out.rglob(".*")], "a temporary file was left behind"
+
+
 def test_rng_state_round_trips() -> None:
     import random
 
@@ -190,17 +237,49 @@ def _compare(a: RunResult, b: RunResult) -> None:
     )
 
 
-@pytest.mark.parametrize("name", strategy_names())
-def test_crash_and_resume_in_process_is_bitwise_identical(name: str, tmp_path: Path) -> None:
-    straight_cfg = _cfg(tmp_path / "straight", strategy=name)
-    straight = run_server(EngineLikeGrid(make_client_app(straight_cfg), 4), straight_cfg, tmp_path / "straight", show_progress=False)
+#: Per strategy, settings that make its state change *before* the round-2 checkpoint: FedDIP
+#: re-prunes every round (reconfig-every = 1; the default 5 would re-prune only at round 3, after the
+#: checkpoint, and a resume that lost the masks would go unnoticed). Plus LUAR over the stateful
+#: Flower server optimisers (FedAdam's m_t / v_t, FedAvgM's momentum), whose per-array state LUAR saves.
+EXTRA: dict[str, dict[str, Any]] = {
+    "feddip": {"reconfig-every": 1},
+    "feddip-luar": {"reconfig-every": 1},
+}
+CASES = [(name, EXTRA.get(name, {})) for name in strategy_names()] + [
+    ("fedluar", {"luar-base": "fedadam"}),
+    ("fedluar", {"luar-base": "fedavgm", "luar-server-momentum": 0.9}),
+]
 
-    out = tmp_path / "resumed"
-    cfg = _cfg(out, strategy=name, **{"checkpoint-every": 2})
+
+def _case_id(case: tuple[str, dict[str, Any]]) -> str:
+    name, extra = case
+    return name + ("" if "luar-base" not in extra else f"-{extra['luar-base']}")
+
+
+def _straight(tmp_path: Path, name: str, extra: dict[str, Any]) -> RunResult:
+    cfg = _cfg(tmp_path / "straight", strategy=name, **extra)
+    return run_server(EngineLikeGrid(make_client_app(cfg), 4), cfg, tmp_path / "straight", show_progress=False)
+
+
+def _crash_after_round_2(out: Path, name: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Run with checkpoint-every = 2 and kill the server in round 3 (two clients already trained)."""
+    cfg = _cfg(out, strategy=name, **{"checkpoint-every": 2, **extra})
     crashing = EngineLikeGrid(make_client_app(cfg), 4, crash_in_round=3, crash_after=2)
     with pytest.raises(SimulatedCrash):
         run_server(crashing, cfg, out, show_progress=False)
     assert ckpt.read_checkpoint_config(out)[0] == 2
+    return cfg
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_crash_and_resume_in_process_is_bitwise_identical(case: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
+    name, extra = case
+    straight = _straight(tmp_path, name, extra)
+    if name in ("feddip", "feddip-luar"):  # the masks did change before the checkpoint
+        assert straight.rounds["reconfigured"].tolist()[:2] == [True, True]
+
+    out = tmp_path / "resumed"
+    cfg = _crash_after_round_2(out, name, extra)
     # a new process: new node ids, client contexts empty (their state comes back from client-state/)
     fresh = EngineLikeGrid(make_client_app(cfg), 4, first_node_id=9000)
     resumed = run_server(fresh, cfg, out, show_progress=False, resume=True)
@@ -210,6 +289,76 @@ def test_crash_and_resume_in_process_is_bitwise_identical(name: str, tmp_path: P
     assert on_disk["round"].tolist() == [1, 2, 3]
     messages = [pd.read_csv(d / "messages.csv").drop(columns=["node_id", "wire_bytes"]) for d in (tmp_path / "straight", out)]
     pd.testing.assert_frame_equal(*messages)
+
+
+def _differs(a: RunResult, b: RunResult) -> bool:
+    return any(a.arrays[k].numpy().tobytes() != b.arrays[k].numpy().tobytes() for k in a.arrays.keys())
+
+
+@pytest.mark.parametrize("name", ["fedluar", "partial-update", "topk"])
+def test_resume_without_the_client_state_mirror_differs(name: str, tmp_path: Path) -> None:
+    """Why the mirror exists: the same crash and resume, with client-state/ deleted before the
+    resume (as in a deployment whose SuperNodes do not share out-dir), does not end like the
+    uninterrupted run — LUAR's momentum and Top-k's residuals are gone, partial-update clients
+    have no copy to patch (an error reply, then a dense resynchronisation)."""
+    straight = _straight(tmp_path, name, {})
+    out = tmp_path / "resumed"
+    cfg = _crash_after_round_2(out, name, {})
+    assert any((out / ckpt.CLIENT_STATE_DIR).iterdir())
+    import shutil
+
+    shutil.rmtree(out / ckpt.CLIENT_STATE_DIR)
+    resumed = run_server(EngineLikeGrid(make_client_app(cfg), 4, first_node_id=9000), cfg, out, show_progress=False, resume=True)
+    assert _differs(straight, resumed)
+    if name == "partial-update":
+        assert resumed.rounds["failures"].iloc[-1] > 0 and straight.rounds["failures"].sum() == 0
+
+
+@pytest.mark.parametrize("name", ["fedluar", "partial-update", "topk"])
+def test_resume_with_checkpoint_every_0_keeps_the_client_state(name: str, tmp_path: Path) -> None:
+    """checkpoint-every is operational (a resume may change it): resumed with 0, the clients still
+    get back the state they mirrored before the crash, so the run ends exactly like the straight one.
+    Nothing more is mirrored (no checkpoint will be written that could use it)."""
+    straight = _straight(tmp_path, name, {})
+    out = tmp_path / "resumed"
+    cfg = _crash_after_round_2(out, name, {})
+    before = sorted(p.name for p in (out / ckpt.CLIENT_STATE_DIR).iterdir())
+    again = ckpt.resume_config(out, overrides={"checkpoint-every": 0})
+    assert again["checkpoint-every"] == 0
+    fresh = EngineLikeGrid(make_client_app(again), 4, first_node_id=9000)
+    resumed = run_server(fresh, again, out, show_progress=False, resume=True)
+    _compare(straight, resumed)
+    assert not any(m.has_error() for replies in fresh.received for m in replies)
+    assert sorted(p.name for p in (out / ckpt.CLIENT_STATE_DIR).iterdir()) == [n for n in before if int(n.split("-r")[1][:-3]) <= 2]
+    assert ckpt.read_checkpoint_config(out)[0] == 2  # no checkpoint after the resume
+
+
+def test_feddip_luar_state_round_trips_the_feddip_base(tmp_path: Path) -> None:
+    """LUAR over FedDIP (feddip-luar) saves the base's own state_dict(): masks, schedule position,
+    reconfiguration rounds come back exactly (LUAR used to save only Flower's per-array state)."""
+    from fedsparse.server import initial_model
+    from strategies.registry import build_strategy
+
+    cfg = _cfg(tmp_path, strategy="feddip-luar", **{"reconfig-every": 1})
+    strategy = build_strategy(cfg)
+    base = strategy.base
+    base._init_masks(ArrayRecord(initial_model(cfg).state_dict()))
+    rng = np.random.default_rng(0)
+    base.masks = {n: torch.from_numpy(rng.random(tuple(m.shape)) < 0.3) for n, m in base.masks.items()}
+    base.last_reconfig_round, base.reconfig_rounds = 2, [1, 2]
+    state = ckpt.unpack_state(*ckpt.pack_state(ckpt.strategy_state(strategy)))
+
+    back = build_strategy(cfg)
+    ckpt.load_strategy_state(back, state)
+    assert back.base.masks is not None and list(back.base.masks) == list(base.masks)
+    for n, m in base.masks.items():
+        assert torch.equal(back.base.masks[n], m), n
+    assert back.base.prunable == base.prunable and back.base.initial_densities == base.initial_densities
+    assert (back.base.last_reconfig_round, back.base.reconfig_rounds) == (2, [1, 2])
+    # a LUAR state without its base's state (the old format) is refused, not half-loaded
+    old = {k: v for k, v in state["state"].items() if k != "base_state"}
+    with pytest.raises(ValueError, match="holds no state of its base strategy"):
+        build_strategy(cfg).load_state_dict(old)
 
 
 def test_resume_refuses_a_conflicting_configuration(tmp_path: Path) -> None:

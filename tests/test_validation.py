@@ -86,6 +86,21 @@ def test_check_arrays_names_the_problem(mutate: Callable, fragment: str) -> None
     assert problem is not None and fragment in problem
 
 
+def test_check_arrays_requires_the_model_order() -> None:
+    """Flower's aggregation takes the first reply's key order and FedAvgM pairs arrays by position:
+    an ArrayRecord with the right arrays in another order is rejected, naming the first misplaced one."""
+    good = _good()
+    shuffled = {k: good[k] for k in ("w", "n", "b")}
+    problem = check_arrays(ArrayRecord({k: Array(v) for k, v in shuffled.items()}), SPEC)
+    assert problem == "array 'n' is out of order: position 1 should hold 'b' (the model's order)"
+    assert check_arrays(shuffled, SPEC) is None  # decoded tensors (aggregated by name): order is free
+    assert "out of order" in str(check_arrays(shuffled, SPEC, ordered=True))
+    # with omitted arrays, the order of the rest
+    rest = ArrayRecord({k: Array(good[k]) for k in ("n", "b")})
+    assert "array 'n' is out of order" in str(check_arrays(rest, SPEC, omit=["w"]))
+    assert check_arrays(ArrayRecord({k: Array(good[k]) for k in ("b", "n")}), SPEC, omit=["w"]) is None
+
+
 def test_check_arrays_omit_and_finite() -> None:
     partial = _good()
     del partial["w"]
@@ -164,6 +179,7 @@ BAD_CASES: dict[str, tuple[Callable[[dict, RecordDict], RecordDict], str]] = {
     "wrong dtype": (lambda a, c: _content({**a, "classifier.4.bias": a["classifier.4.bias"].astype(np.float64)}, {"num-examples": 50}), "has dtype float64"),
     "missing array": (lambda a, c: _content({k: v for k, v in a.items() if k != "classifier.4.bias"}, {"num-examples": 50}), "missing arrays: classifier.4.bias"),
     "unexpected array": (lambda a, c: _content({**a, "backdoor": np.ones(3, np.float32)}, {"num-examples": 50}), "unexpected arrays: backdoor"),
+    "arrays out of order": (lambda a, c: _content(dict(reversed(list(a.items()))), {"num-examples": 50}), "is out of order"),
     "second ArrayRecord": (lambda a, c: _with(c, extra=ArrayRecord({"x": Array(np.ones(2, np.float32))})), "exactly one ArrayRecord"),
     "renamed ArrayRecord": (lambda a, c: _with(c, arrays=None, weights=c["arrays"]), "exactly one ArrayRecord named 'arrays'"),
     "no arrays": (lambda a, c: _with(c, arrays=None), "exactly one ArrayRecord"),
