@@ -5,7 +5,8 @@ it is rewritten after each round, so an interrupted run keeps everything up to i
 
 Every file is written atomically (:func:`fedsparse.checkpoint.atomic_write`: temporary file, fsync,
 ``os.replace``), and ``summary.json`` is written last: its presence means the run finished and
-everything else of it is on disk (benchmark runners treat it as the completion marker).
+everything else of it is on disk (``fedsparse bench`` adds its own marker, ``bench.json``, once the
+run's process has also exited cleanly).
 """
 
 from __future__ import annotations
