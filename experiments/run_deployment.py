@@ -12,11 +12,10 @@ payload and wire bytes (messages.csv) beside the SuperLink's traffic count for t
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
-from fedsparse.deploy import PROJECT_DIR, LocalDeployment, traffic_report
+from fedsparse.deploy import PROJECT_DIR, LocalDeployment, data_env, traffic_report
 
 BASE = {
     "num-clients": 2,
@@ -42,8 +41,9 @@ def main() -> None:
     parser.add_argument("--no-example", action="store_true", help="skip examples/byo_clientapp")
     args = parser.parse_args()
     out = args.out.resolve()
-    env = {"FEDSPARSE_DATA": os.environ.get("FEDSPARSE_DATA", ""), "HF_DATASETS_OFFLINE": "1",
-           "XDG_CACHE_HOME": str(out / "xdg-cache")}
+    # the processes get a split cache of their own, so the data root is pinned first (data_env):
+    # their XDG_CACHE_HOME no longer leads to the user cache that `fedsparse data fetch` fills
+    env = {**data_env(), "HF_DATASETS_OFFLINE": "1", "XDG_CACHE_HOME": str(out / "xdg-cache")}
     rows = []
     with LocalDeployment(out / "deployment", 2, env=env) as dep:
         jobs = [(name, PROJECT_DIR, {**BASE, **extra, "out-dir": str(out / name)}) for name, extra in RUNS.items()]
@@ -81,7 +81,10 @@ def main() -> None:
             + "- byo example: `examples/byo_clientapp` (own model and data, 3 rounds of FedDIP).\n\n"
             "Bytes summed over every train message of the run. *payload*: serialised arrays + keys + config and\n"
             "metric entries; *wire*: Σ len(deflate()) of every Flower object of the message (messages.csv);\n"
-            "*SuperLink*: its own Fleet-API traffic count for the run (`flwr ls --format json`).\n\n"
+            "the ledger computes it once per content shared by a round's messages, so it is exact to within a\n"
+            "few bytes per message (messages to different nodes differ in the node id); *SuperLink*: its own\n"
+            "traffic count for the run (`flwr ls --format json`): protobuf sizes of the Fleet API requests and\n"
+            "responses plus the object contents pushed and pulled, no HTTP/2, TLS or TCP overhead.\n\n"
             + table
             + "\n\nReproduce: `.venv/bin/python experiments/run_deployment.py --out runs/deployment "
             "--table experiments/results/deployment.md` (wall times depend on the machine's load).\n"

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 #: Environment every Flower process we start gets: no `uv sync` of the app's dependencies per
 #: run (the environment is already complete), no telemetry.
@@ -74,6 +74,30 @@ def run_config_arg(run_config: Mapping[str, Any]) -> str:
     return " ".join(f"{key}={toml_value(value)}" for key, value in run_config.items())
 
 
+def data_env() -> dict[str, str]:
+    """``{"FEDSPARSE_DATA": root}`` for processes started with an ``XDG_CACHE_HOME`` of their own.
+
+    The user cache (``$XDG_CACHE_HOME/fedsparse/data``, where ``fedsparse data fetch`` writes) is
+    found through ``XDG_CACHE_HOME``; a process whose cache is re-pointed (a test session, the
+    SuperLink and SuperNodes of :class:`LocalDeployment`) no longer sees it. Call this *before*
+    re-pointing: it returns ``FEDSPARSE_DATA`` as set, else the user-cache data root if a dataset
+    is located there, else nothing (Debian's ``/usr/share/datasets`` does not depend on the cache).
+    """
+    from fedsparse.data.paths import DATASETS, ENV_VAR, DatasetNotFoundError, locate, user_data_dir
+
+    if os.environ.get(ENV_VAR):
+        return {ENV_VAR: os.environ[ENV_VAR]}
+    root = user_data_dir()
+    for name in DATASETS:
+        try:
+            folder = locate(name)
+        except DatasetNotFoundError:
+            continue
+        if folder.is_relative_to(root):
+            return {ENV_VAR: str(root)}
+    return {}
+
+
 # --- TLS ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TLSFiles:
@@ -114,6 +138,11 @@ def self_signed_tls(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1"
         .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(valid[0]).not_valid_after(valid[1])
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     sans: list[x509.GeneralName] = []
@@ -129,6 +158,10 @@ def self_signed_tls(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1"
         .not_valid_before(valid[0]).not_valid_after(valid[1])
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        # Python >= 3.13 verifies strictly (VERIFY_X509_STRICT): it wants both key identifiers
+        # (and keyUsage on the CA)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     files = TLSFiles(folder / "ca.crt", folder / "server.pem", folder / "server.key")
@@ -173,7 +206,8 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _signal(pid: int, sig: int) -> None:
+def signal_pid(pid: int, sig: int) -> None:
+    """``os.kill(pid, sig)``, ignoring a process that is already gone (or not ours)."""
     try:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
@@ -191,6 +225,88 @@ def process_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def processes_with_env(key: str, value: str) -> list[int]:
+    """Every process visible in /proc whose environment holds ``KEY=VALUE`` (Linux; [] elsewhere).
+
+    A fresh listing that does not depend on parent links: it still finds a process whose parent
+    has exited (it is re-parented to init) as long as it inherited the environment.
+    """
+    wanted = f"{key}={value}".encode()
+    found: list[int] = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if wanted in environ.split(b"\0") and process_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def stop_tree(
+    popens: Sequence[subprocess.Popen],
+    grace: float = 15.0,
+    extra: Callable[[], Iterable[int]] | None = None,
+) -> list[int]:
+    """Stop the processes ``popens`` and everything below them: SIGTERM, up to ``grace`` seconds
+    to exit, then SIGKILL. Returns every pid that was signalled.
+
+    The tree is listed again on every pass of the wait and before the SIGKILL, so a process
+    started meanwhile (e.g. a SuperExec launching an app while it is being stopped) is caught too.
+    ``extra`` adds pids from another listing (e.g. :func:`processes_with_env`) on every pass.
+    """
+    signalled: set[int] = set()
+
+    def tree() -> set[int]:
+        children = _children_map()
+        todo = [p.pid for p in popens if p.poll() is None]  # a reaped pid may already be reused
+        todo += [pid for pid in signalled if process_alive(pid)]
+        if extra is not None:
+            todo += list(extra())
+        found: set[int] = set()
+        while todo:
+            pid = todo.pop()
+            if pid not in found:
+                found.add(pid)
+                todo.extend(children.get(pid, []))
+        return found
+
+    def term_new() -> set[int]:
+        current = tree()
+        for pid in current - signalled:
+            signal_pid(pid, signal.SIGTERM)
+        signalled.update(current)
+        return current
+
+    current = term_new()
+    deadline = time.monotonic() + grace
+    while current and time.monotonic() < deadline:
+        time.sleep(0.2)
+        current = {pid for pid in term_new() if process_alive(pid)}
+    for _ in range(3):  # a parent may fork between the listing and its SIGKILL: list again
+        left = {pid for pid in tree() | signalled if process_alive(pid)}
+        if not left:
+            break
+        signalled.update(left)
+        for pid in left:
+            signal_pid(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    for popen in popens:
+        try:
+            popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    deadline = time.monotonic() + 5  # SIGKILL is delivered asynchronously
+    while time.monotonic() < deadline and any(process_alive(p) for p in signalled):
+        time.sleep(0.05)
+    return sorted(signalled)
 
 
 def _die_with_parent() -> None:
@@ -315,35 +431,23 @@ class LocalDeployment:
         return self
 
     def stop(self, grace: float = 15.0) -> None:
-        """Stop every process started here and everything they started (SIGTERM, then SIGKILL)."""
+        """Stop every process started here and everything they started (SIGTERM, then SIGKILL).
+
+        The process tree is listed again while waiting, and every process that carries this
+        deployment's ``FLWR_HOME`` is included even once its parent is gone.
+        """
         if not self.processes:
             return
         # All at once, then wait: a SuperNode may take a few seconds (it finishes its poll).
-        ordered = self.processes[1:] + self.processes[:1]
-        pids: list[int] = []
-        for proc in ordered:
-            if proc.popen.poll() is None:
-                pids.append(proc.popen.pid)
-            pids.extend(descendants(proc.popen.pid))
-        for pid in pids:
-            _signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(process_alive(p) for p in pids):
-            for proc in ordered:
-                proc.popen.poll()  # reap our direct children
-            time.sleep(0.2)
-        for pid in pids:
-            if process_alive(pid):
-                _signal(pid, signal.SIGKILL)
-        for proc in ordered:
-            try:
-                proc.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        deadline = time.monotonic() + 5  # SIGKILL is delivered asynchronously
-        while time.monotonic() < deadline and any(process_alive(p) for p in pids):
-            time.sleep(0.05)
+        ordered = [proc.popen for proc in self.processes[1:] + self.processes[:1]]
+        stop_tree(ordered, grace, extra=self.running)
         self.processes.clear()
+
+    def running(self) -> list[int]:
+        """A fresh listing of the live processes of this deployment: every process whose
+        environment carries its ``FLWR_HOME`` (SuperLink, SuperNodes, SuperExecs, apps, and a
+        ``flwr`` call in progress), whoever its parent is now."""
+        return processes_with_env("FLWR_HOME", str(self.flwr_home))
 
     def _spawn(self, name: str, argv: list[str]) -> ManagedProcess:
         log = self.workdir / "logs" / f"{name}.log"
@@ -539,6 +643,10 @@ __all__ = [
     "PROJECT_DIR",
     "free_port",
     "spawn",
+    "stop_tree",
+    "signal_pid",
+    "processes_with_env",
+    "data_env",
     "descendants",
     "process_alive",
     "superlink_run",

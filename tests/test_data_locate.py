@@ -95,3 +95,42 @@ def test_missing_mnist_and_cifar_routes(roots: dict[str, Path]) -> None:
 def test_unknown_dataset_name() -> None:
     with pytest.raises(ValueError, match="unknown dataset 'fmnist'; choose one of: fashion-mnist, mnist, cifar10, cifar100"):
         load_dataset("fmnist")
+
+
+def test_user_cache_data_stays_visible_after_the_cache_is_repointed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`make test` / `fedsparse data fetch` write into $XDG_CACHE_HOME/fedsparse/data; the test session
+    (conftest) and the deployed SuperLink/SuperNodes re-point XDG_CACHE_HOME. data_env() — what
+    conftest and tests/test_deployment.py call before re-pointing — must keep that data found."""
+    from fedsparse.deploy import data_env
+
+    monkeypatch.setattr(paths_mod, "DEBIAN_ROOT", tmp_path / "debian")
+    monkeypatch.delenv("FEDSPARSE_DATA", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    fetched = _fake_idx_folder(tmp_path / "home" / ".cache" / "fedsparse" / "data" / "fashion-mnist")
+    assert locate("fashion-mnist") == fetched
+
+    pinned = data_env()
+    assert pinned == {"FEDSPARSE_DATA": str(tmp_path / "home" / ".cache" / "fedsparse" / "data")}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "session-cache"))  # what conftest does next
+    with pytest.raises(DatasetNotFoundError):
+        locate("fashion-mnist")  # the bug: the re-pointed cache hides the fetched data
+    for key, value in pinned.items():
+        monkeypatch.setenv(key, value)
+    assert locate("fashion-mnist") == fetched
+    assert data_env() == pinned  # FEDSPARSE_DATA already set: kept as it is
+
+
+def test_data_env_pins_nothing_outside_the_user_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from fedsparse.deploy import data_env
+
+    monkeypatch.setattr(paths_mod, "DEBIAN_ROOT", tmp_path / "debian")
+    monkeypatch.delenv("FEDSPARSE_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data_env() == {}  # no data anywhere
+    _fake_idx_folder(tmp_path / "debian" / "fashion-mnist")
+    assert data_env() == {}  # Debian's folder does not depend on the cache
+    _fake_idx_folder(tmp_path / "xdg" / "fedsparse" / "data" / "MNIST" / "raw")  # torchvision layout
+    assert data_env() == {"FEDSPARSE_DATA": str(tmp_path / "xdg" / "fedsparse" / "data")}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import tomllib
 from pathlib import Path
@@ -26,8 +25,9 @@ from fedsparse.deploy import (
     PROJECT_DIR,
     DeploymentError,
     LocalDeployment,
-    process_alive,
+    data_env,
     descendants,
+    process_alive,
     self_signed_tls,
     traffic_report,
 )
@@ -56,11 +56,9 @@ RUNS: dict[str, dict[str, Any]] = {
 
 def _process_env(work: Path) -> dict[str, str]:
     """What the SuperLink (ServerApp) and SuperNodes (ClientApps) need: the data, offline HF, and a
-    split cache of their own."""
-    env = {"HF_DATASETS_OFFLINE": "1", "XDG_CACHE_HOME": str(work / "xdg-cache")}
-    if os.environ.get("FEDSPARSE_DATA"):
-        env["FEDSPARSE_DATA"] = os.environ["FEDSPARSE_DATA"]
-    return env
+    split cache of their own. The data root is pinned in FEDSPARSE_DATA (data_env: conftest has
+    already done it for this process) since their XDG_CACHE_HOME no longer leads to the user cache."""
+    return {**data_env(), "HF_DATASETS_OFFLINE": "1", "XDG_CACHE_HOME": str(work / "xdg-cache")}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +70,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeploy
         yield dep
         # everything the deployment started, as it stands before stopping
         tree = started + [d for pid in started for d in descendants(pid)]
-    leftover = [pid for pid in tree if process_alive(pid)]
+    # a fresh listing after stop (whatever carries the deployment's FLWR_HOME, orphans included),
+    # plus the tree seen before it
+    leftover = sorted(set(dep.running()) | {pid for pid in tree if process_alive(pid)})
     assert not leftover, f"processes still running after stop: {leftover}"
 
 
@@ -100,7 +100,7 @@ def test_strategy_in_deployment(deployment: LocalDeployment, strategy: str, tmp_
     assert summary["strategy"] == strategy and summary["final_accuracy"] == pytest.approx(final)
     assert tomllib.loads((out / "config.toml").read_text())["strategy"] == strategy
 
-    # --- every train message metered: payload and exact wire size, per client ---------------------
+    # --- every train message metered: payload and wire size (exact to a few bytes), per client -----
     msgs = pd.read_csv(out / "messages.csv")
     assert len(msgs) == 2 * 2 * NODES and set(msgs["message_type"]) == {"train"}
     assert sorted(msgs["partition_id"].unique()) == list(range(NODES))  # node → partition discovered
@@ -188,3 +188,4 @@ def test_tls_deployment(tmp_path: Path) -> None:
         superlink_log = dep.processes[0].tail(1 << 20)
         assert "--insecure" not in " ".join(dep.processes[0].popen.args)
         assert "insecure" not in superlink_log.lower(), superlink_log[-2000:]
+    assert not dep.running(), "processes still running after stop"

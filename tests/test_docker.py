@@ -113,12 +113,16 @@ def test_images_agree() -> None:
     cpu, cuda = _args(DOCKERFILES["cpu"]), _args(DOCKERFILES["cuda"])
     assert cpu["PYTHON_IMAGE"] == cuda["PYTHON_IMAGE"]
     pins = _pins()
-    # the CPU image installs torch from the CPU wheel index: the same versions as the pins
-    assert cpu["TORCH_VERSION"] == next(iter(pins["torch"].specifier)).version
-    assert cpu["TORCHVISION_VERSION"] == next(iter(pins["torchvision"].specifier)).version
-    # the CUDA image installs torch from requirements.txt (PyPI's CUDA build) and exposes the GPUs
+    # both install torch first from TORCH_INDEX_URL (CPU wheels; PyPI's CUDA build, or an older
+    # CUDA's index for an older driver): the same versions as the pins
+    for args in (cpu, cuda):
+        assert args["TORCH_VERSION"] == next(iter(pins["torch"].specifier)).version
+        assert args["TORCHVISION_VERSION"] == next(iter(pins["torchvision"].specifier)).version
+        assert args["TORCH_INDEX_URL"].startswith("https://")
+    assert cpu["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    # the CUDA image asks the NVIDIA runtime for compute; which GPUs is left to --gpus / compose
     cuda_env = " ".join(rest for word, rest in _final_stage(DOCKERFILES["cuda"]) if word == "ENV")
-    assert "NVIDIA_VISIBLE_DEVICES=all" in cuda_env and "compute" in cuda_env
+    assert "compute" in cuda_env and "NVIDIA_VISIBLE_DEVICES" not in cuda_env
 
 
 # --- image structure -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import pytest
 
 from fedsparse.cli import build_parser
 from fedsparse.config import resolve_config
-from fedsparse.deploy import descendants, free_port, process_alive, spawn
+from fedsparse.deploy import descendants, free_port, process_alive, signal_pid, spawn, stop_tree
 from fedsparse.simulation import backend_config
 
 BIN = Path(sys.executable).parent
@@ -76,7 +76,7 @@ def ray_head() -> Iterator[tuple[str, Path]]:
             pass
         for pid in tree:
             if process_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+                signal_pid(pid, signal.SIGKILL)  # it may exit between the check and the kill
         head.wait(timeout=10)
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -90,9 +90,15 @@ def test_simulation_runs_on_an_existing_cluster(ray_head: tuple[str, Path], tmp_
     argv = [str(BIN / "fedsparse"), "run", "--ray-address", address, "--out", str(out), "--quiet"]
     for key, value in sets.items():
         argv += ["--set", f"{key}={value}"]
-    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
-    output, _ = run.communicate(timeout=400)
-    assert run.returncode == 0, output[-4000:]
+    log = tmp_path / "run.log"
+    run = spawn(argv, log)  # stopped with whatever it started in `finally`, even after a timeout
+    try:
+        run.wait(timeout=400)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"fedsparse run still running after 400 s:\n{log.read_text(errors='replace')[-4000:]}")
+    finally:
+        stop_tree([run], grace=10)
+    assert run.returncode == 0, log.read_text(errors="replace")[-4000:]
 
     rounds = pd.read_csv(out / "rounds.csv")
     assert rounds["replies"].tolist() == [2] and rounds["failures"].tolist() == [0]
