@@ -50,6 +50,7 @@ from flwr.serverapp.strategy import FedAvg
 # Keys of the per-round ConfigRecord the client step reads (defined next to the client step).
 from clients.feddip import CONFIG_LAMBDA, CONFIG_PRUNABLE, CONFIG_PROXIMAL_MU, CONFIG_SPARSE_UPLINK
 from fedsparse import codec
+from fedsparse.checkpoint import atomic_write
 from fedsparse.config import Config, ConfigError, Key, cross_check, register_keys
 from fedsparse.masks import erk_densities, erk_masks, global_magnitude_masks, prunable_names
 from fedsparse.schedules import cubic_sparsity, incremental_lambda
@@ -396,7 +397,7 @@ class FedDIP(FedAvg):
         out_dir.mkdir(parents=True, exist_ok=True)
         table = pd.DataFrame(self.layer_table())
         csv = out_dir / "feddip_layer_sparsity.csv"
-        table.to_csv(csv, index=False)
+        atomic_write(csv, table.to_csv(index=False))
         png = out_dir / "feddip_layer_sparsity.png"
         if len(table):
             import matplotlib

@@ -44,6 +44,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
 
+from fedsparse.checkpoint import atomic_write
 from fedsparse.config import ConfigError, Key, cross_check, register_keys
 from fedsparse.layer_sampling import layer_scores, sample_recycled_layers
 from fedsparse.schedules import milestone_lr
@@ -467,12 +468,12 @@ class LUAR(Strategy):
 
         out_dir = Path(out_dir)
         table = pd.DataFrame(self.layer_table())
-        table.to_csv(out_dir / "luar_layers.csv", index=False)
+        atomic_write(out_dir / "luar_layers.csv", table.to_csv(index=False))
         scores = pd.DataFrame(
             [{"round": h["round"], "layer": g, "score": s, "recycled": g in h["recycled"]}
              for h in self.history for g, s in h["scores"].items()]
         )
-        scores.to_csv(out_dir / "luar_scores.csv", index=False)
+        atomic_write(out_dir / "luar_scores.csv", scores.to_csv(index=False))
         plot_layer_counts(table, out_dir / "luar_layers.png", title=f"FedLUAR δ={self.num_recycled} over {type(self.base).__name__}")
         return {
             "luar_recycled_layers": self.num_recycled,

@@ -39,6 +39,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from clients import compression as cc
 from fedsparse import codec
+from fedsparse.checkpoint import atomic_write
 from fedsparse.config import Config, ConfigError, Key, cross_check, register_keys
 from fedsparse.masks import global_magnitude_masks, prunable_names
 from fedsparse.validation import check_arrays, check_num_examples, spec_of
@@ -312,7 +313,7 @@ class SNIP(FedAvg):
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(self.layer_table()).to_csv(out_dir / "snip_layer_sparsity.csv", index=False)
+        atomic_write(out_dir / "snip_layer_sparsity.csv", pd.DataFrame(self.layer_table()).to_csv(index=False))
         return {
             "final_sparsity": self.measured_sparsity(),
             "final_mask_sparsity": self.mask_sparsity(),

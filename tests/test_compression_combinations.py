@@ -3,11 +3,12 @@ partial-update broadcast with 8-bit values — in process, real ClientApp on a l
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from clients import compression as cc
 from clients.partial_update import unpack_parts
@@ -127,3 +128,23 @@ def test_combination_config_errors() -> None:
         tiny_cfg(strategy="feddip-luar", momentum=0.9, **{"persist-momentum": True})
     with pytest.raises(ConfigError, match="initial-sparsity"):
         tiny_cfg(strategy="feddip-luar", **{"initial-sparsity": 0.95, "target-sparsity": 0.9})
+
+
+def test_feddip_with_luar_uplink_rejects_entries_outside_the_mask() -> None:
+    """The FedDIP+LUAR screen keeps FedDIP's rule: with nested masks a reply may carry values only
+    inside the round's mask; a reply that sends a kept (not recycled) prunable layer dense is rejected,
+    while the same round's honest replies pass."""
+    cfg = tiny_cfg(strategy="feddip-luar", rounds=3, **{"recycled-layers": 2, "reconfig-every": 2})
+    strategy, history = _drive(cfg, 2)  # _drive asserts every honest reply passes the screen
+    last = history[-1]
+    recycled = set(last["msgs"][0].content["config"][cc.LUAR_RECYCLED])
+    reply = last["replies"][0]
+    tensors, kept = codec.decode(codec.from_array_record(reply.content["arrays"]))
+    name = next(n for n in PRUNABLE if n not in recycled)
+    assert not kept[name].all()  # an honest reply is sparse in that layer
+    forged = {n: (np.ones_like(x) if n == name else x) for n, x in tensors.items()}
+    masks = {n: (None if n == name else kept[n]) for n in tensors}
+    bad = copy.copy(reply)
+    bad.content = RecordDict({"arrays": codec.to_array_record(codec.encode(forged, masks)), "metrics": reply.content["metrics"]})
+    reason = strategy.validate_reply(2, bad)
+    assert reason is not None and "outside the round's mask" in reason and repr(name) in reason
