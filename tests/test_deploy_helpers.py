@@ -17,11 +17,14 @@ from fedsparse.cli import build_parser
 from fedsparse.deploy import (
     LocalDeployment,
     ManagedProcess,
+    data_env,
     descendants,
     format_traffic,
     process_alive,
+    processes_with_env,
     run_config_arg,
     self_signed_tls,
+    stop_tree,
     traffic_report,
 )
 
@@ -113,3 +116,78 @@ def test_spawned_process_stops_when_its_starter_is_killed(tmp_path: Path) -> Non
     while process_alive(orphan) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not process_alive(orphan)
+
+
+def _wait_for_file(path: Path, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and path.read_text().strip():
+            return path.read_text().strip()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} was not written within {timeout} s")
+
+
+def test_stop_tree_catches_a_process_started_while_stopping(tmp_path: Path) -> None:
+    """The tree is listed again on every pass: a parent that answers SIGTERM by starting a child
+    that ignores SIGTERM in a session of its own (as a SuperExec launching an app) loses it too."""
+    import sys
+
+    late = tmp_path / "late.pid"
+    code = (
+        "import signal, subprocess, sys, time\n"
+        "def on_term(*_):\n"
+        "    child = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)'], start_new_session=True)\n"
+        f"    open({str(late)!r}, 'w').write(str(child.pid))\n"
+        "signal.signal(signal.SIGTERM, on_term)\n"
+        "print('ready', flush=True)\n"
+        "while True: time.sleep(0.1)\n"
+    )
+    popen = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert popen.stdout is not None and popen.stdout.readline().strip() == "ready"
+    signalled = stop_tree([popen], grace=2.0)
+    child = int(_wait_for_file(late))
+    assert child in signalled and popen.pid in signalled
+    assert not process_alive(child) and not process_alive(popen.pid)
+
+
+def test_stop_tree_reaches_orphans_through_the_extra_listing(tmp_path: Path) -> None:
+    """A grandchild whose parent exited is re-parented away from the tree; processes_with_env still
+    finds it by the environment it inherited, and stop_tree stops it."""
+    import os
+    import uuid
+
+    mark = uuid.uuid4().hex
+    pid_file = tmp_path / "orphan.pid"
+    popen = subprocess.Popen(
+        ["sh", "-c", f"sh -c 'trap \"\" TERM; sleep 300' & echo $! > {pid_file}; exit 0"],
+        env={**os.environ, "FEDSPARSE_TEST_MARK": mark},
+    )
+    popen.wait(timeout=10)
+    orphan = int(_wait_for_file(pid_file))
+    assert process_alive(orphan) and orphan not in descendants(os.getpid())
+    signalled = stop_tree([popen], grace=1.0, extra=lambda: processes_with_env("FEDSPARSE_TEST_MARK", mark))
+    assert orphan in signalled and not process_alive(orphan)
+
+
+def test_data_env_pins_the_data_root_a_recached_process_would_lose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedsparse.data.paths import IDX_FILES, locate
+
+    source = locate("mnist")  # the session's data (FEDSPARSE_DATA, pinned by conftest)
+    monkeypatch.setenv("FEDSPARSE_DATA", "/some/data/root")
+    assert data_env() == {"FEDSPARSE_DATA": "/some/data/root"}  # as set, untouched
+
+    monkeypatch.delenv("FEDSPARSE_DATA")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    assert data_env() == {}  # nothing in the user cache: nothing to pin
+
+    cache = tmp_path / "cache"
+    target = cache / "fedsparse" / "data" / "mnist"
+    target.mkdir(parents=True)
+    for name in IDX_FILES:
+        found = [p for p in source.iterdir() if p.name.startswith(name)]
+        assert found, f"{name} not in {source}"
+        for p in found:
+            (target / p.name).symlink_to(p.resolve())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    assert data_env() == {"FEDSPARSE_DATA": str(cache / "fedsparse" / "data")}
