@@ -110,6 +110,11 @@ SCHEMA: dict[str, Key] = {
     # reliability (docs/reliability.md)
     "checkpoint-every": Key(0, "write a checkpoint every N rounds and at the last (0 = never); continue with fedsparse run --resume DIR", minimum=0),
     "min-replies": Key(1, "a round with fewer valid replies keeps the previous model", minimum=1),
+    "reply-max-abs": Key(
+        1e6,
+        "a reply holding a floating-point value larger than this in magnitude is rejected (0 = no bound): finite but huge values pass the finiteness check and would wreck the average or a server optimiser's moments",
+        minimum=0.0,
+    ),
     "fail-clients": Key("", "testing: inject client failures, ROUND:PARTITION[:raise|timeout|nan] items ('*' = any), e.g. '2:0, *:3:timeout'"),
 }
 

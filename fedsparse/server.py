@@ -102,7 +102,8 @@ def _finite(arrays: ArrayRecord) -> bool:
 
 
 def _screen_for(strategy: Strategy, cfg: Mapping[str, Any], metered: MeteredGrid, model: ArrayRecord) -> ReplyScreen:
-    """Reply validation with the model's spec and each client's partition size as num-examples bound."""
+    """Reply validation with the model's spec, each client's partition size as num-examples bound and
+    ``reply-max-abs`` as the bound on every value."""
     sizes = [len(p) for p in partitions_for(cfg)]
     train_size = len(dataset_for(cfg).train_labels)
 
@@ -114,7 +115,7 @@ def _screen_for(strategy: Strategy, cfg: Mapping[str, Any], metered: MeteredGrid
         pid = metered.partition_of.get(msg.metadata.src_node_id, -1)
         return f"partition {pid}" if pid >= 0 else f"node {msg.metadata.src_node_id}"
 
-    return ReplyScreen(strategy, spec_of(model), bound, describe)
+    return ReplyScreen(strategy, spec_of(model), bound, describe, max_abs=float(cfg.get("reply-max-abs", 0.0)) or None)
 
 
 def _aggregate(

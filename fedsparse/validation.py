@@ -11,8 +11,11 @@ Every reply gets the **universal checks** (they hold for any strategy following 
 * exactly one MetricRecord, named ``metrics``, whose values are finite; ``num-examples`` is an int
   or float, > 0 and at most the client's partition size (the training-set size when the partition
   is not known);
-* every floating-point array in every ArrayRecord decodes and is finite, and holds the shape and
-  dtype its ``Array`` declares.
+* every floating-point array in every ArrayRecord decodes and is finite, holds no value larger in
+  magnitude than the ``reply-max-abs`` bound (1e6 by default: a finite but huge reply would pass
+  the finiteness check and turn FedAvg's average into garbage, or blow up FedAdam's second moment
+  so that the adaptive step is ~0 for the rest of the run), and holds the shape and dtype its
+  ``Array`` declares.
 
 Then the **content check**: the strategy's own hook ``validate_reply(server_round, msg) -> str |
 None`` (None = accept, a string = the reason to reject) when it has one — strategies whose replies
@@ -59,6 +62,7 @@ __all__ = [
     "spec_of",
     "check_arrays",
     "check_finite",
+    "check_magnitude",
     "check_num_examples",
     "universal_check",
     "model_reply_check",
@@ -103,6 +107,19 @@ def check_finite(tensors: Mapping[str, np.ndarray], what: str = "array") -> str 
         if x.dtype.kind in "fc" and not np.isfinite(x).all():
             kind = "NaN" if np.isnan(x).any() else "inf"
             return f"{what} {name!r} contains {kind}"
+    return None
+
+
+def check_magnitude(tensors: Mapping[str, np.ndarray], bound: float | None, what: str = "array") -> str | None:
+    """None when no floating-point value exceeds ``bound`` in magnitude (None or 0: no bound)."""
+    if not bound:
+        return None
+    for name, x in tensors.items():
+        x = np.asarray(x)
+        if x.dtype.kind in "fc" and x.size:
+            largest = float(np.max(np.abs(x)))
+            if largest > bound:
+                return f"{what} {name!r} holds |x| = {largest:.3g} > reply-max-abs = {bound:g}"
     return None
 
 
@@ -169,7 +186,7 @@ def check_num_examples(value: Any, bound: int | None) -> str | None:
     return None
 
 
-def universal_check(msg: Message, max_examples: int | None) -> str | None:
+def universal_check(msg: Message, max_examples: int | None, max_abs: float | None = None) -> str | None:
     """The checks every reply gets, whatever the strategy (see the module docstring)."""
     content = msg.content
     metric_records = content.metric_records
@@ -191,7 +208,7 @@ def universal_check(msg: Message, max_examples: int | None) -> str | None:
             if problem:
                 return f"{rec_name}: {problem}" if rec_name != ARRAYS_KEY else problem
             assert x is not None
-            bad = check_finite({key: x})
+            bad = check_finite({key: x}) or check_magnitude({key: x}, max_abs)
             if bad:
                 return f"{rec_name}: {bad}" if rec_name != ARRAYS_KEY else bad
     return None
@@ -226,7 +243,8 @@ class ReplyScreen:
 
     ``spec``: the model's arrays (for the generic model check); ``max_examples(msg)``: the bound on
     ``num-examples`` for the sender of ``msg`` (None: no bound); ``describe(msg)``: how to name the
-    sender in logs (e.g. its partition id).
+    sender in logs (e.g. its partition id); ``max_abs``: the ``reply-max-abs`` bound on the magnitude
+    of every floating-point value (None or 0: no bound).
     """
 
     def __init__(
@@ -235,8 +253,10 @@ class ReplyScreen:
         spec: ArraySpec,
         max_examples: Callable[[Message], int | None] = lambda msg: None,
         describe: Callable[[Message], str] = lambda msg: f"node {msg.metadata.src_node_id}",
+        max_abs: float | None = None,
     ) -> None:
         self.strategy = strategy
+        self.max_abs = max_abs
         self.spec = spec
         self.max_examples = max_examples
         self.describe = describe
@@ -252,7 +272,7 @@ class ReplyScreen:
     def check(self, server_round: int, msg: Message) -> str | None:
         """None if ``msg`` (not an error reply) may be aggregated, else why not."""
         try:
-            problem = universal_check(msg, self.max_examples(msg))
+            problem = universal_check(msg, self.max_examples(msg), self.max_abs)
             if problem is None and self.hook is not None:
                 problem = self.hook(server_round, msg)
             elif problem is None and self.generic:

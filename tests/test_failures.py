@@ -266,7 +266,9 @@ def test_a_non_finite_aggregate_rolls_the_strategy_back(
 
     # no client state (persist-momentum off): the reference's clients, which raised in round 2,
     # and these, which trained, then hold the same state
-    common = {"rounds": 4, "eval-every": 1, "persist-momentum": False, **over}
+    # reply-max-abs = 0: no magnitude bound, so the huge reply reaches the aggregation (the case
+    # where the bound is too loose for a strategy's overflow)
+    common = {"rounds": 4, "eval-every": 1, "persist-momentum": False, "reply-max-abs": 0.0, **over}
     reference, _ = _run_on(tmp_path / "reference", **common, **{"fail-clients": "2:*"})
     if how == "huge":
         monkeypatch.setattr(clients.app, "poison", _huge_reply(2, 1))
@@ -285,6 +287,34 @@ def test_a_non_finite_aggregate_rolls_the_strategy_back(
     if over["strategy"] == "partial-update":
         assert df["deployed_version"].tolist() == ref["deployed_version"].tolist() == [1, 1, 2, 3]
         assert df.loc[3, "clients_dense"] == 4  # every client of round 2 is resynchronised
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"strategy": "fedavg"},  # the average of the huge reply with the others: finite garbage
+        # FedAdam: the model stays finite, but v_t grows to ~1e73 and the adaptive step is ~0 for
+        # the rest of the run (the model would stop learning, with no error anywhere)
+        {"strategy": "fedluar", "luar-base": "fedadam", "recycled-layers": 0, "luar-server-lr": 0.01},
+    ],
+    ids=["fedavg", "fedadam"],
+)
+def test_a_finite_but_huge_reply_is_rejected_by_the_magnitude_bound(
+    over: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply of ±3e38 (finite) passes every finiteness check; the default ``reply-max-abs``
+    rejects it, and the run ends bit for bit like one in which that client failed in that round."""
+    import clients.app
+
+    common = {"rounds": 3, "eval-every": 1, "persist-momentum": False, **over}
+    reference, _ = _run_on(tmp_path / "reference", **common, **{"fail-clients": "2:1"})
+    monkeypatch.setattr(clients.app, "poison", _huge_reply(2, 1))
+    result, _ = _run_on(tmp_path / "huge", **common)
+    ref, df = reference.rounds.set_index("round"), result.rounds.set_index("round")
+    assert df["rejected"].tolist() == [0, 1, 0] and ref["failures"].tolist() == [0, 1, 0]
+    assert df["aggregated"].tolist() == [True, True, True]
+    assert _same_arrays(result.arrays, reference.arrays)
+    assert df["test_loss"].tolist() == ref["test_loss"].tolist()
 
 
 @pytest.mark.ray

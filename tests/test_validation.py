@@ -28,6 +28,7 @@ from fedsparse.validation import (
     ReplyScreen,
     check_arrays,
     check_finite,
+    check_magnitude,
     check_num_examples,
     spec_of,
     universal_check,
@@ -467,6 +468,23 @@ def test_fuzz_structural_damage_needs_a_validate_reply_hook(
         arrays, screened = r.aggregate(bad)
         assert screened.valid == [], f"{kind}: accepted"
         assert _finite(arrays)
+
+
+def test_magnitude_bound_rejects_finite_but_huge_values(model: ArrayRecord) -> None:
+    """``reply-max-abs``: a finite value beyond the bound is rejected with the array named; the bound
+    0 / None turns it off; integer arrays are not bounded."""
+    arrays = _np(model)
+    name = next(iter(arrays))
+    huge = {k: (np.where(np.arange(x.size).reshape(x.shape) == 0, 3.0e38, x).astype(x.dtype) if k == name else x) for k, x in arrays.items()}
+    good, bad = _reply(_content(arrays, {"num-examples": 5})), _reply(_content(huge, {"num-examples": 5}))
+    screened = ReplyScreen(FedAvg(), spec_of(model), max_abs=1e6).screen(1, [good, bad])
+    assert screened.valid == [good]
+    reason = screened.rejected[0][1]
+    assert repr(name) in reason and "reply-max-abs" in reason and "3e+38" in reason
+    assert ReplyScreen(FedAvg(), spec_of(model), max_abs=None).screen(1, [bad]).valid == [bad]
+    assert check_magnitude({"x": np.array([5, 10**9])}, 1e6) is None  # integers: not bounded
+    assert check_magnitude({"x": np.array([1.0, -2e6])}, 1e6) is not None  # the magnitude, not the sign
+    assert check_magnitude({"x": np.array([1.0, -2e6])}, 0.0) is None
 
 
 def test_a_non_finite_aggregate_is_discarded(model: ArrayRecord) -> None:
