@@ -3,7 +3,7 @@
 The resume / summary test runs real tiny runs in process — fedsparse's round loop on a loopback grid
 that calls the real ClientApp (no Ray) — and checks the runner's tables against those runs' own
 files. The end-to-end test of ``fedsparse bench`` on the smoke suite (Ray, one subprocess per run)
-is marked slow.
+is in the default run (about a minute on 2 idle cores): CI runs the smoke suite.
 """
 
 from __future__ import annotations
@@ -311,7 +311,6 @@ def test_cli_dry_run_lists_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_smoke_suite_end_to_end(tmp_path: Path) -> None:
     """``fedsparse bench`` on the smoke suite: subprocess per run on Ray, two at once; then resume."""
     suite = ROOT / "experiments" / "suites" / "smoke.toml"
