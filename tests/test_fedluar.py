@@ -139,6 +139,22 @@ def test_delta_zero_run_equals_fedavg_run_including_bytes(tmp_path: Path) -> Non
     assert (luar.rounds["recycled_layers"].fillna("") == "").all()
 
 
+@pytest.mark.parametrize("base", ["fedadam", "fedyogi"])
+def test_server_optimiser_model_is_broadcast_in_the_model_dtype(base: str, tmp_path: Path) -> None:
+    """Flower's FedAdam / FedYogi return float64 arrays (float64 moments); the loop casts them back
+    to the model's float32 before broadcasting, so the downlink is not doubled: every round's
+    messages carry float32 arrays and as many bytes as FedAvg's."""
+    cfg = _cfg(strategy="fedluar", rounds=3, **{"recycled-layers": 0, "luar-base": base, "luar-server-lr": 0.01})
+    grid = _grid(cfg)
+    result = run_server(grid, cfg, tmp_path / base, show_progress=False)
+    for msgs, _ in grid.exchanges:
+        assert {a.numpy().dtype for a in msgs[0].content["arrays"].values()} == {np.dtype(np.float32)}
+    plain = run_server(_grid(c := _cfg(strategy="fedavg", rounds=3)), c, tmp_path / "fedavg", show_progress=False)
+    assert result.rounds["bytes_down"].tolist() == plain.rounds["bytes_down"].tolist()
+    assert result.rounds["comm_ratio_down"].iloc[-1] == pytest.approx(plain.rounds["comm_ratio_down"].iloc[-1])
+    assert {a.numpy().dtype for a in result.arrays.values()} == {np.dtype(np.float32)}
+
+
 # --------------------------------------------------------------------------------------------
 # recycling: round 1, the exact previous update, the base rule on the other layers
 # --------------------------------------------------------------------------------------------
