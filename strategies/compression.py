@@ -435,17 +435,8 @@ def _feddip_partial_uplink() -> type:
                 return None
             omit = getattr(self, "_omit", [])
             spec = {k: (x.shape, x.dtype.str) for k, x in self._global.items()}
-            problem = check_arrays(tensors, spec, omit=omit)
-            if problem is None and self.masks is not None and self.sparse_uplink_at(server_round):
-                # FedDIP's own rule (FedDIP.validate_reply): a sparse-uplink round carries entries
-                # only inside the round's mask, for every prunable tensor the client did send.
-                for name in self.prunable:
-                    if name in omit or name not in kept:
-                        continue
-                    outside = int(np.count_nonzero(kept[name] & ~self.masks[name].numpy()))
-                    if outside:
-                        return f"sparse uplink expected: {name!r} carries {outside} entries outside the round's mask"
-            return problem
+            # FedDIP's own mask rule, for the prunable tensors the client did send
+            return check_arrays(tensors, spec, omit=omit) or self.entries_outside_mask(server_round, kept)
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
             return super().aggregate_train(server_round, [self._complete(m) for m in replies])

@@ -336,12 +336,21 @@ class FedDIP(FedAvg):
             return f"not a decodable {codec.CODEC_NAME} payload: {err}"
         spec = {n: (tuple(x.shape), x.dtype.str) for n, x in self._global.items()}
         problem = check_arrays(tensors, spec)
-        if problem is None and self.sparse_uplink_at(server_round):
-            for name in self.prunable:
-                outside = int(np.count_nonzero(kept[name] & ~self.masks[name].numpy()))
-                if outside:
-                    return f"sparse uplink expected: {name!r} carries {outside} entries outside the round's mask"
-        return problem
+        return problem or self.entries_outside_mask(server_round, kept)
+
+    def entries_outside_mask(self, server_round: int, kept: Mapping[str, np.ndarray]) -> str | None:
+        """In a sparse-uplink round, the first prunable tensor of ``kept`` (a decoded reply's masks)
+        with entries outside the round's mask, as a reason to reject; None otherwise. Tensors absent
+        from ``kept`` (left out by LUAR under feddip-luar) are not checked."""
+        if self.masks is None or not self.sparse_uplink_at(server_round):
+            return None
+        for name in self.prunable:
+            if name not in kept:
+                continue
+            outside = int(np.count_nonzero(kept[name] & ~self.masks[name].numpy()))
+            if outside:
+                return f"sparse uplink expected: {name!r} carries {outside} entries outside the round's mask"
+        return None
 
     def mask_sparsity(self) -> float:
         """Fraction of pruned positions in the current mask (prunable tensors pooled)."""
