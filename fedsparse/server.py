@@ -117,10 +117,9 @@ def in_model_dtypes(arrays: ArrayRecord, model_spec: Mapping[str, tuple[tuple[in
         want = model_spec.get(name)
         if want is None:
             continue
-        dtype = np.dtype(want[1])
-        x = arr.numpy()
-        if dtype.kind == "f" and x.dtype.kind == "f" and x.dtype != dtype:
-            cast[name] = x.astype(dtype)
+        dtype, has = np.dtype(want[1]), np.dtype(arr.dtype)  # the Array's header: no decode per round
+        if dtype.kind == "f" and has.kind == "f" and has != dtype:
+            cast[name] = arr.numpy().astype(dtype)
     if not cast:
         return arrays
     return ArrayRecord({name: (Array(cast[name]) if name in cast else arr) for name, arr in arrays.items()})
