@@ -13,10 +13,10 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.registry import train_step_for
 from fedsparse.checkpoint import restore_client_state, save_client_state
 from fedsparse.failures import inject, poison
 from fedsparse.grid import PARTITION_QUERY
+from fedsparse.methods import train_step
 
 
 def _threads(cfg: Mapping[str, Any]) -> None:
@@ -55,7 +55,7 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
         pid = int(context.node_config.get("partition-id", -1))
         inject(cfg, server_round, pid)  # fail-clients: raise or stall (tests)
         restore_client_state(cfg, context, server_round)  # a resumed run: state mirrored before the stop
-        out = train_step_for(str(cfg["strategy"]))(msg, context, cfg)
+        out = train_step(str(cfg["strategy"]))(msg, context, cfg)
         save_client_state(cfg, context, server_round)  # checkpoint-every > 0: mirror context.state
         return poison(cfg, server_round, pid, out)  # fail-clients ...:nan (tests)
 

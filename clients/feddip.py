@@ -4,7 +4,7 @@ The downlink is a :mod:`fedsparse.codec` payload; the client's mask is the set o
 codec kept for each prunable tensor (Algorithm 1, line 10) — taken from the index (bitmap or
 coordinates), not from the values, so a kept weight that happens to be 0.0 stays kept. The names of
 the prunable tensors, λ_τ, whether the uplink is sparse and FedProx's μ come in the round's
-ConfigRecord (see :mod:`strategies.feddip`).
+ConfigRecord (the layout is :mod:`fedsparse.protocol.feddip`).
 
 Two layers, so that a user's own ClientApp can reuse them:
 
@@ -26,20 +26,15 @@ from torch import Tensor, nn
 
 from clients.feddip_step import feddip_train
 from clients.local import LocalRound, reply, state_dict_cpu
-from clients.registry import register_train_step
 from fedsparse import codec
+from fedsparse.protocol import OMITTED_ARRAYS
+from fedsparse.protocol.feddip import CONFIG_LAMBDA, CONFIG_PROXIMAL_MU, CONFIG_PRUNABLE, CONFIG_SPARSE_UPLINK, decode_payload
 
-__all__ = ["decode_global", "encode_update", "feddip_client_round", "feddip_train_step"]
-
-CONFIG_LAMBDA = "feddip-lambda"
-CONFIG_PRUNABLE = "feddip-prunable"
-CONFIG_SPARSE_UPLINK = "feddip-sparse-uplink"
-CONFIG_PROXIMAL_MU = "proximal-mu"  # the same key Flower's FedProx sends
-
+__all__ = ["decode_global", "encode_update", "feddip_client_round", "feddip_train_step", "feddip_luar_train"]
 
 def decode_global(record: ArrayRecord, prunable: Sequence[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The global model as a torch state dict, and the boolean masks of the ``prunable`` tensors."""
-    tensors, masks = codec.decode(codec.from_array_record(record))
+    tensors, masks = decode_payload(record)
     missing = [n for n in prunable if n not in tensors]
     if missing:
         raise ValueError(f"the downlink lacks the prunable tensors {missing}; it carries {sorted(tensors)}")
@@ -92,7 +87,6 @@ def feddip_client_round(
     return update, stats
 
 
-@register_train_step("feddip")
 def feddip_train_step(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
     """fedsparse's ClientApp step for FedDIP (and its variants FedDP, DPF, FedDIP+Prox)."""
     local = LocalRound.from_message(msg, context, cfg)
@@ -100,5 +94,34 @@ def feddip_train_step(msg: Message, context: Context, cfg: Mapping[str, Any]) ->
     update, stats = feddip_client_round(
         msg.content["arrays"], msg.content["config"], model, local.batches(), local.optimizer, local.device
     )
+    metrics = {"num-examples": local.num_examples, "train-loss": stats["loss"], "ce-loss": stats["ce-loss"]}
+    return reply(msg, update, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# combination: FedDIP with a LUAR-recycled uplink
+# --------------------------------------------------------------------------------------------
+
+
+def feddip_luar_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
+    """FedDIP's client round (:func:`feddip_client_round`, step by step with its own
+    public pieces), except that the tensors named in ``luar-recycled`` are left out of the reply."""
+    local = LocalRound.from_message(msg, context, cfg)
+    config = msg.content["config"]
+    prunable = [str(n) for n in config[CONFIG_PRUNABLE]]  # type: ignore[union-attr]
+    state, masks = decode_global(msg.content["arrays"], prunable)  # type: ignore[arg-type]
+    model = local.model(state)
+    mu = float(config.get(CONFIG_PROXIMAL_MU, 0.0))  # type: ignore[union-attr]
+    stats = feddip_train(
+        model, masks, local.batches(), local.optimizer(model), lambda_t=float(config[CONFIG_LAMBDA]),  # type: ignore[index]
+        proximal_mu=mu, global_params=state if mu > 0 else None, device=local.device,
+    )
+    omit = set(config.get(OMITTED_ARRAYS, []))  # type: ignore[union-attr]
+    unknown = sorted(omit - set(state))
+    if unknown:
+        raise ValueError(f"the server recycles arrays this model does not have: {', '.join(unknown)}")
+    trained = {k: v for k, v in state_dict_cpu(model).items() if k not in omit}
+    sparse_up = bool(config.get(CONFIG_SPARSE_UPLINK, True))  # type: ignore[union-attr]
+    update = encode_update(trained, {n: m for n, m in masks.items() if n not in omit} if sparse_up else None)
     metrics = {"num-examples": local.num_examples, "train-loss": stats["loss"], "ce-loss": stats["ce-loss"]}
     return reply(msg, update, metrics)

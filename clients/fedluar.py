@@ -24,9 +24,8 @@ from flwr.app import ArrayRecord, Context, Message
 from torch import nn
 
 from clients.local import LocalRound, reply, state_dict_cpu
-from clients.registry import register_train_step
 from clients.train import optimizer_from_config, train_steps
-from strategies.fedluar import RECYCLED_CONFIG_KEY, luar_round_lr
+from fedsparse.protocol.fedluar import RECYCLED_CONFIG_KEY, luar_round_lr
 
 #: Where a client keeps its momentum buffers between rounds (``context.state``).
 MOMENTUM_STATE_KEY = "fedluar.momentum"
@@ -73,7 +72,6 @@ def restore_momentum(model: nn.Module, optimizer: torch.optim.Optimizer, record:
     return len(saved)
 
 
-@register_train_step("fedluar")
 def fedluar_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
     local = LocalRound.from_message(msg, context, cfg)
     model = local.model(msg.content["arrays"].to_torch_state_dict())

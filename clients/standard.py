@@ -11,11 +11,9 @@ from typing import Any, Mapping
 from flwr.app import ArrayRecord, Context, Message
 
 from clients.local import LocalRound, reply, state_dict_cpu
-from clients.registry import register_train_step
 from clients.train import train_steps
 
 
-@register_train_step("fedavg", "fedprox")
 def standard_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
     local = LocalRound.from_message(msg, context, cfg)
     model = local.model(msg.content["arrays"].to_torch_state_dict())

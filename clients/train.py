@@ -112,23 +112,5 @@ def train_steps(
     return {"train-loss": loss_sum / max(steps, 1), "num-steps": steps, "num-samples-seen": seen}
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    normalize: Normalize,
-    *,
-    batch_size: int = 1000,
-    device: torch.device | str = "cpu",
-) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) of ``model`` on uint8 ``images``."""
-    model.eval()
-    loss_sum, correct, n = 0.0, 0, len(labels)
-    for start in range(0, n, batch_size):
-        x = normalize(images[start : start + batch_size]).to(device)
-        y = labels[start : start + batch_size].to(device)
-        out = model(x)
-        loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-    return loss_sum / max(n, 1), correct / max(n, 1)
+# The central evaluation lives in the core (the ServerApp runs it); re-exported for ClientApps.
+from fedsparse.global_model import evaluate  # noqa: E402 - re-export after the training steps

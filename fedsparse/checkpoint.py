@@ -53,6 +53,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedsparse.accounting import Ledger
 from fedsparse.config import ConfigError
+from fedsparse.hooks import MethodHooks
 
 log = logging.getLogger("fedsparse")
 
@@ -181,10 +182,10 @@ def _hashable(key: Any) -> Any:
 
 
 def strategy_state(strategy: Any) -> dict[str, Any]:
-    """The strategy's state: its ``state_dict()``, or Flower strategies' per-array attributes."""
-    fn = getattr(strategy, "state_dict", None)
-    if callable(fn):
-        return {"kind": "state_dict", "state": fn()}
+    """The strategy's state: its ``state_dict()`` (a strategy with fedsparse's hooks), or Flower
+    strategies' per-array attributes."""
+    if isinstance(strategy, MethodHooks):
+        return {"kind": "state_dict", "state": strategy.state_dict()}
     attrs = {n: getattr(strategy, n) for n in FLOWER_STATE_ATTRS if getattr(strategy, n, None) is not None}
     return {"kind": "attributes", "state": attrs}
 
@@ -192,12 +193,11 @@ def strategy_state(strategy: Any) -> dict[str, Any]:
 def load_strategy_state(strategy: Any, saved: Mapping[str, Any]) -> None:
     """Put state saved by :func:`strategy_state` back into a freshly built strategy."""
     if saved["kind"] == "state_dict":
-        fn = getattr(strategy, "load_state_dict", None)
-        if not callable(fn):
+        if not isinstance(strategy, MethodHooks):
             raise CheckpointError(
                 f"the checkpoint holds a state_dict() but strategy {type(strategy).__name__} has no load_state_dict()"
             )
-        fn(saved["state"])
+        strategy.load_state_dict(saved["state"])
         return
     for name, value in dict(saved["state"]).items():
         setattr(strategy, name, value)

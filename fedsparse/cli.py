@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedsparse.bench import add_bench_command
 
     add_bench_command(sub)
+    from fedsparse.dev import add_dev_commands
+
+    add_dev_commands(sub)
     return parser
 
 

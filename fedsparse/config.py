@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from fedsparse import methods
+
 ConfigValue = bool | int | float | str
 Config = dict[str, ConfigValue]
 
@@ -60,9 +62,7 @@ def _choices(name: str) -> tuple[str, ...]:
 
         return tuple(MODEL_NAMES)
     if name == "strategy":
-        from strategies.registry import strategy_names
-
-        return tuple(strategy_names())
+        return tuple(methods.strategy_names())
     raise KeyError(name)
 
 
@@ -120,17 +120,26 @@ SCHEMA: dict[str, Key] = {
 
 
 def register_keys(section: str, keys: Mapping[str, Key]) -> None:
-    """Add a strategy's keys to the schema (called by strategy modules at import)."""
+    """Add a method's keys to the schema. A key several methods declare (FedDIP's and SNIP's
+    ``target-sparsity``) must be declared identically; it stays in the first one's section."""
     for name, key in keys.items():
-        if name in SCHEMA and SCHEMA[name] != key:
-            raise RuntimeError(f"configuration key {name!r} registered twice with different definitions")
+        if name in SCHEMA:
+            if SCHEMA[name] != Key(**{**key.__dict__, "section": SCHEMA[name].section}):
+                raise RuntimeError(f"configuration key {name!r} registered twice with different definitions")
+            continue
         SCHEMA[name] = Key(**{**key.__dict__, "section": section})
 
 
-def _ensure_strategy_keys() -> None:
-    from strategies.registry import strategy_names
+_METHOD_KEYS_LOADED = False
 
-    strategy_names()  # imports the strategy modules, which register their keys
+
+def _ensure_strategy_keys() -> None:
+    """Add every installed method's keys to the schema (once; discovery imports the methods)."""
+    global _METHOD_KEYS_LOADED
+    if not _METHOD_KEYS_LOADED:
+        for section, keys in methods.key_declarations():
+            register_keys(section, keys)
+        _METHOD_KEYS_LOADED = True
 
 
 def defaults() -> Config:
@@ -220,7 +229,8 @@ _CROSS_CHECKS: list[CrossCheck] = []
 
 
 def cross_check(fn: CrossCheck) -> CrossCheck:
-    """Register a check that looks at several keys together (strategies add their own)."""
+    """Register a core check that looks at several keys together (a method declares its own in
+    its :class:`fedsparse.methods.Method`; they run after these, for that method only)."""
     _CROSS_CHECKS.append(fn)
     return fn
 
@@ -301,7 +311,7 @@ def resolve_config(
         cfg[name] = _coerce(name, SCHEMA[name], value)
     for name, value in cfg.items():
         _check_range(name, SCHEMA[name], value)
-    for check in _CROSS_CHECKS:
+    for check in (*_CROSS_CHECKS, *methods.method(str(cfg["strategy"])).checks):
         check(cfg)
     return cfg
 

@@ -29,45 +29,20 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from clients.train import evaluate
 from fedsparse import checkpoint as ckpt
 from fedsparse.accounting import Ledger, dense_model_bytes
 from fedsparse.clientdata import dataset_for, partitions_for
 from fedsparse.config import ConfigError, round_lr, to_toml
+from fedsparse.global_model import CentralEvaluator, initial_model
 from fedsparse.grid import MeteredGrid, seeded_sampling
+from fedsparse.hooks import MethodHooks
+from fedsparse.methods import build_strategy
 from fedsparse.models import build_model
 from fedsparse.progress import Progress
 from fedsparse.results import RoundsTable, write_outputs
 from fedsparse.validation import ReplyScreen, Screened, spec_of
-from strategies.registry import build_strategy
 
 log = logging.getLogger("fedsparse")
-
-
-def initial_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
-    """The global model at round 0, initialised from the run's seed."""
-    data = dataset_for(cfg)
-    torch.manual_seed(int(cfg["seed"]))
-    return build_model(str(cfg["model"]), data.num_classes, data.in_channels, data.image_size)
-
-
-class CentralEvaluator:
-    """Evaluates global arrays on the central test set (in the server process)."""
-
-    def __init__(self, cfg: Mapping[str, Any]) -> None:
-        self.cfg = cfg
-        self.data = dataset_for(cfg)
-        self.model = initial_model(cfg)
-
-    def __call__(self, arrays: ArrayRecord) -> tuple[float, float]:
-        self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-        return evaluate(
-            self.model,
-            self.data.test_images,
-            self.data.test_labels,
-            self.data.normalize,
-            batch_size=int(self.cfg["eval-batch-size"]),
-        )
 
 
 @dataclass
@@ -80,8 +55,7 @@ class RunResult:
 
 def _round_report(strategy: Strategy, server_round: int) -> dict[str, Any]:
     """Method-specific columns (sparsity, λ_t, recycled layers, k, ...) if the strategy has any."""
-    report = getattr(strategy, "round_report", None)
-    return dict(report(server_round)) if callable(report) else {}
+    return dict(strategy.round_report(server_round)) if isinstance(strategy, MethodHooks) else {}
 
 
 def _mean_train_loss(replies: list[Message]) -> float:
@@ -308,8 +282,7 @@ def run_server(
     if out_dir is not None:
         ckpt.atomic_write(out_dir / "messages.csv", metered.ledger.messages_frame().to_csv(index=False))
         ckpt.atomic_write(out_dir / "layer_bytes.csv", metered.ledger.layers_frame().to_csv(index=False))
-        final = getattr(strategy, "final_report", None)
-        extra = final(out_dir) if callable(final) else None
+        extra = strategy.final_report(out_dir) if isinstance(strategy, MethodHooks) else None
         summary = write_outputs(out_dir, cfg, df, extra)
     return RunResult(df, summary, arrays, out_dir)
 

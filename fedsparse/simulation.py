@@ -91,8 +91,10 @@ def simulate(
     if cfg["data-dir"]:
         cfg["data-dir"] = str(Path(str(cfg["data-dir"])).resolve())
     preflight(cfg)
-    from clients.app import make_client_app
+    from fedsparse.methods import client_app_factory
     from fedsparse.server import RunResult, default_out_dir, make_server_app
+
+    make_client_app = client_app_factory()  # the installed runtime's ClientApp (entry point)
 
     target = Path(out_dir) if out_dir is not None else Path(str(cfg["out-dir"]) or default_out_dir(cfg))
     target.mkdir(parents=True, exist_ok=True)

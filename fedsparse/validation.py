@@ -18,7 +18,8 @@ Every reply gets the **universal checks** (they hold for any strategy following 
   ``Array`` declares.
 
 Then the **content check**: the strategy's own hook ``validate_reply(server_round, msg) -> str |
-None`` (None = accept, a string = the reason to reject) when it has one — strategies whose replies
+None`` (None = accept, a string = the reason to reject) when it has fedsparse's hooks
+(:class:`fedsparse.hooks.MethodHooks`) — strategies whose replies
 are not plain models (codec-packed sparse updates, omitted layers, extra records) must define it,
 usually with :func:`check_arrays` / :func:`check_finite` on what they decode. Flower's own
 strategies (FedAvg, FedProx, FedAdam, ...) get the **generic model check** instead: exactly one
@@ -46,14 +47,14 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from fedsparse.hooks import MethodHooks
+from fedsparse.protocol import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, single_array_record
+
 log = logging.getLogger("fedsparse")
 
 #: name → (shape, dtype string) of every array a reply must carry.
 ArraySpec = dict[str, tuple[tuple[int, ...], str]]
 
-METRICS_KEY = "metrics"
-ARRAYS_KEY = "arrays"
-NUM_EXAMPLES = "num-examples"
 
 __all__ = [
     "ArraySpec",
@@ -222,10 +223,10 @@ def model_reply_check(msg: Message, spec: ArraySpec, *, arrays_key: str = ARRAYS
     """The generic check of a reply that carries the model: one ArrayRecord ``arrays_key`` with
     exactly the model's arrays (minus ``omit``) in the model's order, shapes and dtypes as in
     ``spec``, finite."""
-    records = msg.content.array_records
-    if list(records) != [arrays_key]:
-        return f"expected exactly one ArrayRecord named {arrays_key!r}, found {sorted(records)}"
-    return check_arrays(records[arrays_key], spec, omit=omit)
+    record = single_array_record(msg, arrays_key)
+    if isinstance(record, str):
+        return record
+    return check_arrays(record, spec, omit=omit)
 
 
 def is_flower_strategy(strategy: Any) -> bool:
@@ -264,13 +265,14 @@ class ReplyScreen:
         self.spec = spec
         self.max_examples = max_examples
         self.describe = describe
-        hook = getattr(strategy, "validate_reply", None)
-        self.hook: Callable[[int, Message], str | None] | None = hook if callable(hook) else None
+        self.hook: Callable[[int, Message], str | None] | None = (
+            strategy.validate_reply if isinstance(strategy, MethodHooks) else None
+        )
         self.generic = self.hook is None and is_flower_strategy(strategy)
         if self.hook is None and not self.generic:
             log.warning(
-                "strategy %s defines no validate_reply(): its replies are checked for finiteness and "
-                "num-examples only", type(strategy).__name__,
+                "strategy %s has no fedsparse hooks (fedsparse.hooks.MethodHooks): its replies are checked "
+                "for finiteness and num-examples only", type(strategy).__name__,
             )
 
     def check(self, server_round: int, msg: Message) -> str | None:

@@ -35,6 +35,7 @@ dense values that error feedback gives pruned weights never reach the server), F
 
 from __future__ import annotations
 
+import copy
 import math
 import zlib
 from collections.abc import Iterable, Mapping
@@ -43,40 +44,39 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-# Keys of the per-round ConfigRecord the client step reads (defined next to the client step).
-from clients.feddip import CONFIG_LAMBDA, CONFIG_PRUNABLE, CONFIG_PROXIMAL_MU, CONFIG_SPARSE_UPLINK
 from fedsparse import codec
+from fedsparse.aggregation import weighted_mean
 from fedsparse.checkpoint import atomic_write
-from fedsparse.config import Config, ConfigError, Key, cross_check, register_keys
+from fedsparse.config import Config, ConfigError, Key
+from fedsparse.hooks import MethodHooks
 from fedsparse.masks import erk_densities, erk_masks, global_magnitude_masks, prunable_names
+from fedsparse.methods import ErrorCase, Method, sampling_kwargs
+from fedsparse.protocol import OMITTED_ARRAYS, single_array_record
+from fedsparse.protocol.feddip import CONFIG_LAMBDA, CONFIG_PROXIMAL_MU, CONFIG_PRUNABLE, CONFIG_SPARSE_UPLINK, decode_payload
 from fedsparse.schedules import cubic_sparsity, incremental_lambda
-from strategies.registry import register_strategy, sampling_kwargs
+from fedsparse.validation import check_arrays
 
-__all__ = ["FedDIP", "CONFIG_LAMBDA", "CONFIG_PRUNABLE", "CONFIG_SPARSE_UPLINK", "CONFIG_PROXIMAL_MU"]
+__all__ = ["FedDIP", "METHOD", "KEYS", "check_sparsities", "build_feddip"]
 
-register_keys(
-    "feddip",
-    {
-        "initial-sparsity": Key(0.5, "FedDIP s_0: sparsity of the initial ERK mask (0 = start dense, DPF)", minimum=0.0, maximum=1.0),
-        "target-sparsity": Key(0.9, "FedDIP s_p: sparsity of the returned model (prunable weights)", minimum=0.0, maximum=1.0),
-        "reconfig-every": Key(5, "FedDIP R: re-prune the global mask every R rounds", minimum=1),
-        "lambda-max": Key(1e-3, "FedDIP λ_max of the incremental regularisation (0 = FedDP)", minimum=0.0),
-        "lambda-steps": Key(10, "FedDIP Q: number of λ steps over the schedule (eq. 9)", minimum=1),
-        "regrowth": Key(False, "FedDIP: re-prune the dense aggregate (pruned weights can return; dense uplink in re-pruning rounds only); false = nested masks, sparse uplink"),
-        "feddip-prox": Key(False, "FedDIP+Prox: clients add FedProx's term with mu = proximal-mu"),
-        "feddip-schedule-rounds": Key(0, "FedDIP T of the sparsity and λ schedules (0 = rounds)", minimum=0),
-    },
-)
+#: FedDIP's configuration keys (shared by feddip-luar, which builds FedDIP from the same keys).
+KEYS: dict[str, Key] = {
+    "initial-sparsity": Key(0.5, "FedDIP s_0: sparsity of the initial ERK mask (0 = start dense, DPF)", minimum=0.0, maximum=1.0),
+    "target-sparsity": Key(0.9, "FedDIP s_p: sparsity of the returned model (prunable weights)", minimum=0.0, maximum=1.0),
+    "reconfig-every": Key(5, "FedDIP R: re-prune the global mask every R rounds", minimum=1),
+    "lambda-max": Key(1e-3, "FedDIP λ_max of the incremental regularisation (0 = FedDP)", minimum=0.0),
+    "lambda-steps": Key(10, "FedDIP Q: number of λ steps over the schedule (eq. 9)", minimum=1),
+    "regrowth": Key(False, "FedDIP: re-prune the dense aggregate (pruned weights can return; dense uplink in re-pruning rounds only); false = nested masks, sparse uplink"),
+    "feddip-prox": Key(False, "FedDIP+Prox: clients add FedProx's term with mu = proximal-mu"),
+    "feddip-schedule-rounds": Key(0, "FedDIP T of the sparsity and λ schedules (0 = rounds)", minimum=0),
+}
 
 
-@cross_check
-def _check_feddip(cfg: Config) -> None:
-    if cfg.get("strategy") != "feddip":
-        return
+def check_sparsities(cfg: Config) -> None:
+    """s_0 ≤ s_p < 1 (a model with every weight pruned cannot learn)."""
     s0, sp = float(cfg["initial-sparsity"]), float(cfg["target-sparsity"])
     if not sp < 1.0:
         raise ConfigError(f"target-sparsity = {sp!r} prunes every weight; allowed: initial-sparsity .. < 1")
@@ -91,18 +91,7 @@ def _mask_seed(seed: int) -> int:
     return zlib.crc32(f"feddip-erk/{int(seed)}".encode())
 
 
-def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    """Σ ρ_n x_n in float64, cast back to the inputs' dtype (integers rounded)."""
-    acc = np.zeros(arrays[0].shape, dtype=np.float64)
-    for x, w in zip(arrays, weights):
-        acc += np.asarray(x, dtype=np.float64) * w
-    dtype = arrays[0].dtype
-    if dtype.kind in "iub":
-        acc = np.rint(acc)
-    return acc.astype(dtype)
-
-
-class FedDIP(FedAvg):
+class FedDIP(FedAvg, MethodHooks):
     """FedDIP's server side (see the module docstring).
 
     Parameters
@@ -127,6 +116,12 @@ class FedDIP(FedAvg):
         Keep ResNet 1×1 shortcut convolutions dense (see :func:`fedsparse.masks.prunable_names`).
     **fedavg_kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling fractions, keys, ...).
+
+    Under a wrapper that tells clients to leave arrays out of their replies (FedLUAR writes
+    :data:`fedsparse.protocol.OMITTED_ARRAYS` into the round's config), FedDIP accepts replies
+    without those arrays and fills them in, before aggregating, with the value the clients
+    received: its aggregate leaves them where they were, and the wrapper moves them. Only the
+    server fills them in: nothing extra travels.
     """
 
     def __init__(  # noqa: PLR0913 - the paper's hyper-parameters
@@ -170,6 +165,7 @@ class FedDIP(FedAvg):
         self.reconfig_rounds: list[int] = []
         self._round_info: dict[int, dict[str, Any]] = {}
         self._global: dict[str, np.ndarray] | None = None  # the masked model last sent
+        self._omit: list[str] = []  # arrays the round's clients leave out (a wrapper's OMITTED_ARRAYS)
 
     # ------------------------------------------------------------------ schedules
     def lambda_at(self, server_round: int) -> float:
@@ -240,6 +236,7 @@ class FedDIP(FedAvg):
         if self.masks is None:
             self._init_masks(arrays)
         assert self.masks is not None
+        self._omit = [str(k) for k in config.get(OMITTED_ARRAYS, [])]  # type: ignore[union-attr]  # a list entry
         dense = {name: arr.numpy() for name, arr in arrays.items()}
         missing = [n for n in self.prunable if n not in dense]
         if missing:
@@ -265,7 +262,7 @@ class FedDIP(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode, average, re-prune when due, and return the dense pruned model."""
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        valid, _ = self._check_and_log_replies([self._complete(m) for m in replies], is_train=True)
         metrics = None
         if self._global is None or self.masks is None:
             raise RuntimeError("aggregate_train called before configure_train")
@@ -319,24 +316,55 @@ class FedDIP(FedAvg):
         """fedsparse's reply screen hook (``fedsparse.validation``): None to accept, else the reason.
 
         A reply must be a decodable codec payload holding exactly the model's tensors (names, shapes,
-        dtypes), finite; in a round with the sparse uplink (:meth:`sparse_uplink_at`: always with
-        nested masks, outside re-pruning rounds with regrowth) it may carry entries only inside the
-        round's mask. A rejected reply is not aggregated.
+        dtypes) but those the round's clients were told to leave out, finite; in a round with the
+        sparse uplink (:meth:`sparse_uplink_at`: always with nested masks, outside re-pruning rounds
+        with regrowth) it may carry entries only inside the round's mask. A rejected reply is not
+        aggregated.
         """
-        from fedsparse.validation import check_arrays
-
         if self._global is None or self.masks is None:
             return "no round has been configured yet"
-        records = msg.content.array_records
-        if set(records) != {self.arrayrecord_key}:
-            return f"expected one ArrayRecord {self.arrayrecord_key!r}, found {sorted(records)}"
+        record = single_array_record(msg, self.arrayrecord_key)
+        if isinstance(record, str):
+            return record
         try:
-            tensors, kept = codec.decode(codec.from_array_record(records[self.arrayrecord_key]))
+            tensors, kept = decode_payload(record)
         except (ValueError, KeyError, TypeError, IndexError) as err:
             return f"not a decodable {codec.CODEC_NAME} payload: {err}"
         spec = {n: (tuple(x.shape), x.dtype.str) for n, x in self._global.items()}
-        problem = check_arrays(tensors, spec)
+        problem = check_arrays(tensors, spec, omit=self._omit)
         return problem or self.entries_outside_mask(server_round, kept)
+
+    def _complete(self, msg: Message) -> Message:
+        """``msg`` with the arrays its client left out (:attr:`_omit`) filled in from the global
+        model it received (a copy; ``msg`` itself is not changed)."""
+        if msg.has_error() or not self._omit or self._global is None:
+            return msg
+        tensors, masks = decode_payload(msg.content[self.arrayrecord_key])
+        missing = [k for k in self._omit if k not in tensors]
+        if not missing:
+            return msg
+        for k in missing:
+            tensors[k] = self._global[k]
+        keep = {k: (masks[k] if k in masks else self.masks[k].numpy()) for k in self.prunable if self.masks is not None}
+        ordered = {k: tensors[k] for k in self._global}
+        record = codec.to_array_record(codec.encode(ordered, {k: np.asarray(v, dtype=bool) for k, v in keep.items()}))
+        content = RecordDict({name: (record if name == self.arrayrecord_key else rec) for name, rec in msg.content.items()})
+        clone = copy.copy(msg)
+        clone.content = content
+        return clone
+
+    def constrain(self, arrays: ArrayRecord) -> ArrayRecord:
+        """``arrays`` with every prunable tensor multiplied by the current mask (a wrapper that moved
+        the model keeps it inside the mask); unchanged while there is no mask yet."""
+        if not self.masks:
+            return arrays
+        out = {}
+        for k, a in arrays.items():
+            x = a.numpy()
+            if k in self.masks:
+                x = np.where(self.masks[k].numpy(), x, np.zeros((), x.dtype))
+            out[k] = Array(np.ascontiguousarray(x))
+        return ArrayRecord(out)
 
     def entries_outside_mask(self, server_round: int, kept: Mapping[str, np.ndarray]) -> str | None:
         """In a sparse-uplink round, the first prunable tensor of ``kept`` (a decoded reply's masks)
@@ -472,8 +500,8 @@ class FedDIP(FedAvg):
         self._global = None
 
 
-@register_strategy("feddip", "FedDIP (Long et al., 2023): dynamic pruning + incremental regularisation, sparse model on the wire")
-def _feddip(cfg: Mapping[str, Any]) -> FedDIP:
+def build_feddip(cfg: Mapping[str, Any]) -> FedDIP:
+    """FedDIP from the run configuration (also feddip-luar's base)."""
     total = int(cfg["feddip-schedule-rounds"]) or int(cfg["rounds"])
     return FedDIP(
         total_rounds=total,
@@ -487,3 +515,17 @@ def _feddip(cfg: Mapping[str, Any]) -> FedDIP:
         seed=int(cfg["seed"]),
         **sampling_kwargs(cfg),
     )
+
+
+METHOD = Method(
+    name="feddip",
+    summary="FedDIP (Long et al., 2023): dynamic pruning + incremental regularisation, sparse model on the wire",
+    build=build_feddip,
+    client_step="clients.feddip:feddip_train_step",
+    keys=KEYS,
+    checks=(check_sparsities,),
+    error_cases=(
+        ErrorCase("FedDIP: target sparsity 1", {"target-sparsity": 1.0}),
+        ErrorCase("FedDIP: initial above target sparsity", {"initial-sparsity": 0.8, "target-sparsity": 0.5}),
+    ),
+)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -45,82 +46,54 @@ from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
 
 from fedsparse.checkpoint import atomic_write
-from fedsparse.config import ConfigError, Key, cross_check, register_keys
+from fedsparse.config import ConfigError, Key, resolve_config
+from fedsparse.data.info import dataset_info
+from fedsparse.hooks import MethodHooks
 from fedsparse.layer_sampling import layer_scores, sample_recycled_layers
-from fedsparse.schedules import milestone_lr
-from strategies.registry import register_strategy, sampling_kwargs
+from fedsparse.methods import ErrorCase, Method, sampling_kwargs
+from fedsparse.models import build_model
+from fedsparse.protocol import single_array_record
+from fedsparse.protocol.fedluar import RECYCLED_CONFIG_KEY, luar_round_lr, parse_milestones
+from fedsparse.validation import check_arrays
 
 log = logging.getLogger("fedsparse")
 
-#: Config entry (a list of array names) telling clients which arrays to leave out of the reply.
-RECYCLED_CONFIG_KEY = "luar-recycled"
 #: Base strategies LUAR can wrap from a run configuration (any Strategy works in code).
 BASES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
 GRANULARITIES = ("tensor", "module")
 #: Attributes of Flower's strategies that hold per-array state (FedOpt family, FedAvgM).
 PER_ARRAY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector")
 
-register_keys(
-    "fedluar",
-    {
-        "recycled-layers": Key(
-            2, "FedLUAR δ: layers whose previous update the server recycles each round", minimum=0
-        ),
-        "luar-base": Key("fedavg", "aggregation rule LUAR wraps", choices=BASES),
-        "luar-granularity": Key(
-            "tensor",
-            "what one recyclable layer is: every weight tensor with ndim > 1 (paper) or a module "
-            "(its weight tensor together with its bias)",
-            choices=GRANULARITIES,
-        ),
-        "persist-momentum": Key(
-            False, "FedLUAR clients keep their SGD momentum buffers across rounds (in Flower context state)"
-        ),
-        "luar-lr-milestones": Key(
-            "", "FedLUAR clients: comma-separated rounds after which lr is multiplied by luar-lr-gamma (paper: 100,150)"
-        ),
-        "luar-lr-gamma": Key(0.1, "FedLUAR clients: learning-rate factor at each milestone", minimum=0.0, exclusive_minimum=True),
-        "luar-server-lr": Key(
-            0.0,
-            "server learning rate of fedadam / fedyogi / fedavgm under LUAR; 0 = Flower's default "
-            "(0.1 for FedAdam and FedYogi, 1.0 for FedAvgM)",
-            minimum=0.0,
-        ),
-        "luar-server-momentum": Key(0.0, "FedAvgM server momentum (luar-base = fedavgm)", minimum=0.0, maximum=1.0),
-        "luar-beta1": Key(0.9, "FedAdam / FedYogi first-moment decay", minimum=0.0, maximum=1.0),
-        "luar-beta2": Key(0.99, "FedAdam / FedYogi second-moment decay", minimum=0.0, maximum=1.0),
-        "luar-tau": Key(1e-3, "FedAdam / FedYogi adaptivity τ", minimum=0.0, exclusive_minimum=True),
-    },
-)
-
-
-def parse_milestones(text: str) -> list[int]:
-    """``"100,150"`` → [100, 150]; empty → []. Raises ConfigError naming the bad entry."""
-    out: list[int] = []
-    for part in str(text).replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            value = int(part)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise ConfigError(
-                f"luar-lr-milestones = {text!r}: {part!r} is not a round number; allowed: comma-separated integers >= 1"
-            )
-        out.append(value)
-    return sorted(out)
-
-
-def luar_round_lr(cfg: Mapping[str, Any], server_round: int) -> float:
-    """The client learning rate of ``server_round``: the core schedule, then LUAR's milestones."""
-    from fedsparse.config import round_lr
-
-    base = round_lr(cfg, max(server_round, 1))
-    milestones = parse_milestones(str(cfg.get("luar-lr-milestones", "")))
-    if not milestones:
-        return base
-    return milestone_lr(base, max(server_round, 1), milestones, float(cfg.get("luar-lr-gamma", 0.1)))
+#: FedLUAR's configuration keys (the LUAR combinations declare the ones they use, identically).
+KEYS: dict[str, Key] = {
+    "recycled-layers": Key(
+        2, "FedLUAR δ: layers whose previous update the server recycles each round", minimum=0
+    ),
+    "luar-base": Key("fedavg", "aggregation rule LUAR wraps", choices=BASES),
+    "luar-granularity": Key(
+        "tensor",
+        "what one recyclable layer is: every weight tensor with ndim > 1 (paper) or a module "
+        "(its weight tensor together with its bias)",
+        choices=GRANULARITIES,
+    ),
+    "persist-momentum": Key(
+        False, "FedLUAR clients keep their SGD momentum buffers across rounds (in Flower context state)"
+    ),
+    "luar-lr-milestones": Key(
+        "", "FedLUAR clients: comma-separated rounds after which lr is multiplied by luar-lr-gamma (paper: 100,150)"
+    ),
+    "luar-lr-gamma": Key(0.1, "FedLUAR clients: learning-rate factor at each milestone", minimum=0.0, exclusive_minimum=True),
+    "luar-server-lr": Key(
+        0.0,
+        "server learning rate of fedadam / fedyogi / fedavgm under LUAR; 0 = Flower's default "
+        "(0.1 for FedAdam and FedYogi, 1.0 for FedAvgM)",
+        minimum=0.0,
+    ),
+    "luar-server-momentum": Key(0.0, "FedAvgM server momentum (luar-base = fedavgm)", minimum=0.0, maximum=1.0),
+    "luar-beta1": Key(0.9, "FedAdam / FedYogi first-moment decay", minimum=0.0, maximum=1.0),
+    "luar-beta2": Key(0.99, "FedAdam / FedYogi second-moment decay", minimum=0.0, maximum=1.0),
+    "luar-tau": Key(1e-3, "FedAdam / FedYogi adaptivity τ", minimum=0.0, exclusive_minimum=True),
+}
 
 
 def recyclable_groups(
@@ -182,7 +155,7 @@ def _merge(old: Any, new: Any, keys: Sequence[str], drop: set[str], zeros: Mappi
     raise AggregationError(f"cannot merge base-strategy state of type {type(new).__name__}")
 
 
-class LUAR(Strategy):
+class LUAR(Strategy, MethodHooks):
     """Layer-wise update aggregation with recycling around a Flower strategy ``base``.
 
     Parameters
@@ -197,6 +170,13 @@ class LUAR(Strategy):
     config_key : the config entry that names the arrays clients leave out.
     client_lr : optional ``round -> lr`` used only to report the clients' learning rate in
         ``round_report`` (when the clients follow a schedule the loop does not know, e.g. milestones).
+
+    A base that has fedsparse's hooks (:class:`fedsparse.hooks.MethodHooks`: FedDIP, the uplink
+    compressors) is composed, not changed: it screens the replies (it decodes its own payloads and
+    honours the omitted arrays), its round and final reports are merged into LUAR's, its state is
+    checkpointed with LUAR's, and every model LUAR returns goes through its
+    :meth:`~fedsparse.hooks.MethodHooks.constrain` (FedDIP: a recycled layer moved by its previous
+    update stays inside the current mask).
     """
 
     def __init__(
@@ -297,7 +277,16 @@ class LUAR(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Base rule on the received layers, previous update on the recycled ones; draw R_{t+1}."""
+        """Base rule on the received layers, previous update on the recycled ones; draw R_{t+1};
+        the result kept within the base's constraints."""
+        new, metrics = self._aggregate(server_round, replies)
+        if new is not None and isinstance(self.base, MethodHooks):
+            new = self.base.constrain(new)
+        return new, metrics
+
+    def _aggregate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self._round is None or not self._x:
             raise AggregationError("LUAR.aggregate_train before configure_train: the round's model x_t is unknown")
         replies = list(replies)
@@ -326,16 +315,15 @@ class LUAR(Strategy):
         return new, metrics
 
     def validate_reply(self, server_round: int, msg: Message) -> str | None:
-        """Content check for fedsparse's reply screen: one ArrayRecord with the model's arrays
-        minus R_t (or the whole model, from a client that ignores R_t), shapes and dtypes of the
-        clients' model, finite. None = accept, else the reason to reject."""
-        from fedsparse.validation import check_arrays
-
-        key = getattr(self.base, "arrayrecord_key", "arrays")
-        records = msg.content.array_records
-        if list(records) != [key]:
-            return f"expected exactly one ArrayRecord named {key!r}, found {sorted(records)}"
-        record = records[key]
+        """Content check for fedsparse's reply screen. A base with hooks checks its own payloads;
+        otherwise: one ArrayRecord with the model's arrays minus R_t (or the whole model, from a
+        client that ignores R_t), shapes and dtypes of the clients' model, finite. None = accept,
+        else the reason to reject."""
+        if isinstance(self.base, MethodHooks):
+            return self.base.validate_reply(server_round, msg)
+        record = single_array_record(msg, getattr(self.base, "arrayrecord_key", "arrays"))  # Flower's FedAvg family names it
+        if isinstance(record, str):
+            return record
         omit = self.recycled_arrays(self._recycled) if server_round == self._round else []
         if omit and set(record.keys()) == set(self.reply_spec):
             return check_arrays(record, self.reply_spec)  # a full model: accepted, recycled part ignored
@@ -442,6 +430,8 @@ class LUAR(Strategy):
         row: dict[str, Any] = {"recycled_layers": ";".join(recycled), "num_recycled": len(recycled)}
         if self.client_lr is not None:
             row["lr"] = float(self.client_lr(server_round))
+        if isinstance(self.base, MethodHooks):
+            return {**self.base.round_report(server_round), **row}
         return row
 
     def layer_table(self) -> list[dict[str, Any]]:
@@ -463,9 +453,12 @@ class LUAR(Strategy):
         return tuple(self._x[key].shape) if key in self._x else (0,)
 
     def final_report(self, out_dir: Path) -> dict[str, Any]:
-        """luar_layers.csv + luar_layers.png (aggregated vs recycled per layer), luar_scores.csv."""
-        import pandas as pd
+        """luar_layers.csv + luar_layers.png (aggregated vs recycled per layer), luar_scores.csv;
+        the base's own final report (a base with hooks) merged in."""
+        base = (self.base.final_report(out_dir) if isinstance(self.base, MethodHooks) else None) or {}
+        return {**base, **self._own_final_report(out_dir)}
 
+    def _own_final_report(self, out_dir: Path) -> dict[str, Any]:
         out_dir = Path(out_dir)
         table = pd.DataFrame(self.layer_table())
         atomic_write(out_dir / "luar_layers.csv", table.to_csv(index=False))
@@ -491,9 +484,9 @@ class LUAR(Strategy):
         FedOpt's ``current_arrays`` / ``m_t`` / ``v_t``, FedAvgM's ``current_arrays`` /
         ``momentum_vector``).
         """
-        base_fn = getattr(self.base, "state_dict", None)
+        hooks = self.base if isinstance(self.base, MethodHooks) else None
         base_state: dict[str, Any] = {}
-        for name in () if callable(base_fn) else PER_ARRAY_STATE:
+        for name in () if hooks is not None else PER_ARRAY_STATE:
             value = getattr(self.base, name, None)
             if isinstance(value, ArrayRecord):
                 base_state[name] = {"type": "ArrayRecord", "value": {k: np.array(a.numpy()) for k, a in value.items()}}
@@ -514,7 +507,7 @@ class LUAR(Strategy):
             "history": copy.deepcopy(self.history),
             "rng_state": copy.deepcopy(self.rng.bit_generator.state),
             "base": base_state,
-            **({"base_state": base_fn()} if callable(base_fn) else {}),
+            **({"base_state": hooks.state_dict()} if hooks is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -531,15 +524,15 @@ class LUAR(Strategy):
         self.recycled_count = dict(state["recycled_count"])
         self.history = copy.deepcopy(list(state["history"]))
         self.rng.bit_generator.state = copy.deepcopy(state["rng_state"])
-        base_load = getattr(self.base, "load_state_dict", None)
+        hooks = self.base if isinstance(self.base, MethodHooks) else None
         if "base_state" in state:
-            if not callable(base_load):
+            if hooks is None:
                 raise ValueError(
                     f"the saved LUAR state holds a state_dict() of its base strategy, but {type(self.base).__name__} "
                     "has no load_state_dict()"
                 )
-            base_load(state["base_state"])
-        elif callable(base_load) and callable(getattr(self.base, "state_dict", None)):
+            hooks.load_state_dict(state["base_state"])
+        elif hooks is not None:
             raise ValueError(
                 f"the saved LUAR state holds no state of its base strategy {type(self.base).__name__} (saved by an "
                 "older fedsparse, whose LUAR dropped it); it cannot be resumed exactly: start a new run"
@@ -587,9 +580,6 @@ def plot_layer_counts(table: Any, path: Path, title: str = "FedLUAR") -> Path:
 
 def model_layers(cfg: Mapping[str, Any]) -> dict[str, list[str]]:
     """The recyclable layers of the configured model (built on the meta device: no weights)."""
-    from fedsparse.data.info import dataset_info
-    from fedsparse.models import build_model
-
     info = dataset_info(str(cfg["dataset"]))
     with torch.device("meta"):
         model = build_model(str(cfg["model"]), info.num_classes, info.in_channels, info.image_size)
@@ -616,10 +606,8 @@ def build_base(cfg: Mapping[str, Any]) -> Strategy:
     raise ConfigError(f"unknown luar-base {name!r}; choose one of: {', '.join(BASES)}")
 
 
-@cross_check
-def _check_fedluar(cfg: Mapping[str, Any]) -> None:
-    if cfg["strategy"] != "fedluar":
-        return
+def check_fedluar(cfg: Mapping[str, Any]) -> None:
+    """Milestones that parse, momentum worth keeping, δ within the model's recyclable layers."""
     parse_milestones(str(cfg["luar-lr-milestones"]))
     if cfg["persist-momentum"] and str(cfg.get("optimizer", "sgd")) != "sgd":
         raise ConfigError(
@@ -639,8 +627,8 @@ def _check_fedluar(cfg: Mapping[str, Any]) -> None:
         )
 
 
-@register_strategy("fedluar", "FedLUAR (Kim et al., 2025): recycle the previous update of δ low-score layers; clients omit them")
-def _fedluar(cfg: Mapping[str, Any]) -> Strategy:
+def build_fedluar(cfg: Mapping[str, Any]) -> Strategy:
+    """LUAR over the configured base rule, from the run configuration."""
     return LUAR(
         build_base(cfg),
         int(cfg["recycled-layers"]),
@@ -650,4 +638,27 @@ def _fedluar(cfg: Mapping[str, Any]) -> Strategy:
     )
 
 
-__all__ = ["LUAR", "RECYCLED_CONFIG_KEY", "recyclable_groups", "build_base", "luar_round_lr", "parse_milestones", "plot_layer_counts"]
+def _unknown_base() -> Any:
+    return build_base({**resolve_config({}), "luar-base": "fedsgd"})
+
+
+METHOD = Method(
+    name="fedluar",
+    summary="FedLUAR (Kim et al., 2025): recycle the previous update of δ low-score layers; clients omit them",
+    build=build_fedluar,
+    client_step="clients.fedluar:fedluar_train",
+    keys=KEYS,
+    checks=(check_fedluar,),
+    error_cases=(
+        ErrorCase("FedLUAR: milestones that are not rounds", {"luar-lr-milestones": "100,abc"}),
+        ErrorCase("FedLUAR: keeping momentum without momentum", {"persist-momentum": True, "momentum": 0.0}),
+        ErrorCase("FedLUAR: more recycled layers than the model has", {"recycled-layers": 6}),
+        ErrorCase("FedLUAR: an unknown base strategy (building it in code)", run=_unknown_base,
+                  given="build_base({..., 'luar-base': 'fedsgd'})"),
+        ErrorCase("FedLUAR: keeping momentum of Adam", {"persist-momentum": True, "optimizer": "adam", "momentum": 0.9}),
+    ),
+)
+
+
+__all__ = ["LUAR", "METHOD", "KEYS", "RECYCLED_CONFIG_KEY", "recyclable_groups", "build_base", "build_fedluar", "model_layers",
+           "luar_round_lr", "parse_milestones", "plot_layer_counts"]

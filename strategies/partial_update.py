@@ -32,18 +32,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
-from clients.partial_update import (
-    CONTRIBUTION_KEY,
-    apply_part,
-    model_digest,
-    pack_parts,
-    partial_names,
-)
 from fedsparse import codec
 from fedsparse.accounting import array_record_bytes
-from fedsparse.config import ConfigError, Key, cross_check, register_keys
+from fedsparse.config import ConfigError, Key
+from fedsparse.hooks import MethodHooks
 from fedsparse.masks import topk_mask
-from strategies.registry import register_strategy, sampling_kwargs
+from fedsparse.methods import ErrorCase, Method, sampling_kwargs
+from fedsparse.protocol.partial_update import CONTRIBUTION_KEY, apply_part, model_digest, pack_parts, partial_names
+from fedsparse.validation import check_arrays
 
 log = logging.getLogger("fedsparse")
 
@@ -54,39 +50,37 @@ BASES = ("fedavg", "fedprox")
 UNKNOWN = -1  # a client whose copy the server cannot vouch for (a failed round): it gets the dense model
 _REPLY_ONLY_METRICS = ("partition-id", "pu-version")
 
-register_keys(
-    "partial-update",
-    {
-        "update-ratio": Key(
-            0.05, "partial-update: fraction k of the partial set (weights with ndim > 1) changed per round",
-            minimum=0.0, exclusive_minimum=True, maximum=1.0,
-        ),
-        "contribution": Key(
-            "combined", "partial-update: which weights change (combined = DPU, global = GCPU, local, random = RPU)",
-            choices=CONTRIBUTIONS,
-        ),
-        "contribution-lambda": Key(
-            0.5, "partial-update: weight of the global term in the combined contribution", minimum=0.0, maximum=1.0
-        ),
-        "after-broadcast": Key(
-            "rewind", "partial-update: continue from the deployed model (rewind) or keep the unsent residual",
-            choices=AFTER_BROADCAST,
-        ),
-        "value-bits": Key(32, "partial-update: bits per broadcast value (32, 16 or 8)", minimum=8, maximum=32),
-        "initial-sync": Key(
-            "seed", "partial-update: first contact rebuilds the initial model from the run's seed, or receives it dense",
-            choices=INITIAL_SYNC,
-        ),
-        "history-rounds": Key(
-            8, "partial-update: per-round fp16/8-bit patches kept for clients catching up", minimum=0
-        ),
-        "partial-base": Key("fedavg", "partial-update: base aggregation rule", choices=BASES),
-    },
-)
+#: The partial-update broadcast's configuration keys.
+KEYS: dict[str, Key] = {
+    "update-ratio": Key(
+        0.05, "partial-update: fraction k of the partial set (weights with ndim > 1) changed per round",
+        minimum=0.0, exclusive_minimum=True, maximum=1.0,
+    ),
+    "contribution": Key(
+        "combined", "partial-update: which weights change (combined = DPU, global = GCPU, local, random = RPU)",
+        choices=CONTRIBUTIONS,
+    ),
+    "contribution-lambda": Key(
+        0.5, "partial-update: weight of the global term in the combined contribution", minimum=0.0, maximum=1.0
+    ),
+    "after-broadcast": Key(
+        "rewind", "partial-update: continue from the deployed model (rewind) or keep the unsent residual",
+        choices=AFTER_BROADCAST,
+    ),
+    "value-bits": Key(32, "partial-update: bits per broadcast value (32, 16 or 8)", minimum=8, maximum=32),
+    "initial-sync": Key(
+        "seed", "partial-update: first contact rebuilds the initial model from the run's seed, or receives it dense",
+        choices=INITIAL_SYNC,
+    ),
+    "history-rounds": Key(
+        8, "partial-update: per-round fp16/8-bit patches kept for clients catching up", minimum=0
+    ),
+    "partial-base": Key("fedavg", "partial-update: base aggregation rule", choices=BASES),
+}
 
 
-@cross_check
-def _check_value_bits(cfg: Mapping[str, Any]) -> None:
+def check_value_bits(cfg: Mapping[str, Any]) -> None:
+    """Value widths the codec can write."""
     if int(cfg["value-bits"]) not in codec.VALUE_BITS:
         raise ConfigError(
             f"value-bits = {cfg['value-bits']!r} is not supported; allowed: "
@@ -113,7 +107,7 @@ class _Patch:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-class PartialUpdate(Strategy):
+class PartialUpdate(Strategy, MethodHooks):
     """Partial-update broadcast wrapping a FedAvg-family ``base`` (sampling, config, aggregation).
 
     Parameters: ``update_ratio`` k ∈ (0, 1]; ``contribution`` one of combined | global | local |
@@ -310,8 +304,6 @@ class PartialUpdate(Strategy):
         finite float32 contribution for exactly the partial set. A rejected reply is not aggregated,
         and its client is resynchronised densely at its next round.
         """
-        from fedsparse.validation import check_arrays
-
         if self.w_dep is None:
             return "no round has been configured yet"
         records = msg.content.array_records
@@ -711,11 +703,8 @@ def _load_base_state(base: Strategy, state: Mapping[str, Any]) -> None:
         setattr(base, attr, {k: np.array(v) for k, v in value.items()})
 
 
-@register_strategy(
-    "partial-update",
-    "Partial-update broadcast (deep partial updating, Qu et al.): the downlink carries only k·I changed weights",
-)
-def _build(cfg: Mapping[str, Any]) -> Strategy:
+def build_partial_update(cfg: Mapping[str, Any]) -> Strategy:
+    """The partial-update broadcast over the configured base rule, from the run configuration."""
     kwargs = sampling_kwargs(cfg)
     base: FedAvg
     if cfg["partial-base"] == "fedprox":
@@ -733,3 +722,14 @@ def _build(cfg: Mapping[str, Any]) -> Strategy:
         history_rounds=int(cfg["history-rounds"]),
         seed=int(cfg["seed"]),
     )
+
+
+METHOD = Method(
+    name="partial-update",
+    summary="Partial-update broadcast (deep partial updating, Qu et al.): the downlink carries only k·I changed weights",
+    build=build_partial_update,
+    client_step="clients.partial_update:partial_update_train",
+    keys=KEYS,
+    checks=(check_value_bits,),
+    error_cases=(ErrorCase("partial-update: unsupported value bits", {"value-bits": 12}),),
+)

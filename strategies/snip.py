@@ -37,40 +37,38 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg
 
-from clients import compression as cc
 from fedsparse import codec
+from fedsparse.aggregation import weighted_mean
 from fedsparse.checkpoint import atomic_write
-from fedsparse.config import Config, ConfigError, Key, cross_check, register_keys
+from fedsparse.config import Config, ConfigError, Key
+from fedsparse.hooks import MethodHooks
 from fedsparse.masks import global_magnitude_masks, prunable_names
+from fedsparse.methods import ErrorCase, Method, sampling_kwargs
+from fedsparse.protocol import single_array_record
+from fedsparse.protocol.snip import CFG_SNIP_BATCHES, CFG_SNIP_PHASE, CFG_SNIP_PRUNABLE
 from fedsparse.validation import check_arrays, check_num_examples, spec_of
 
 # ``target-sparsity`` means the same for FedDIP (its s_p): FedDIP registers it, SNIP shares it; and
 # the weighted average Σ ρ_n x_n (float64, cast back, integers rounded) is FedDIP's.
-from strategies.feddip import weighted_mean
-from strategies.registry import register_strategy, sampling_kwargs
 
 log = logging.getLogger("fedsparse")
 
 #: A saliency reply is normalised to sum to 1 (or is all zero): tolerated deviation of its sum.
 SALIENCY_SUM_TOLERANCE = 1e-3
 
-register_keys(
-    "snip",
-    {
-        "snip-batches": Key(1, "SNIP: local mini-batches each client sums its saliency over (paper: 1)", minimum=1),
-    },
-)
+#: SNIP's own configuration keys (its sparsity is FedDIP's ``target-sparsity``: ``uses`` FedDIP's keys).
+KEYS: dict[str, Key] = {
+    "snip-batches": Key(1, "SNIP: local mini-batches each client sums its saliency over (paper: 1)", minimum=1),
+}
 
 
-@cross_check
-def _check_snip(cfg: Config) -> None:
-    if cfg["strategy"] != "snip":
-        return
+def check_snip(cfg: Config) -> None:
+    """A sparsity that leaves weights to train."""
     if not float(cfg["target-sparsity"]) < 1.0:
         raise ConfigError(f"target-sparsity = {cfg['target-sparsity']!r} prunes every weight; allowed: 0 <= target-sparsity < 1")
 
 
-class SNIP(FedAvg):
+class SNIP(FedAvg, MethodHooks):
     """Federated SNIP (see the module docstring).
 
     Parameters
@@ -121,13 +119,13 @@ class SNIP(FedAvg):
         problem = check_num_examples(metrics[self.weighted_by_key], None)
         if problem:
             return problem
-        records = msg.content.array_records
-        if list(records) != [self.arrayrecord_key]:
-            return f"expected exactly one ArrayRecord named {self.arrayrecord_key!r}, found {sorted(records)}"
-        problem = check_arrays(records[self.arrayrecord_key], spec, what="saliency tensor")
+        record = single_array_record(msg, self.arrayrecord_key)
+        if isinstance(record, str):
+            return record
+        problem = check_arrays(record, spec, what="saliency tensor")
         if problem:
             return problem
-        parts = {n: records[self.arrayrecord_key][n].numpy() for n in spec}
+        parts = {n: record[n].numpy() for n in spec}
         negative = [n for n, x in parts.items() if (x < 0).any()]
         if negative:
             return f"saliency {negative[0]!r} has negative entries (|∂L/∂w ⊙ w| is >= 0)"
@@ -143,9 +141,9 @@ class SNIP(FedAvg):
         ask = ConfigRecord(
             {
                 **dict(config.items()),
-                cc.CFG_SNIP_PHASE: "saliency",
-                cc.CFG_SNIP_PRUNABLE: list(self.prunable),
-                cc.CFG_SNIP_BATCHES: self.saliency_batches,
+                CFG_SNIP_PHASE: "saliency",
+                CFG_SNIP_PRUNABLE: list(self.prunable),
+                CFG_SNIP_BATCHES: self.saliency_batches,
             }
         )
         messages = list(super().configure_train(server_round, arrays, ask, grid))
@@ -223,18 +221,18 @@ class SNIP(FedAvg):
         self._global = self._masked({k: a.numpy() for k, a in arrays.items()})
         payload = codec.encode(self._global, {n: self.masks[n] for n in self.prunable})
         round_config = ConfigRecord(
-            {**dict(config.items()), cc.CFG_SNIP_PHASE: "train", cc.CFG_SNIP_PRUNABLE: list(self.prunable)}
+            {**dict(config.items()), CFG_SNIP_PHASE: "train", CFG_SNIP_PRUNABLE: list(self.prunable)}
         )
         return super().configure_train(server_round, codec.to_array_record(payload), round_config, grid)
 
     def validate_reply(self, server_round: int, msg: Message) -> str | None:
         """fedsparse's reply screen: the codec payload decodes to the model's arrays, finite, and
         nothing outside the mask is set."""
-        records = msg.content.array_records
-        if list(records) != [self.arrayrecord_key]:
-            return f"expected exactly one ArrayRecord named {self.arrayrecord_key!r}, found {sorted(records)}"
+        record = single_array_record(msg, self.arrayrecord_key)
+        if isinstance(record, str):
+            return record
         try:
-            tensors, _ = codec.decode(codec.from_array_record(records[self.arrayrecord_key]))
+            tensors, _ = codec.decode(codec.from_array_record(record))
         except (ValueError, KeyError, TypeError) as err:
             return f"the sparse model does not decode ({err})"
         if self._global is None or self.masks is None:
@@ -345,8 +343,8 @@ class SNIP(FedAvg):
         self._global = None
 
 
-@register_strategy("snip", "SNIP (Lee et al. 2019): one-shot pruning at initialisation, static mask, sparse both ways")
-def _snip(cfg: Mapping[str, Any]) -> SNIP:
+def build_snip(cfg: Mapping[str, Any]) -> SNIP:
+    """SNIP from the run configuration."""
     return SNIP(
         float(cfg["target-sparsity"]),
         saliency_batches=int(cfg["snip-batches"]),
@@ -355,4 +353,15 @@ def _snip(cfg: Mapping[str, Any]) -> SNIP:
     )
 
 
-__all__ = ["SNIP"]
+METHOD = Method(
+    name="snip",
+    summary="SNIP (Lee et al. 2019): one-shot pruning at initialisation, static mask, sparse both ways",
+    build=build_snip,
+    client_step="clients.compression:snip_train",
+    keys=KEYS,
+    uses=("feddip",),
+    checks=(check_snip,),
+    error_cases=(ErrorCase("SNIP: target sparsity 1", {"target-sparsity": 1.0}),),
+)
+
+__all__ = ["SNIP", "METHOD", "KEYS", "build_snip"]

@@ -18,7 +18,10 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from clients import compression as cc
+from clients import compression as client_compression
+from fedsparse import compressors as cc
+from fedsparse.protocol import OMITTED_ARRAYS
+from fedsparse.protocol import snip as snip_protocol
 from fedsparse import codec
 from fedsparse.accounting import payload_bytes
 from fedsparse.config import ConfigError, resolve_config
@@ -26,7 +29,7 @@ from fedsparse.grid import seeded_sampling
 from fedsparse.masks import global_magnitude_masks, num_pruned
 from fedsparse.models import build_model
 from fedsparse.server import initial_model, run_server
-from strategies.registry import build_strategy
+from fedsparse.methods import build_strategy
 
 from loopback import LoopbackGrid, set_task_identity, train_reply
 
@@ -376,7 +379,7 @@ def test_snip_saliency_is_normalised_connection_sensitivity() -> None:
     model = build_model("lenet5", 10, 1, 28)
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     names = [n for n, p in model.named_parameters() if p.ndim > 1]
-    sal = cc.snip_saliency(model, [(x, y)], names)
+    sal = client_compression.snip_saliency(model, [(x, y)], names)
     loss = torch.nn.functional.cross_entropy(model(x), y)
     grads = torch.autograd.grad(loss, [dict(model.named_parameters())[n] for n in names])
     raw = [(g * dict(model.named_parameters())[n]).abs() for g, n in zip(grads, names)]
@@ -391,7 +394,7 @@ def test_masked_training_keeps_pruned_weights_at_zero() -> None:
     model = torch.nn.Linear(6, 3)
     keep = {"weight": torch.rand(3, 6) > 0.5}
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    with cc.masked_training(model, keep):
+    with client_compression.masked_training(model, keep):
         for _ in range(5):
             opt.zero_grad()
             model(torch.randn(4, 6)).pow(2).sum().backward()
@@ -418,8 +421,8 @@ def test_snip_run_static_mask_exact_sparsity_and_sparse_both_ways(tmp_path: Path
 
     # round 1 = saliency exchange (dense prunable tensors up) + a train exchange; then one exchange per round
     saliency_msgs, saliency_replies = grid.exchanges[0]
-    assert saliency_msgs[0].content["config"][cc.CFG_SNIP_PHASE] == "saliency"
-    assert saliency_msgs[0].content["config"][cc.CFG_SNIP_BATCHES] == 2
+    assert saliency_msgs[0].content["config"][snip_protocol.CFG_SNIP_PHASE] == "saliency"
+    assert saliency_msgs[0].content["config"][snip_protocol.CFG_SNIP_BATCHES] == 2
     assert set(saliency_replies[0].content["arrays"].keys()) == set(prunable)
     assert len(grid.exchanges) == 4
     # the mask, recomputed from the saliency replies: their example-weighted mean (partition order =
@@ -433,7 +436,7 @@ def test_snip_run_static_mask_exact_sparsity_and_sparse_both_ways(tmp_path: Path
     keep = total - num_pruned(total, 0.8)
     masks = []
     for msgs, replies in grid.exchanges[1:]:
-        assert msgs[0].content["config"][cc.CFG_SNIP_PHASE] == "train"
+        assert msgs[0].content["config"][snip_protocol.CFG_SNIP_PHASE] == "train"
         _, down_masks = codec.decode(codec.from_array_record(msgs[0].content["arrays"]))
         masks.append({n: down_masks[n] for n in prunable})
         _, up_masks = codec.decode(codec.from_array_record(replies[0].content["arrays"]))
@@ -470,7 +473,7 @@ def _snip_round_one(cfg: dict, tamper=None, reverse: bool = False):  # noqa: ANN
     def send_and_receive(messages, *, timeout=None):  # noqa: ANN001, ANN202
         messages = list(messages)
         replies = list(inner(messages, timeout=timeout))
-        if messages[0].content["config"][cc.CFG_SNIP_PHASE] != "saliency":
+        if messages[0].content["config"][snip_protocol.CFG_SNIP_PHASE] != "saliency":
             return replies
         by_node = {m.metadata.dst_node_id: m for m in messages}
         replies = sorted(replies, key=lambda r: r.metadata.src_node_id)

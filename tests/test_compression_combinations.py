@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from clients import compression as cc
+from clients import compression as client_compression
+from fedsparse import compressors as cc
+from fedsparse.protocol import OMITTED_ARRAYS
+from fedsparse.protocol import snip as snip_protocol
 from clients.partial_update import unpack_parts
 from fedsparse import codec
 from fedsparse.accounting import payload_bytes
@@ -18,7 +21,7 @@ from fedsparse.config import ConfigError
 from fedsparse.grid import seeded_sampling
 from fedsparse.masks import num_pruned
 from fedsparse.server import initial_model, run_server
-from strategies.registry import build_strategy
+from fedsparse.methods import build_strategy
 
 from loopback import set_task_identity
 from test_compression import loopback_grid, tiny_cfg
@@ -50,9 +53,9 @@ def _drive(cfg: dict, rounds: int):
 def test_fedluar_over_fedpaq_omits_recycled_layers_and_recycles_their_update() -> None:
     cfg = tiny_cfg(strategy="fedluar-paq", rounds=3, **{"recycled-layers": 2, "quant-levels": 8})
     strategy, history = _drive(cfg, 3)
-    assert history[0]["msgs"][0].content["config"].get(cc.LUAR_RECYCLED) is None  # R_1 is empty
+    assert history[0]["msgs"][0].content["config"].get(OMITTED_ARRAYS) is None  # R_1 is empty
     for t, h in enumerate(history[1:], start=2):
-        recycled = list(h["msgs"][0].content["config"][cc.LUAR_RECYCLED])
+        recycled = list(h["msgs"][0].content["config"][OMITTED_ARRAYS])
         assert len(recycled) == 2 and h["msgs"][0].content["config"][cc.CFG_METHOD] == "fedpaq"
         for reply in h["replies"]:
             deltas, _ = cc.decode_update(codec.from_array_record(reply.content["arrays"]))
@@ -77,7 +80,7 @@ def test_feddip_with_luar_uplink_keeps_the_mask_and_sends_less(tmp_path: Path) -
     assert (df["rejected"] == 0).all() and (df["aggregated"]).all()
     assert df["num_recycled"].tolist() == [0, 2, 2, 2]
     for msgs, replies in grid.exchanges[1:]:
-        recycled = set(msgs[0].content["config"][cc.LUAR_RECYCLED])
+        recycled = set(msgs[0].content["config"][OMITTED_ARRAYS])
         tensors, _ = codec.decode(codec.from_array_record(replies[0].content["arrays"]))
         assert recycled and not recycled & set(tensors)
     # the returned model respects FedDIP's final mask (exact target sparsity over the prunable weights)
@@ -137,7 +140,7 @@ def test_feddip_with_luar_uplink_rejects_entries_outside_the_mask() -> None:
     cfg = tiny_cfg(strategy="feddip-luar", rounds=3, **{"recycled-layers": 2, "reconfig-every": 2})
     strategy, history = _drive(cfg, 2)  # _drive asserts every honest reply passes the screen
     last = history[-1]
-    recycled = set(last["msgs"][0].content["config"][cc.LUAR_RECYCLED])
+    recycled = set(last["msgs"][0].content["config"][OMITTED_ARRAYS])
     reply = last["replies"][0]
     tensors, kept = codec.decode(codec.from_array_record(reply.content["arrays"]))
     name = next(n for n in PRUNABLE if n not in recycled)

@@ -26,7 +26,7 @@ from fedsparse.config import ConfigError, resolve_config
 from fedsparse.failures import InjectedFailure, failure_for, inject, parse_fail_clients
 from fedsparse.server import RunResult, run_server
 from loopback import EngineLikeGrid, set_task_identity
-from strategies.registry import strategy_names
+from fedsparse.methods import strategy_names
 
 BASE = {
     "num-clients": 4,

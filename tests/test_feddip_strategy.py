@@ -28,7 +28,7 @@ from fedsparse.models import build_model
 from fedsparse.schedules import cubic_sparsity, incremental_lambda
 from fedsparse.server import initial_model, run_server
 from strategies.feddip import FedDIP
-from strategies.registry import build_strategy
+from fedsparse.methods import build_strategy
 
 from loopback import LoopbackGrid, set_task_identity, train_reply
 

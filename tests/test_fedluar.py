@@ -32,7 +32,7 @@ from fedsparse.grid import seeded_sampling
 from fedsparse.layer_sampling import recycling_probabilities
 from fedsparse.server import initial_model, run_server
 from strategies.fedluar import LUAR, RECYCLED_CONFIG_KEY, luar_round_lr, recyclable_groups
-from strategies.registry import build_strategy
+from fedsparse.methods import build_strategy
 
 from loopback import LoopbackGrid, node_context, set_task_identity, train_reply
 

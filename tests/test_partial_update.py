@@ -546,7 +546,7 @@ def test_local_contribution_is_minus_sum_of_gradient_times_step() -> None:
 
 def test_the_real_client_step_patches_trains_and_reports(tmp_path: Any) -> None:
     """The registered ClientApp step on real MNIST data, a real MLP and real Flower records."""
-    from clients.registry import train_step_for
+    from fedsparse.methods import train_step
     from fedsparse.server import initial_model
 
     cfg = resolve_config(
@@ -558,7 +558,7 @@ def test_the_real_client_step_patches_trains_and_reports(tmp_path: Any) -> None:
     random.seed(0)
     msgs = list(strat.configure_train(1, record(init), ConfigRecord({"server-round": 1}), LocalGrid([42])))
     context = Context(run_id=1, node_id=42, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
-    step = train_step_for("partial-update")
+    step = train_step("partial-update")
     out = step(msgs[0], context, cfg)
     assert not out.has_error()
     metrics = out.content["metrics"]
@@ -594,7 +594,7 @@ def test_configuration_errors_name_the_value() -> None:
         resolve_config(base, {"contribution": "dpu"})
     with pytest.raises(ValueError, match="unknown after_broadcast"):
         PartialUpdate(after_broadcast="later")
-    from strategies.registry import build_strategy
+    from fedsparse.methods import build_strategy
 
     s = build_strategy(resolve_config(base, {"update-ratio": 0.01, "value-bits": 8, "partial-base": "fedprox"}))
     assert isinstance(s, PartialUpdate) and s.value_bits == 8 and s.update_ratio == 0.01

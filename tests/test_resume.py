@@ -38,7 +38,7 @@ from fedsparse.accounting import Ledger
 from fedsparse.config import ConfigError, resolve_config
 from fedsparse.server import RunResult, run_server
 from loopback import EngineLikeGrid, SimulatedCrash, set_task_identity, train_round
-from strategies.registry import strategy_names
+from fedsparse.methods import strategy_names
 
 ROOT = Path(__file__).resolve().parents[1]
 # Timings differ between runs, and wire sizes by a few bytes (Flower's metadata carries random ids).
@@ -337,7 +337,7 @@ def test_feddip_luar_state_round_trips_the_feddip_base(tmp_path: Path) -> None:
     """LUAR over FedDIP (feddip-luar) saves the base's own state_dict(): masks, schedule position,
     reconfiguration rounds come back exactly (LUAR used to save only Flower's per-array state)."""
     from fedsparse.server import initial_model
-    from strategies.registry import build_strategy
+    from fedsparse.methods import build_strategy
 
     cfg = _cfg(tmp_path, strategy="feddip-luar", **{"reconfig-every": 1})
     strategy = build_strategy(cfg)

@@ -23,6 +23,7 @@ from fedsparse import checkpoint as ckpt
 from fedsparse.accounting import Ledger
 from fedsparse.config import resolve_config
 from fedsparse.grid import MeteredGrid, seeded_sampling
+from fedsparse.hooks import MethodHooks
 from fedsparse.server import _aggregate, _screen_for, initial_model
 from fedsparse.validation import (
     ReplyScreen,
@@ -34,7 +35,7 @@ from fedsparse.validation import (
     universal_check,
 )
 from loopback import EngineLikeGrid, set_task_identity
-from strategies.registry import build_strategy, strategy_names
+from fedsparse.methods import build_strategy, strategy_names
 
 TINY = {
     "num-clients": 4,
@@ -241,7 +242,7 @@ def test_all_replies_bad_keeps_the_model(model: ArrayRecord) -> None:
 
 
 def test_a_hook_that_raises_rejects_instead_of_crashing(model: ArrayRecord) -> None:
-    class Picky(FedAvg):
+    class Picky(FedAvg, MethodHooks):
         def validate_reply(self, server_round: int, msg: Message) -> str | None:
             raise ValueError("cannot decode")
 
@@ -417,7 +418,7 @@ def _finite(a: ArrayRecord) -> bool:
 def _checks_structure(strategy: Any) -> bool:
     from fedsparse.validation import is_flower_strategy
 
-    return callable(getattr(strategy, "validate_reply", None)) or is_flower_strategy(strategy)
+    return isinstance(strategy, MethodHooks) or is_flower_strategy(strategy)
 
 
 @pytest.mark.parametrize("name", strategy_names())

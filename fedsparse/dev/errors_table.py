@@ -7,7 +7,7 @@ configuration, reading a file, resuming a run, parsing a bench suite) and printi
 
 * every case below raises (a ConfigError, or DatasetNotFoundError for missing data),
 * the generated block of ``docs/errors.md`` is exactly :func:`render` (regenerate with
-  ``python -m fedsparse.config_errors --write``),
+  ``fedsparse dev errors-table --write``, from the checkout's root),
 * every ``raise ConfigError(...)`` in fedsparse/, strategies/ and clients/ is reached by some case
   (or listed in :data:`NOT_TABULATED` with the reason) — so a new check cannot go undocumented.
 """
@@ -17,15 +17,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "errors.md"
-BEGIN = "<!-- BEGIN GENERATED: python -m fedsparse.config_errors --write -->"
+from fedsparse.methods import methods
+
+#: Where the packages are (a checkout or site-packages): raise sites are named relative to it.
+ROOT = Path(__file__).resolve().parents[2]
+#: The document, relative to the working directory (the checkout's root): nothing here assumes a
+#: source checkout around the installed package.
+DOC = Path("docs") / "errors.md"
+BEGIN = "<!-- BEGIN GENERATED: fedsparse dev errors-table --write -->"
 END = "<!-- END GENERATED -->"
 MAX_MESSAGE = 400  # longer messages (e.g. the list of every key) are cut in the table, marked "…"
 
@@ -201,6 +207,19 @@ def type_cases() -> list[Case]:
     ]
 
 
+def method_cases() -> list[Case]:
+    """The error cases every installed method declares, in discovery order."""
+    out: list[Case] = []
+    for name, method in methods().items():
+        for case in method.error_cases:
+            if case.run is not None:
+                out.append(_flat("other", case.what, case.given or case.what, case.run))
+                continue
+            over = {"strategy": name, **dict(case.overrides or {})}
+            out.append(_flat("other", case.what, case.given or _set(over), _resolve(**over)))
+    return out
+
+
 def other_cases() -> list[Case]:
     from fedsparse.config import load_toml, parse_overrides
 
@@ -259,32 +278,8 @@ def other_cases() -> list[Case]:
     add("resuming without an output directory", "run_server(..., out_dir=None, resume=True)", _loop_resume_no_dir)
     add("a checkpoint the strategy cannot load", "(a state_dict() saved, a strategy without load_state_dict())", _strategy_cannot_load)
     add("a checkpoint written by another format version", "fedsparse run --resume run (older fedsparse)", _old_format)
-    # strategies
-    add("FedDIP: target sparsity 1", _set({"strategy": "feddip", "target-sparsity": 1.0}), _resolve(strategy="feddip", **{"target-sparsity": 1.0}))
-    add("FedDIP: initial above target sparsity", _set({"strategy": "feddip", "initial-sparsity": 0.8, "target-sparsity": 0.5}),
-        _resolve(strategy="feddip", **{"initial-sparsity": 0.8, "target-sparsity": 0.5}))
-    add("FedLUAR: milestones that are not rounds", _set({"strategy": "fedluar", "luar-lr-milestones": "100,abc"}),
-        _resolve(strategy="fedluar", **{"luar-lr-milestones": "100,abc"}))
-    add("FedLUAR: keeping momentum without momentum", _set({"strategy": "fedluar", "persist-momentum": True, "momentum": 0.0}),
-        _resolve(strategy="fedluar", **{"persist-momentum": True, "momentum": 0.0}))
-    add("FedLUAR: more recycled layers than the model has", _set({"strategy": "fedluar", "recycled-layers": 6}),
-        _resolve(strategy="fedluar", **{"recycled-layers": 6}))
-    add("FedLUAR: an unknown base strategy (building it in code)", "build_base({..., 'luar-base': 'fedsgd'})", _luar_base)
-    add("partial-update: unsupported value bits", _set({"strategy": "partial-update", "value-bits": 12}),
-        _resolve(strategy="partial-update", **{"value-bits": 12}))
-    add("Rand-k: error feedback on the unbiased estimate", _set({"strategy": "randk", "randk-error-feedback": True}),
-        _resolve(strategy="randk", **{"randk-error-feedback": True}))
-    add("SNIP: target sparsity 1", _set({"strategy": "snip", "target-sparsity": 1.0}), _resolve(strategy="snip", **{"target-sparsity": 1.0}))
-    add("FedLUAR: keeping momentum of Adam", _set({"strategy": "fedluar", "persist-momentum": True, "optimizer": "adam", "momentum": 0.9}),
-        _resolve(strategy="fedluar", optimizer="adam", **{"persist-momentum": True, "momentum": 0.9}))
-    add("fedluar-paq: momentum persistence", _set({"strategy": "fedluar-paq", "persist-momentum": True, "momentum": 0.9}),
-        _resolve(strategy="fedluar-paq", **{"persist-momentum": True, "momentum": 0.9}))
-    add("fedluar-paq: another base", _set({"strategy": "fedluar-paq", "luar-base": "fedadam"}), _resolve(strategy="fedluar-paq", **{"luar-base": "fedadam"}))
-    add("feddip-luar: lr milestones", _set({"strategy": "feddip-luar", "luar-lr-milestones": "10"}), _resolve(strategy="feddip-luar", **{"luar-lr-milestones": "10"}))
-    add("feddip-luar: initial above target sparsity", _set({"strategy": "feddip-luar", "initial-sparsity": 0.8, "target-sparsity": 0.5}),
-        _resolve(strategy="feddip-luar", **{"initial-sparsity": 0.8, "target-sparsity": 0.5}))
-    add("fedluar-paq: more recycled layers than the model has", _set({"strategy": "fedluar-paq", "recycled-layers": 6}),
-        _resolve(strategy="fedluar-paq", **{"recycled-layers": 6}))
+    # methods: each declares its own bad inputs (fedsparse.methods.Method.error_cases)
+    c.extend(method_cases())
     # fedsparse bench suites
     add("bench: an unknown top-level entry", "suite: rounds = 3 at top level", _suite({"rounds": 3, "methods": []}))
     add("bench: base is not a table", "suite: base = 3", _suite({"base": 3}))
@@ -357,13 +352,6 @@ def _old_format() -> Any:
     out.mkdir(exist_ok=True)
     np.savez(out / "checkpoint.npz", meta=np.frombuffer(b'{"format": 0}', dtype=np.uint8))
     return load_checkpoint(out)
-
-
-def _luar_base() -> Any:
-    from fedsparse.config import resolve_config
-    from strategies.fedluar import build_base
-
-    return build_base({**resolve_config({}), "luar-base": "fedsgd"})
 
 
 def _suite_file_missing() -> Any:
@@ -480,21 +468,24 @@ def generated_block(text: str) -> str:
 
 
 def write(doc: Path = DOC) -> None:
+    """Replace the generated block of ``doc`` with the current table."""
     text = doc.read_text()
     doc.write_text(text.replace(generated_block(text), render()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help=f"rewrite the generated block of {DOC.relative_to(ROOT)}")
-    args = parser.parse_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--doc", type=Path, default=DOC, help=f"the document holding the table (default: {DOC})")
+    parser.add_argument("--write", action="store_true", help="rewrite the document's generated block (else print the table)")
+
+
+def command(args: argparse.Namespace) -> int:
+    """``fedsparse dev errors-table``."""
     if args.write:
-        write()
-        print(f"updated {DOC.relative_to(ROOT)}")
+        if not args.doc.is_file():
+            print(f"fedsparse dev errors-table: {args.doc} not found; run it from the checkout's root or pass --doc", file=sys.stderr)
+            return 2
+        write(args.doc)
+        print(f"updated {args.doc}")
     else:
         print(render())
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

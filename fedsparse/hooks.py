@@ -1,0 +1,56 @@
+"""The hooks a method's strategy offers fedsparse's round loop, with their defaults.
+
+A strategy that inherits :class:`MethodHooks` (beside its Flower base class) gets every hook below;
+it overrides the ones it needs. The round loop, the checkpoint and wrappers such as FedLUAR call
+them only on ``isinstance(strategy, MethodHooks)`` — never by probing attributes — and treat any
+other strategy as one of Flower's own (plain-model replies, state in Flower's attributes).
+
+None of the hooks is needed by Flower: a strategy that has them still runs unchanged under
+``Strategy.start`` in someone else's deployment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Message
+
+
+class MethodHooks:
+    """fedsparse's hooks, each with a default that does nothing."""
+
+    def validate_reply(self, server_round: int, msg: Message) -> str | None:
+        """Content check of one train reply, after the universal checks: None accepts it, a string
+        is the reason to reject it (:mod:`fedsparse.validation`). Strategies whose replies are not
+        plain models must check what they decode (:func:`fedsparse.validation.check_arrays`)."""
+        return None
+
+    def round_report(self, server_round: int) -> dict[str, Any]:
+        """Method-specific columns of ``rounds.csv`` for ``server_round``."""
+        return {}
+
+    def final_report(self, out_dir: Path) -> dict[str, Any] | None:
+        """End-of-run tables and plots written to ``out_dir``; what it returns joins summary.json."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """State that must survive a checkpoint (numpy arrays and JSON-able values)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned into a freshly built strategy."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)}")
+
+    def constrain(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The global model projected onto this strategy's constraints (e.g. FedDIP's masks).
+
+        A wrapper that changes the model its base returned (FedLUAR moving recycled layers by their
+        previous update) calls it so the result still satisfies the base; the default keeps
+        ``arrays`` as they are (the same object)."""
+        return arrays
+
+
+__all__ = ["MethodHooks"]

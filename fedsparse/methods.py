@@ -1,0 +1,214 @@
+"""Method plug-ins: how the core finds strategies and client steps without importing them by name.
+
+A *method* (FedDIP, FedLUAR, Top-k, ...) is one strategy module and one client module. The strategy
+module declares a :class:`Method` — its name, how to build the Flower strategy from a run config,
+its configuration keys, its cross-checks, its error cases and where its client step lives — and
+the package that ships it names that declaration under the entry-point group
+:data:`METHODS_GROUP` in its ``pyproject.toml``::
+
+    [project.entry-points."fedsparse.methods"]
+    feddip = "strategies.feddip:METHOD"
+
+So a third-party package adds a method with ``pip install`` and no edit to fedsparse, and the core
+(:mod:`fedsparse.config`, :mod:`fedsparse.server`, the ClientApp) reaches every method — the
+built-in ones included — through :func:`methods` alone. The layering rule this keeps
+(``fedsparse`` → nothing of ours; ``strategies`` and ``clients`` → ``fedsparse`` only) is in
+docs/architecture.md and enforced by tests/test_architecture.py.
+
+Strategies get fedsparse's per-round hooks by inheriting :class:`fedsparse.hooks.MethodHooks`; the
+hooks' contract is there.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import Context, Message
+from flwr.serverapp.strategy import Strategy
+
+if TYPE_CHECKING:  # the config module imports this one
+    from flwr.clientapp import ClientApp
+
+    from fedsparse.config import Key
+
+#: Entry-point group naming each method's :class:`Method` declaration (entry name = method name).
+METHODS_GROUP = "fedsparse.methods"
+#: Entry-point group naming the runtime's ClientApp factory (``client-app``): the ClientApp that
+#: dispatches train messages to the methods' client steps.
+RUNTIME_GROUP = "fedsparse.runtime"
+
+StrategyBuilder = Callable[[Mapping[str, Any]], Strategy]
+TrainStep = Callable[[Message, Context, Mapping[str, Any]], Message]
+CrossCheck = Callable[[Mapping[str, Any]], None]
+
+
+class MethodError(RuntimeError):
+    """A method plug-in that cannot be loaded or is declared wrongly (a packaging error)."""
+
+
+@dataclass(frozen=True)
+class ErrorCase:
+    """One bad input of a method, for the generated errors table (docs/errors.md).
+
+    Either ``overrides`` (resolved on top of the defaults with ``strategy`` set to the method) or
+    ``run`` (a call that raises, for inputs that are not a run configuration). ``given`` is how a
+    user writes it; by default the overrides rendered as TOML.
+    """
+
+    what: str
+    overrides: Mapping[str, Any] | None = None
+    run: Callable[[], Any] | None = None
+    given: str | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """Everything the core needs to know about one method; nothing about it is written elsewhere.
+
+    ``client_step`` is ``"module:function"`` of the function answering train messages,
+    ``fn(msg, context, cfg) -> reply``; it is imported only in the processes that run clients, so
+    the server never imports client code. ``checks`` run only when the run's ``strategy`` is this
+    method, after the core's own checks. ``keys`` are added to the configuration schema under
+    ``section`` (default: the method's name). ``uses`` names the methods whose keys this one reads
+    too (a combination reads its parts' keys): their keys are registered first, in their own
+    sections, and a missing one is a clear error.
+    """
+
+    name: str
+    summary: str
+    build: StrategyBuilder
+    client_step: str
+    keys: Mapping[str, Key] = field(default_factory=dict)
+    section: str = ""
+    checks: Sequence[CrossCheck] = ()
+    error_cases: Sequence[ErrorCase] = ()
+    uses: Sequence[str] = ()
+
+
+_METHODS: dict[str, Method] | None = None
+_STEPS: dict[str, TrainStep] = {}
+
+
+def methods() -> dict[str, Method]:
+    """Every installed method by name, in discovery order (built-in ones first), loaded once."""
+    global _METHODS
+    if _METHODS is None:
+        found: dict[str, Method] = {}
+        for ep in sorted(entry_points(group=METHODS_GROUP), key=_builtin_first):
+            try:
+                declared = ep.load()
+            except Exception as err:
+                raise MethodError(f"method plug-in {ep.name!r} ({ep.value}) cannot be imported: {err}") from err
+            if not isinstance(declared, Method):
+                raise MethodError(f"entry point {ep.name!r} = {ep.value!r} is a {type(declared).__name__}, not a fedsparse.methods.Method")
+            if declared.name != ep.name:
+                raise MethodError(f"entry point {ep.name!r} declares a method named {declared.name!r}; the two must match")
+            if ep.name in found:
+                continue  # the same distribution seen twice on sys.path (an editable install beside a wheel)
+            found[ep.name] = declared
+        _METHODS = found
+    return _METHODS
+
+
+def _builtin_first(ep: Any) -> tuple[int, str]:
+    """fedsparse's own methods first, then the others, each group by name."""
+    dist = getattr(ep, "dist", None)  # importlib.metadata gives it; a hand-made EntryPoint may not
+    builtin = dist is not None and dist.metadata["Name"] == "fedsparse"
+    return (0 if builtin else 1, ep.name)
+
+
+def key_declarations() -> list[tuple[str, Mapping[str, Key]]]:
+    """(section, keys) of every installed method, each method's ``uses`` before it, each once."""
+    found = methods()
+    out: list[tuple[str, Mapping[str, Key]]] = []
+    done: set[str] = set()
+
+    def add(name: str, needed_by: str | None) -> None:
+        if name in done:
+            return
+        if name not in found:
+            raise MethodError(f"method {needed_by!r} uses the keys of method {name!r}, which is not installed")
+        done.add(name)
+        for used in found[name].uses:
+            add(used, name)
+        out.append((found[name].section or name, found[name].keys))
+
+    for name in found:
+        add(name, None)
+    return out
+
+
+def strategy_names() -> list[str]:
+    """Names accepted by the ``strategy`` key."""
+    return list(methods())
+
+
+def method(name: str) -> Method:
+    """The method called ``name``; an unknown name lists what is installed."""
+    found = methods()
+    if name not in found:
+        raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(found)}")
+    return found[name]
+
+
+def build_strategy(cfg: Mapping[str, Any]) -> Strategy:
+    """The configured method's Flower strategy."""
+    return method(str(cfg["strategy"])).build(cfg)
+
+
+def train_step(name: str) -> TrainStep:
+    """The client step of method ``name`` (imported on first use, then cached)."""
+    if name not in _STEPS:
+        _STEPS[name] = _load_object(method(name).client_step, f"client step of method {name!r}")
+    return _STEPS[name]
+
+
+def client_app_factory() -> Callable[..., ClientApp]:
+    """``make_client_app(run_config=None) -> ClientApp`` of the installed runtime."""
+    eps = [ep for ep in entry_points(group=RUNTIME_GROUP) if ep.name == "client-app"]
+    if not eps:
+        raise MethodError(f"no 'client-app' entry point in group {RUNTIME_GROUP!r}: is fedsparse installed (pip install -e .)?")
+    return eps[0].load()  # type: ignore[no-any-return]  # entry points are untyped
+
+
+def _load_object(ref: str, what: str) -> Any:
+    module, _, attr = ref.partition(":")
+    if not module or not attr:
+        raise MethodError(f"{what}: {ref!r} is not 'module:function'")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise MethodError(f"{what}: {ref!r} cannot be loaded: {err}") from err
+
+
+def sampling_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """FedAvg-family sampling arguments: exactly ``clients-per-round`` of ``num-clients`` each
+    round, no federated evaluation (the global model is evaluated centrally)."""
+    n, k = int(cfg["num-clients"]), int(cfg["clients-per-round"])
+    return {
+        "fraction_train": k / n,
+        "min_train_nodes": k,
+        "min_available_nodes": n,
+        "fraction_evaluate": 0.0,
+    }
+
+
+__all__ = [
+    "METHODS_GROUP",
+    "RUNTIME_GROUP",
+    "ErrorCase",
+    "Method",
+    "MethodError",
+    "build_strategy",
+    "key_declarations",
+    "client_app_factory",
+    "method",
+    "methods",
+    "sampling_kwargs",
+    "strategy_names",
+    "train_step",
+]

@@ -1,0 +1,28 @@
+"""FedDIP's message layout, shared by :mod:`strategies.feddip` and :mod:`clients.feddip`.
+
+Downlink: ``arrays`` is the pruned global model packed by :mod:`fedsparse.codec` (kept values and a
+bitmap / coordinate index per prunable tensor; the positions it kept *are* the round's mask) and
+``config`` carries λ_τ, the names of the prunable tensors, whether the uplink is sparse this round
+and FedProx's μ for FedDIP+Prox. Uplink: the trained model through the same codec — only the mask's
+entries in a sparse-uplink round — and ``metrics``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+from fedsparse import codec
+
+CONFIG_LAMBDA = "feddip-lambda"
+CONFIG_PRUNABLE = "feddip-prunable"
+CONFIG_SPARSE_UPLINK = "feddip-sparse-uplink"
+CONFIG_PROXIMAL_MU = "proximal-mu"  # the same key Flower's FedProx sends
+
+
+def decode_payload(record: ArrayRecord) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(every tensor, dense; the kept-position mask of each sparse one) of a codec-packed record."""
+    return codec.decode(codec.from_array_record(record))
+
+
+__all__ = ["CONFIG_LAMBDA", "CONFIG_PRUNABLE", "CONFIG_SPARSE_UPLINK", "CONFIG_PROXIMAL_MU", "decode_payload"]
