@@ -1,21 +1,28 @@
 """Byte figures of real Flower deployments: payload, wire and the SuperLink's own count.
 
-Starts a SuperLink and two SuperNodes on 127.0.0.1 (fedsparse.deploy.LocalDeployment), runs each
+Starts a SuperLink and two SuperNodes on 127.0.0.1 (``LocalDeployment`` of tests/deploy_harness.py), runs each
 strategy through `flwr run` with the same small configuration, then sets the ledger's per-message
 payload and wire bytes (messages.csv) beside the SuperLink's traffic count for the run
 (`flwr ls --format json`), and writes the table as markdown.
 
     .venv/bin/python experiments/run_deployment.py --out runs/deployment \
         --table experiments/results/deployment.md
+
+The local deployment is test tooling (tests/deploy_harness.py, not part of the installed package):
+this script runs from a checkout and borrows it from there.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-from fedsparse.deploy import PROJECT_DIR, LocalDeployment, data_env, traffic_report
+from fedsparse.traffic import traffic_report
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from deploy_harness import PROJECT_DIR, LocalDeployment, data_env  # noqa: E402 - tests/ first on the path
 
 BASE = {
     "num-clients": 2,
@@ -75,7 +82,7 @@ def main() -> None:
         cfg = " ".join(f"{k}={v}" for k, v in BASE.items())
         args.table.write_text(
             "# Byte figures in a Flower deployment\n\n"
-            "A SuperLink and two SuperNodes on 127.0.0.1 (`fedsparse.deploy.LocalDeployment`), runs submitted with\n"
+            "A SuperLink and two SuperNodes on 127.0.0.1 (`LocalDeployment`, tests/deploy_harness.py), runs submitted with\n"
             f"`flwr run`; base configuration `{cfg}` (Fashion-MNIST, LeNet-5, IID), plus per run:\n"
             + "".join(f"- {name}: `{extra}`\n" for name, extra in RUNS.items())
             + "- byo example: `examples/byo_clientapp` (own model and data, 3 rounds of FedDIP).\n\n"

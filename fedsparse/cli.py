@@ -16,7 +16,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides["data-dir"] = args.data_dir
     df = simulate(
         args.config, overrides, out_dir=args.out, progress=not args.quiet, verbose=args.verbose, resume=args.resume,
-        ray_address=args.ray_address,
+        ray_address=args.ray_address, overwrite=args.overwrite,
     )
     last = df.dropna(subset=["test_accuracy"]).iloc[-1]
     out = Path(df.attrs.get("out_dir", args.out or ""))
@@ -40,7 +40,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedsparse", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fedsparse", description=__doc__, epilog="--debug (anywhere on the line): show tracebacks of user errors"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one configuration on Flower's simulation engine")
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="continue the run in DIR from its checkpoint (needs checkpoint-every > 0), with DIR's config.toml",
     )
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in --out (it says which files it replaces)"
+    )
     run.set_defaults(func=_cmd_run)
 
     config = sub.add_parser("config", help="list every configuration key with its default")
@@ -65,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedsparse.data.cli import add_data_commands
 
     add_data_commands(sub)
-    from fedsparse.deploy import add_deploy_commands
+    from fedsparse.traffic import add_traffic_command
 
-    add_deploy_commands(sub)
+    add_traffic_command(sub)
     from fedsparse.bench import add_bench_command
 
     add_bench_command(sub)
@@ -78,14 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; user errors print one line (exit 2) unless ``--debug`` (anywhere) asks for the traceback."""
     from fedsparse.config import ConfigError
-    from fedsparse.data import DatasetNotFoundError
+    from fedsparse.data import DatasetNotFoundError, IdxFormatError
+    from fedsparse.data.fetch import ChecksumError
 
-    args = build_parser().parse_args(argv)
+    from fedsparse.stopping import RunInterrupted
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         return int(args.func(args))
-    except (ConfigError, DatasetNotFoundError) as err:
+    except RunInterrupted as stop:
+        print(f"fedsparse: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except (ConfigError, DatasetNotFoundError, IdxFormatError, ChecksumError) as err:
+        if debug:
+            raise
         print(f"fedsparse: error: {err}", file=sys.stderr)
+        print("fedsparse: (run again with --debug for the traceback)", file=sys.stderr)
         return 2
 
 

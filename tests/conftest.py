@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsparse.deploy import data_env
+from deploy_harness import data_env  # tests/ is on sys.path: pytest puts a conftest's folder there
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

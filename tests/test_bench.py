@@ -1,4 +1,5 @@
-"""The benchmark runner (fedsparse.bench): suite parsing, resume, summary statistics, reports.
+"""The benchmark runner (fedsparse.bench): suite parsing, resume (of finished runs, and of runs cut
+short after a checkpoint), summary statistics, reports.
 
 The resume / summary test runs real tiny runs in process — fedsparse's round loop on a loopback grid
 that calls the real ClientApp (no Ray) — and checks the runner's tables against those runs' own
@@ -23,7 +24,7 @@ from fedsparse import bench
 from fedsparse.config import ConfigError
 from fedsparse.server import run_server
 
-from loopback import set_task_identity  # tests/ is on sys.path under pytest
+from loopback import LoopbackGrid, set_task_identity  # tests/ is on sys.path under pytest
 from test_compression import loopback_grid  # the in-process grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,6 +275,61 @@ def test_a_run_is_finished_only_with_the_bench_marker_and_a_readable_summary(tmp
     assert all(bench.run_status(tmp_path / n, cfgs[n])[0] for n in names)
 
 
+def test_a_run_cut_short_after_a_checkpoint_is_resumed_not_restarted(tmp_path: Path) -> None:
+    """A run directory with checkpoint.npz and no completion marker continues from the checkpoint
+    (``fedsparse run --resume``); one whose checkpoint belongs to another configuration starts over."""
+    suite = _suite(methods=[{"name": "fedavg", "strategy": "fedavg"}])
+    suite.extra = {"checkpoint-every": 1}
+    names = ["fedavg--iid--s0", "fedavg--iid--s1"]
+
+    def crashing(spec, cfg, run_dir, slot):  # noqa: ANN001 - the process dies in round 2, after the round-1 checkpoint
+        grid = LoopbackGrid.for_config(cfg, first_node_id=2000, node_id_step=11, crash_in_round=2, crash_after=1)
+        run_server(grid, cfg, run_dir, show_progress=False)
+        return 0
+
+    first = bench.run_suite(suite, tmp_path, runner=crashing, report=lambda line: None)
+    assert first.failed == names
+    before = pd.read_csv(tmp_path / names[0] / "rounds.csv")
+    assert before["round"].tolist() == [1]
+
+    seen: list[tuple[str, bool]] = []
+
+    def resuming(spec, cfg, run_dir, slot):  # noqa: ANN001 - what the default runner does: --resume when a checkpoint is there
+        resume = (run_dir / "checkpoint.npz").is_file()
+        seen.append((spec.name, resume))
+        run_server(loopback_grid(cfg, int(cfg["num-clients"])), cfg, run_dir, show_progress=False, resume=resume)
+        return 0
+
+    # seed 1 under another configuration: its checkpoint is not this run's, so it starts over
+    changed = _suite(methods=[{"name": "fedavg", "strategy": "fedavg"}])
+    changed.extra = {"checkpoint-every": 1, "lr": 0.04}
+    lines: list[str] = []
+    bench.run_suite(changed, tmp_path, runner=resuming, seeds=[1], report=lines.append)
+    assert seen == [(names[1], False)]
+    assert any("seed 1 (incomplete; its checkpoint is of another configuration (lr: 0.05 -> 0.04), starting over)" in ln for ln in lines)
+    # seed 0 as it was: continued from round 1, the round before the crash kept as written
+    seen.clear()
+    lines.clear()
+    second = bench.run_suite(suite, tmp_path, runner=resuming, seeds=[0], report=lines.append)
+    assert seen == [(names[0], True)] and second.ran == [names[0]]
+    assert any("(incomplete; resuming from its round-1 checkpoint)" in ln for ln in lines)
+    after = pd.read_csv(tmp_path / names[0] / "rounds.csv")
+    assert after["round"].tolist() == [1, 2]
+    pd.testing.assert_frame_equal(after.iloc[:1], before)
+    marker = json.loads((tmp_path / names[0] / "bench.json").read_text())
+    assert marker["resumed_from_round"] == 1
+    assert "runner raised: SimulatedCrash" in (tmp_path / names[0] / "bench.log").read_text()  # the log is kept
+
+
+def test_the_default_runner_resumes_with_fedsparse_run(tmp_path: Path) -> None:
+    cfg_path = tmp_path / "bench-config.toml"
+    fresh = bench.run_command(cfg_path, tmp_path)
+    assert fresh[-5:] == ["run", str(cfg_path), "--out", str(tmp_path), "--quiet"]
+    (tmp_path / "checkpoint.npz").write_bytes(b"")  # run_suite leaves one only if it is this run's
+    # the configuration goes along, so `fedsparse run` itself refuses a checkpoint of another one
+    assert bench.run_command(cfg_path, tmp_path)[-5:] == ["run", str(cfg_path), "--resume", str(tmp_path), "--quiet"]
+
+
 def test_suites_sharing_an_out_dir_share_runs_but_not_reports(tmp_path: Path) -> None:
     """Two suites run into one DIR: identical runs are reused, each suite's reports are its own."""
     main = _suite(seeds=[0])
@@ -312,9 +368,12 @@ def test_cli_dry_run_lists_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 @pytest.mark.ray
 def test_smoke_suite_end_to_end(tmp_path: Path) -> None:
-    """``fedsparse bench`` on the smoke suite: subprocess per run on Ray, two at once; then resume."""
+    """``fedsparse bench`` on the smoke suite: subprocess per run on Ray, two at once; then resume:
+    finished runs are skipped, and a run the bench did not see finish is continued from its
+    checkpoint by ``fedsparse run CONFIG --resume DIR``."""
     suite = ROOT / "experiments" / "suites" / "smoke.toml"
-    cmd = [sys.executable, "-m", "fedsparse.cli", "bench", str(suite), "--out", str(tmp_path), "--jobs", "2"]
+    cmd = [sys.executable, "-m", "fedsparse.cli", "bench", str(suite), "--out", str(tmp_path), "--jobs", "2",
+           "--set", "checkpoint-every=1"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = pd.read_csv(tmp_path / "smoke" / "summary.csv")
@@ -324,3 +383,14 @@ def test_smoke_suite_end_to_end(tmp_path: Path) -> None:
     assert summary.set_index("method").loc["fedpaq", "ratio_up"] < 0.2
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert again.returncode == 0 and "3 already done, 0 to run" in again.stdout
+    # as if the bench had been killed between the run's exit and its marker: the round-2 checkpoint
+    # is there, so the run is resumed (the last round's checkpoint: nothing left to train), not rerun
+    run_dir = tmp_path / "topk--iid--s0"
+    (run_dir / "bench.json").unlink()
+    before = pd.read_csv(run_dir / "rounds.csv")
+    resumed = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "2 already done, 1 to run" in resumed.stdout and "resuming from its round-2 checkpoint" in resumed.stdout
+    assert json.loads((run_dir / "bench.json").read_text())["resumed_from_round"] == 2
+    after = pd.read_csv(run_dir / "rounds.csv")
+    pd.testing.assert_frame_equal(after[["round", "test_accuracy", "cum_bytes_up"]], before[["round", "test_accuracy", "cum_bytes_up"]])

@@ -103,7 +103,7 @@ def test_user_cache_data_stays_visible_after_the_cache_is_repointed(
     """`make test` / `fedsparse data fetch` write into $XDG_CACHE_HOME/fedsparse/data; the test session
     (conftest) and the deployed SuperLink/SuperNodes re-point XDG_CACHE_HOME. data_env() — what
     conftest and tests/test_deployment.py call before re-pointing — must keep that data found."""
-    from fedsparse.deploy import data_env
+    from deploy_harness import data_env  # tests/deploy_harness.py
 
     monkeypatch.setattr(paths_mod, "DEBIAN_ROOT", tmp_path / "debian")
     monkeypatch.delenv("FEDSPARSE_DATA", raising=False)
@@ -124,7 +124,7 @@ def test_user_cache_data_stays_visible_after_the_cache_is_repointed(
 
 
 def test_data_env_pins_nothing_outside_the_user_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from fedsparse.deploy import data_env
+    from deploy_harness import data_env  # tests/deploy_harness.py
 
     monkeypatch.setattr(paths_mod, "DEBIAN_ROOT", tmp_path / "debian")
     monkeypatch.delenv("FEDSPARSE_DATA", raising=False)

@@ -1,6 +1,7 @@
-"""fedsparse.deploy without a Flower deployment: run-config quoting, process-tree cleanup, the
-traffic report, TLS files, the `fedsparse traffic` command. (The real deployment is exercised by
-tests/test_deployment.py, behind the `deployment` marker.)"""
+"""The deployment tooling without a Flower deployment: the test harness's run-config quoting,
+process-tree cleanup, TLS files and data pinning (tests/deploy_harness.py, tests/proctree.py), and the
+`fedsparse traffic` command with its report (fedsparse.traffic). (The real deployment is exercised
+by tests/test_deployment.py, behind the `deployment` marker.)"""
 
 from __future__ import annotations
 
@@ -14,19 +15,12 @@ import pytest
 from flwr.common.config import parse_config_args
 
 from fedsparse.cli import build_parser
-from fedsparse.deploy import (
-    LocalDeployment,
-    ManagedProcess,
-    data_env,
-    descendants,
-    format_traffic,
-    process_alive,
-    processes_with_env,
-    run_config_arg,
-    self_signed_tls,
-    stop_tree,
-    traffic_report,
-)
+from fedsparse.traffic import format_traffic, traffic_report
+
+from deploy_harness import LocalDeployment, data_env, run_config_arg, self_signed_tls  # tests/ is on sys.path
+from proctree import ManagedProcess, descendants, process_alive, processes_with_env, stop_tree
+
+TESTS = Path(__file__).resolve().parent
 
 
 def test_run_config_arg_round_trips_through_flower() -> None:
@@ -86,7 +80,9 @@ def test_self_signed_tls_verifies(tmp_path: Path) -> None:
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     assert sans.get_values_for_type(x509.DNSName) == ["superlink.example.org"]
-    assert files.key.stat().st_mode & 0o077 == 0
+    assert files.key.stat().st_mode & 0o777 == 0o600  # created so, never world-readable in between
+    with pytest.raises(FileExistsError):  # an existing key (or a link at its name) is refused, not overwritten
+        self_signed_tls(tmp_path)
 
 
 def test_traffic_command_is_registered() -> None:
@@ -105,7 +101,7 @@ def test_spawned_process_stops_when_its_starter_is_killed(tmp_path: Path) -> Non
     import sys
 
     code = (
-        "import os, sys; from pathlib import Path; from fedsparse.deploy import spawn; "
+        f"import os, sys; sys.path.insert(0, {str(TESTS)!r}); from pathlib import Path; from proctree import spawn; "
         f"p = spawn(['sleep', '300'], Path({str(tmp_path / 'sleep.log')!r})); "
         "print(p.pid, flush=True); os._exit(0)"  # exits without stopping its child
     )

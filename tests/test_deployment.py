@@ -21,17 +21,11 @@ import pytest
 from flwr.app import ArrayRecord
 
 from fedsparse.config import resolve_config
-from fedsparse.deploy import (
-    PROJECT_DIR,
-    DeploymentError,
-    LocalDeployment,
-    data_env,
-    descendants,
-    process_alive,
-    self_signed_tls,
-    traffic_report,
-)
 from fedsparse.server import initial_model
+from fedsparse.traffic import DeploymentError, traffic_report
+
+from deploy_harness import PROJECT_DIR, LocalDeployment, data_env, self_signed_tls  # tests/ is on sys.path
+from proctree import descendants, process_alive
 
 pytestmark = pytest.mark.deployment
 

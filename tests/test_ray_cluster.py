@@ -23,8 +23,10 @@ import pytest
 
 from fedsparse.cli import build_parser
 from fedsparse.config import resolve_config
-from fedsparse.deploy import descendants, free_port, process_alive, signal_pid, spawn, stop_tree
 from fedsparse.simulation import backend_config
+
+from deploy_harness import free_port  # tests/ is on sys.path under pytest
+from proctree import descendants, process_alive, signal_pid, spawn, stop_tree
 
 BIN = Path(sys.executable).parent
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from fedsparse.methods import methods
+from fedsparse.methods import BUILTIN, methods, origin
 
 #: Where the packages are (a checkout or site-packages): raise sites are named relative to it.
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ MAX_MESSAGE = 400  # longer messages (e.g. the list of every key) are cut in the
 #: Raise sites no case reaches, as (file, function, a fragment of the raise statement): why.
 NOT_TABULATED: dict[tuple[str, str, str], str] = {
     ("fedsparse/simulation.py", "preflight", "no CUDA device"): "`client-gpus > 0` without CUDA: only on a machine without a GPU (see below the table)",
-    ("fedsparse/bench.py", "make_slots", "cores available"): "`--jobs N` above the core count: the message names this machine's cores (see below the table)",
+    ("fedsparse/bench/runner.py", "make_slots", "cores available"): "`--jobs N` above the core count: the message names this machine's cores (see below the table)",
     ("fedsparse/config.py", "_check_dataset_fits", "cannot take"): "a model that cannot take the dataset's input size: no registered model/dataset pair triggers it today",
 }
 
@@ -208,9 +208,12 @@ def type_cases() -> list[Case]:
 
 
 def method_cases() -> list[Case]:
-    """The error cases every installed method declares, in discovery order."""
+    """The error cases fedsparse's own methods declare, in discovery order (a plug-in's belong in
+    its own documentation, not in fedsparse's table)."""
     out: list[Case] = []
     for name, method in methods().items():
+        if origin(name) != BUILTIN:
+            continue
         for case in method.error_cases:
             if case.run is not None:
                 out.append(_flat("other", case.what, case.given or case.what, case.run))
@@ -296,6 +299,8 @@ def other_cases() -> list[Case]:
         _suite({"methods": [{"name": "fedavg", "strategy": "fedavg"}, {"name": "fedavg", "strategy": "fedprox"}]}))
     add("bench: a method without a strategy", "suite: [[methods]] name = \"x\"", _suite({"methods": [{"name": "x"}]}))
     add("bench: a list inside a method", "suite: [[methods]] lr = [0.1]", _suite({"methods": [{"name": "x", "strategy": "fedavg", "lr": [0.1]}]}))
+    add("bench: a method limited to splits the suite lacks", "suite: [[methods]] splits = [\"noniid\"]",
+        _suite({"methods": [{"name": "x", "strategy": "fedavg", "splits": ["noniid"]}]}))
     add("bench: a baseline that is not a method", "suite: baseline = \"fedprox\"",
         _suite({"baseline": "fedprox", "methods": [{"name": "x", "strategy": "fedavg"}]}))
     add("bench: a suite file that does not exist", "fedsparse bench missing.toml", _suite_file_missing)

@@ -1,45 +1,39 @@
-"""Run fedsparse in a real Flower deployment, and read the SuperLink's traffic count for a run.
+"""A real Flower deployment on 127.0.0.1 for tests and local trials: :class:`LocalDeployment`.
 
-Two things live here:
+It starts a ``flower-superlink`` and N ``flower-supernode`` processes (free ports from the OS, a
+private ``FLWR_HOME``, runtime dependency installation and telemetry off), submits runs with
+``flwr run``, waits for them with ``flwr ls`` and stops every process it started — and their
+children — when it is closed, even after a failure. tests/test_deployment.py uses it; it is also
+the quickest way to try a strategy outside the simulation engine::
 
-* :class:`LocalDeployment` starts a ``flower-superlink`` and N ``flower-supernode`` processes on
-  127.0.0.1 (free ports from the OS, a private ``FLWR_HOME``, runtime dependency installation and
-  telemetry off), submits runs with ``flwr run``, waits for them with ``flwr ls`` and stops every
-  process it started — and their children — when it is closed, even after a failure. The
-  deployment test uses it; it is also the quickest way to try a strategy outside the simulation
-  engine (``with LocalDeployment(workdir, 2) as dep: dep.run(".", {...})``).
-* :func:`superlink_traffic` / :func:`traffic_report`: the SuperLink counts the bytes it sends to
-  and receives from SuperNodes for each run (``flwr ls --format json`` → ``network-traffic``).
-  ``fedsparse traffic RUN_ID --superlink NAME --out-dir DIR`` fetches that count after a run and
-  sets it next to the per-message payload and wire bytes of the run's ``messages.csv``.
+    import sys; sys.path.insert(0, "tests")          # from the repository root (pytest does this itself)
+    from deploy_harness import PROJECT_DIR, LocalDeployment
+    with LocalDeployment(workdir, 2) as dep:
+        dep.run(PROJECT_DIR, {...})
+
+It is test tooling, not part of the installed package: a real deployment starts its SuperLink and
+SuperNodes itself (docs/deployment.md). The package keeps only what ``fedsparse traffic`` needs
+(:mod:`fedsparse.traffic`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Mapping
 
-#: Environment every Flower process we start gets: no `uv sync` of the app's dependencies per
-#: run (the environment is already complete), no telemetry.
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+from fedsparse.traffic import FLOWER_ENV, DeploymentError, flower_bin_dir, flwr_json, superlink_run
+from proctree import ManagedProcess, processes_with_env, spawn, stop_tree
+
 #: The repository root: a Flower app directory (pyproject.toml with [tool.flwr.app]).
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 #: Log line a SuperNode prints once it is registered with the SuperLink.
 _SUPERNODE_READY = "SuperNode ID:"
-
-
-class DeploymentError(RuntimeError):
-    """A deployment process failed to start, a run failed, or a run did not finish in time."""
 
 
 def free_port() -> int:
@@ -47,17 +41,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def flower_bin_dir() -> Path:
-    """The directory holding ``flwr``, ``flower-superlink`` ... (this interpreter's scripts first)."""
-    here = Path(sys.executable).parent
-    if (here / "flower-superlink").exists():
-        return here
-    found = shutil.which("flower-superlink")
-    if found is None:
-        raise DeploymentError("flower-superlink not found next to this Python nor on PATH; install flwr")
-    return Path(found).parent
 
 
 def toml_value(value: Any) -> str:
@@ -109,12 +92,21 @@ class TLSFiles:
     key: Path
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a private key readable by its owner only from the first byte: the file is created
+    with mode 0600 (never world-readable, not even between a write and a chmod), and an existing
+    file — or a link planted at that name — is refused rather than overwritten or followed."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
 def self_signed_tls(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> TLSFiles:
     """A throw-away CA and a SuperLink certificate for ``hosts`` (IP addresses or DNS names).
 
     For trying TLS locally and for tests; a real deployment uses certificates from its own CA.
     The SuperLink's own SuperExec connects to the SuperLink's address too, so that address must
-    be among ``hosts``.
+    be among ``hosts``. ``directory`` must not hold a ``server.key`` already.
     """
     import datetime
     import ipaddress
@@ -165,187 +157,16 @@ def self_signed_tls(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1"
         .sign(ca_key, hashes.SHA256())
     )
     files = TLSFiles(folder / "ca.crt", folder / "server.pem", folder / "server.key")
+    _write_private(  # first: a directory that already holds a key is refused before anything is written
+        files.key,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
     files.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.key.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    files.key.chmod(0o600)
     return files
 
 
-# --- processes ------------------------------------------------------------------------------------
-def _children_map() -> dict[int, list[int]]:
-    """ppid → pids of every process visible in /proc (Linux; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return children
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces, so split after the last ')'.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    return children
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Flower detaches its SuperExec into a new session, so a
-    process group does not reach it; the parent links do)."""
-    children = _children_map()
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def signal_pid(pid: int, sig: int) -> None:
-    """``os.kill(pid, sig)``, ignoring a process that is already gone (or not ours)."""
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def processes_with_env(key: str, value: str) -> list[int]:
-    """Every process visible in /proc whose environment holds ``KEY=VALUE`` (Linux; [] elsewhere).
-
-    A fresh listing that does not depend on parent links: it still finds a process whose parent
-    has exited (it is re-parented to init) as long as it inherited the environment.
-    """
-    wanted = f"{key}={value}".encode()
-    found: list[int] = []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return found
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if wanted in environ.split(b"\0") and process_alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
-
-
-def stop_tree(
-    popens: Sequence[subprocess.Popen],
-    grace: float = 15.0,
-    extra: Callable[[], Iterable[int]] | None = None,
-) -> list[int]:
-    """Stop the processes ``popens`` and everything below them: SIGTERM, up to ``grace`` seconds
-    to exit, then SIGKILL. Returns every pid that was signalled.
-
-    The tree is listed again on every pass of the wait and before the SIGKILL, so a process
-    started meanwhile (e.g. a SuperExec launching an app while it is being stopped) is caught too.
-    ``extra`` adds pids from another listing (e.g. :func:`processes_with_env`) on every pass.
-    """
-    signalled: set[int] = set()
-
-    def tree() -> set[int]:
-        children = _children_map()
-        todo = [p.pid for p in popens if p.poll() is None]  # a reaped pid may already be reused
-        todo += [pid for pid in signalled if process_alive(pid)]
-        if extra is not None:
-            todo += list(extra())
-        found: set[int] = set()
-        while todo:
-            pid = todo.pop()
-            if pid not in found:
-                found.add(pid)
-                todo.extend(children.get(pid, []))
-        return found
-
-    def term_new() -> set[int]:
-        current = tree()
-        for pid in current - signalled:
-            signal_pid(pid, signal.SIGTERM)
-        signalled.update(current)
-        return current
-
-    current = term_new()
-    deadline = time.monotonic() + grace
-    while current and time.monotonic() < deadline:
-        time.sleep(0.2)
-        current = {pid for pid in term_new() if process_alive(pid)}
-    for _ in range(3):  # a parent may fork between the listing and its SIGKILL: list again
-        left = {pid for pid in tree() | signalled if process_alive(pid)}
-        if not left:
-            break
-        signalled.update(left)
-        for pid in left:
-            signal_pid(pid, signal.SIGKILL)
-        time.sleep(0.1)
-    for popen in popens:
-        try:
-            popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-    deadline = time.monotonic() + 5  # SIGKILL is delivered asynchronously
-    while time.monotonic() < deadline and any(process_alive(p) for p in signalled):
-        time.sleep(0.05)
-    return sorted(signalled)
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when its parent exits — even when the
-    parent is killed and never runs its cleanup (e.g. a test run stopped by a timeout)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def spawn(argv: list[str], log: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
-    """Start ``argv`` in a session of its own, output to ``log``; on Linux it is also stopped
-    when this process exits without stopping it."""
-    with log.open("wb") as handle:
-        return subprocess.Popen(
-            argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=None if env is None else dict(env), cwd=cwd, start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
-
-
-@dataclass
-class ManagedProcess:
-    """One process we started, with its log file."""
-
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-    def tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-
+# --- the deployment -------------------------------------------------------------------------------
 @dataclass
 class LocalDeployment:
     """A SuperLink and ``num_supernodes`` SuperNodes on 127.0.0.1, for as long as it is open.
@@ -392,6 +213,7 @@ class LocalDeployment:
         return f"127.0.0.1:{self.superlink_port}"
 
     def process_env(self) -> dict[str, str]:
+        """The environment of every process of this deployment (and of its ``flwr`` calls)."""
         env = {**os.environ, **self.env, **FLOWER_ENV, "FLWR_HOME": str(self.flwr_home)}
         # The SuperLink and SuperNodes start `flower-superexec` by name.
         env["PATH"] = f"{flower_bin_dir()}{os.pathsep}{env.get('PATH', '')}"
@@ -492,7 +314,7 @@ class LocalDeployment:
         """``flwr run APP_DIR CONNECTION --run-config ...``; returns the run id."""
         done = self.flwr("run", str(app_dir), self.connection, "--format", "json",
                          "--run-config", run_config_arg(run_config), timeout=300.0)
-        reply = _json_in(done.stdout)
+        reply = flwr_json(done.stdout)
         if done.returncode != 0 or not reply.get("success"):
             raise DeploymentError(f"flwr run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         return int(reply["run-id"])
@@ -530,126 +352,13 @@ class LocalDeployment:
         return (done.stdout + done.stderr)[-6000:]
 
 
-def _json_in(text: str) -> dict[str, Any]:
-    """The JSON object in a ``flwr ... --format json`` output (ignoring any line before it)."""
-    start = text.find("{")
-    if start < 0:
-        return {}
-    try:
-        return json.loads(text[start:])
-    except json.JSONDecodeError:
-        return {}
-
-
-# --- the SuperLink's traffic count ----------------------------------------------------------------
-def superlink_run(connection: str, run_id: int, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """``flwr ls CONNECTION --run-id RUN_ID --format json`` → that run's record."""
-    env = {**os.environ, **FLOWER_ENV, **(env or {})}
-    done = subprocess.run(
-        [str(flower_bin_dir() / "flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
-        env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-    )
-    reply = _json_in(done.stdout)
-    runs = reply.get("runs") or []
-    if done.returncode != 0 or not reply.get("success") or not runs:
-        raise DeploymentError(f"flwr ls {connection} --run-id {run_id} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return dict(runs[0])
-
-
-def traffic_report(out_dir: str | Path | None, record: Mapping[str, Any]) -> dict[str, Any]:
-    """The SuperLink's count for a run beside the ledger's payload and wire bytes.
-
-    ``superlink_sent`` is what the SuperLink sent to SuperNodes (downlink), ``superlink_received``
-    what it received from them (uplink); both cover every message of the run (the partition
-    QUERY included) plus the Fleet API's request/response framing, and an object the SuperLink
-    already holds is not received twice. Written to ``out_dir/superlink_traffic.json``.
-    """
-    traffic = record.get("network-traffic", {})
-    report: dict[str, Any] = {
-        "run_id": str(record.get("run-id", "")),
-        "status": record.get("status"),
-        "superlink_sent": int(traffic.get("outbound-bytes", 0)),
-        "superlink_received": int(traffic.get("inbound-bytes", 0)),
-        "superlink_total": int(traffic.get("total-bytes", 0)),
-    }
-    if out_dir is not None and (Path(out_dir) / "messages.csv").is_file():
-        import pandas as pd
-
-        msgs = pd.read_csv(Path(out_dir) / "messages.csv")
-        for direction in ("down", "up"):
-            rows = msgs[msgs["direction"] == direction]
-            report[f"payload_{direction}"] = int(rows["payload_bytes"].sum())
-            report[f"wire_{direction}"] = int(rows["wire_bytes"].fillna(0).sum())
-        if report["wire_down"]:
-            report["superlink_sent_over_wire_down"] = report["superlink_sent"] / report["wire_down"]
-        if report["wire_up"]:
-            report["superlink_received_over_wire_up"] = report["superlink_received"] / report["wire_up"]
-        (Path(out_dir) / "superlink_traffic.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
-def format_traffic(report: Mapping[str, Any]) -> str:
-    lines = [f"run {report['run_id']} ({report['status']})"]
-    lines.append(f"  {'':10s} {'payload':>12s} {'wire':>12s} {'SuperLink':>12s}")
-    for direction, sl in (("down", "superlink_sent"), ("up", "superlink_received")):
-        payload = report.get(f"payload_{direction}")
-        wire = report.get(f"wire_{direction}")
-        cells = [f"{v:>12,}" if isinstance(v, int) else f"{'-':>12s}" for v in (payload, wire, report[sl])]
-        lines.append(f"  {direction:10s} " + " ".join(cells))
-    return "\n".join(lines)
-
-
-# --- command line -------------------------------------------------------------------------------
-def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001 (argparse's type)
-    """Register ``fedsparse traffic`` on the main parser's subcommands."""
-    traffic = subparsers.add_parser(
-        "traffic", help="fetch the SuperLink's traffic count for a deployed run",
-        description="Ask the SuperLink (flwr ls) how many bytes a run moved, and set it beside the "
-        "payload and wire bytes of the run's messages.csv.",
-    )
-    traffic.add_argument("run_id", type=int, help="the run id printed by `flwr run`")
-    traffic.add_argument("--superlink", default="", help="connection name in $FLWR_HOME/config.toml (default: the default one)")
-    traffic.add_argument("--out-dir", type=Path, help="the run's out-dir (messages.csv; superlink_traffic.json is written there)")
-    traffic.set_defaults(func=_cmd_traffic)
-
-
-def _cmd_traffic(args: argparse.Namespace) -> int:
-    connection = args.superlink or _default_connection()
-    try:
-        record = superlink_run(connection, args.run_id)
-    except DeploymentError as err:
-        print(f"fedsparse: error: {err}", file=sys.stderr)
-        return 1
-    print(format_traffic(traffic_report(args.out_dir, record)))
-    return 0
-
-
-def _default_connection() -> str:
-    import tomllib
-
-    home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
-    try:
-        return str(tomllib.loads((home / "config.toml").read_text())["superlink"]["default"])
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        return "local"
-
-
 __all__ = [
-    "LocalDeployment",
-    "DeploymentError",
-    "TLSFiles",
-    "self_signed_tls",
-    "FLOWER_ENV",
     "PROJECT_DIR",
-    "free_port",
-    "spawn",
-    "stop_tree",
-    "signal_pid",
-    "processes_with_env",
+    "DeploymentError",
+    "LocalDeployment",
+    "TLSFiles",
     "data_env",
-    "descendants",
-    "process_alive",
-    "superlink_run",
-    "traffic_report",
-    "format_traffic",
+    "free_port",
+    "run_config_arg",
+    "self_signed_tls",
 ]
