@@ -22,7 +22,7 @@ hooks' contract is there.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
@@ -90,7 +90,10 @@ class Method:
 
 
 _METHODS: dict[str, Method] | None = None
+_ORIGINS: dict[str, str] = {}  # method name → the distribution that declares it
 _STEPS: dict[str, TrainStep] = {}
+#: The distribution of fedsparse itself (its built-in methods).
+BUILTIN = "fedsparse"
 
 
 def methods() -> dict[str, Method]:
@@ -110,19 +113,30 @@ def methods() -> dict[str, Method]:
             if ep.name in found:
                 continue  # the same distribution seen twice on sys.path (an editable install beside a wheel)
             found[ep.name] = declared
+            _ORIGINS[ep.name] = _distribution(ep)
         _METHODS = found
     return _METHODS
 
 
+def _distribution(ep: Any) -> str:
+    dist = getattr(ep, "dist", None)  # importlib.metadata gives it; a hand-made EntryPoint may not
+    return str(dist.metadata["Name"]) if dist is not None else ""
+
+
 def _builtin_first(ep: Any) -> tuple[int, str]:
     """fedsparse's own methods first, then the others, each group by name."""
-    dist = getattr(ep, "dist", None)  # importlib.metadata gives it; a hand-made EntryPoint may not
-    builtin = dist is not None and dist.metadata["Name"] == "fedsparse"
-    return (0 if builtin else 1, ep.name)
+    return (0 if _distribution(ep) == BUILTIN else 1, ep.name)
 
 
-def key_declarations() -> list[tuple[str, Mapping[str, Key]]]:
-    """(section, keys) of every installed method, each method's ``uses`` before it, each once."""
+def origin(name: str) -> str:
+    """The distribution (package) that declares method ``name``."""
+    methods()
+    return _ORIGINS.get(name, "")
+
+
+def key_declarations(distributions: Collection[str] | None = None) -> list[tuple[str, Mapping[str, Key]]]:
+    """(section, keys) of every installed method — or of those the named distributions declare,
+    with the methods they use — each method's ``uses`` before it, each once."""
     found = methods()
     out: list[tuple[str, Mapping[str, Key]]] = []
     done: set[str] = set()
@@ -138,7 +152,8 @@ def key_declarations() -> list[tuple[str, Mapping[str, Key]]]:
         out.append((found[name].section or name, found[name].keys))
 
     for name in found:
-        add(name, None)
+        if distributions is None or _ORIGINS.get(name) in distributions:
+            add(name, None)
     return out
 
 
@@ -208,6 +223,8 @@ __all__ = [
     "client_app_factory",
     "method",
     "methods",
+    "origin",
+    "BUILTIN",
     "sampling_kwargs",
     "strategy_names",
     "train_step",

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from fedsparse.config import ConfigError, defaults, parse_overrides, resolve_config, round_lr
+from fedsparse.config import SCHEMA, ConfigError, defaults, parse_overrides, resolve_config, round_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ def test_pyproject_flwr_config_matches_schema() -> None:
     """`flwr run .` must accept exactly our keys with our defaults."""
     with (ROOT / "pyproject.toml").open("rb") as fh:
         flwr_cfg = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
-    assert flwr_cfg == defaults()
+    assert flwr_cfg == defaults({"fedsparse"})  # the core's keys and the built-in methods' (not a plug-in's)
 
 
 @pytest.mark.parametrize(
@@ -79,3 +80,29 @@ def test_file_must_be_flat(tmp_path: Path) -> None:
         resolve_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_config(tmp_path / "missing.toml")
+
+
+def _float_keys() -> list[str]:
+    defaults()  # every installed method's keys too
+    return [name for name, key in SCHEMA.items() if key.kind is float]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_every_float_setting_refuses_non_finite_values(value: float) -> None:
+    """NaN passes every `<` / `>` bound silently (lr = nan ran to the end with every reply rejected),
+    so each float key refuses it by name, before anything starts."""
+    keys = _float_keys()
+    assert {"lr", "momentum", "alpha", "client-cpus", "round-timeout", "reply-max-abs"} <= set(keys)
+    for name in keys:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(name)} = .* is not a finite number; allowed: a finite float"):
+            resolve_config({}, {name: value})
+
+
+def test_nan_from_the_command_line_and_toml_is_refused(tmp_path: Path) -> None:
+    """`--set lr=nan` and `lr = nan` in a file parse to a float NaN (TOML's spelling) and are refused."""
+    with pytest.raises(ConfigError, match="lr = nan is not a finite number"):
+        resolve_config({}, parse_overrides(["lr=nan"]))
+    path = tmp_path / "c.toml"
+    path.write_text("alpha = nan\n")
+    with pytest.raises(ConfigError, match="alpha = nan is not a finite number"):
+        resolve_config(path)
