@@ -11,10 +11,11 @@ before Ray or Flower start (which would otherwise bury it in actor logs).
 from __future__ import annotations
 
 import difflib
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 from fedsparse import methods
 
@@ -37,6 +38,8 @@ class Key:
     maximum: float | None = None
     exclusive_minimum: bool = False
     section: str = "core"
+    #: a float key that may be ±inf (NaN never is): none of the built-in keys may
+    allow_infinite: bool = False
 
     @property
     def kind(self) -> type:
@@ -48,7 +51,8 @@ class Key:
         lo = "" if self.minimum is None else (f"> {self.minimum}" if self.exclusive_minimum else f">= {self.minimum}")
         hi = "" if self.maximum is None else f"<= {self.maximum}"
         bounds = " and ".join(b for b in (lo, hi) if b)
-        return f"a {self.kind.__name__}" + (f" {bounds}" if bounds else "")
+        finite = "finite " if self.kind is float and not self.allow_infinite else ""
+        return f"a {finite}{self.kind.__name__}" + (f" {bounds}" if bounds else "")
 
 
 def _choices(name: str) -> tuple[str, ...]:
@@ -142,10 +146,14 @@ def _ensure_strategy_keys() -> None:
         _METHOD_KEYS_LOADED = True
 
 
-def defaults() -> Config:
-    """The default value of every key."""
+def defaults(distributions: Collection[str] | None = None) -> Config:
+    """The default value of every key: the core's and every installed method's, or only those of
+    the methods the named distributions declare (a Flower app's pyproject lists just its own)."""
     _ensure_strategy_keys()
-    return {name: key.default for name, key in SCHEMA.items()}
+    if distributions is None:
+        return {name: key.default for name, key in SCHEMA.items()}
+    wanted = {n for _, keys in methods.key_declarations(distributions) for n in keys}
+    return {name: key.default for name, key in SCHEMA.items() if key.section == "core" or name in wanted}
 
 
 def parse_value(text: str) -> ConfigValue:
@@ -216,6 +224,9 @@ def _check_range(name: str, key: Key, value: ConfigValue) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
+    if isinstance(value, float) and not math.isfinite(value) and not (math.isinf(value) and key.allow_infinite):
+        # NaN compares False with every bound, so it would pass the range checks below
+        raise ConfigError(f"{name} = {value!r} is not a finite number; allowed: {key.describe_allowed()}")
     if key.minimum is not None:
         bad = value <= key.minimum if key.exclusive_minimum else value < key.minimum
         if bad:

@@ -19,10 +19,13 @@ from typing import Iterable, Iterator
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedsparse import stopping
 from fedsparse.accounting import DOWN, UP, Ledger, payload_bytes, wire_bytes
 
 PARTITION_QUERY = "fedsparse.partition-id"
 METERED_TYPES = (MessageType.TRAIN, MessageType.EVALUATE)
+#: Seconds between two polls for replies (Flower's in-memory grid polls every 0.1 s too).
+PULL_INTERVAL = 0.1
 
 
 class MeteredGrid(Grid):
@@ -64,10 +67,26 @@ class MeteredGrid(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
-        self._meter(messages, DOWN)
-        replies = list(self._inner.send_and_receive(messages, timeout=timeout))
-        self._meter(replies, UP)
+        """The inner grid's send-and-receive, metered. While the launcher handles stop signals
+        (:func:`fedsparse.stopping.watching`: ``fedsparse run`` / ``simulate``), the same push-then-pull
+        loop is run here instead, so that it gives up on a stop request rather than wait out the
+        round timeout for an engine that is gone."""
+        if not stopping.watching():
+            messages = list(messages)
+            self._meter(messages, DOWN)
+            replies = list(self._inner.send_and_receive(messages, timeout=timeout))
+            self._meter(replies, UP)
+            return replies
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending or stopping.requested() or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(PULL_INTERVAL)
         return replies
 
     def in_partition_order(self, replies: Iterable[Message]) -> list[Message]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedsparse import checkpoint as ckpt
+from fedsparse import stopping
 from fedsparse.accounting import Ledger, dense_model_bytes
 from fedsparse.clientdata import dataset_for, partitions_for
 from fedsparse.config import ConfigError, round_lr, to_toml
@@ -47,10 +49,31 @@ log = logging.getLogger("fedsparse")
 
 @dataclass
 class RunResult:
+    """What a run returns: its rounds table, summary (empty when stopped), final arrays; for a run
+    stopped by a signal, the last complete round and whether it is checkpointed."""
+
     rounds: pd.DataFrame
     summary: dict[str, Any]
     arrays: ArrayRecord
     out_dir: Path | None
+    stopped_after: int | None = None
+    checkpointed: bool = False
+
+
+@dataclass
+class _RoundStart:
+    """The strategy and RNG state at the start of a round, for abandoning it mid-way."""
+
+    strategy: dict[str, Any]
+    rng: dict[str, Any]
+
+    @classmethod
+    def take(cls, strategy: Strategy) -> _RoundStart:
+        return cls(ckpt.snapshot_strategy(strategy), ckpt.capture_rng())
+
+    def restore(self, strategy: Strategy) -> None:
+        ckpt.restore_strategy(strategy, self.strategy)
+        ckpt.restore_rng(self.rng)
 
 
 def _round_report(strategy: Strategy, server_round: int) -> dict[str, Any]:
@@ -233,14 +256,26 @@ def run_server(
     progress = Progress(max(rounds - first_round + 1, 0), enabled=show_progress, label=str(cfg["strategy"]))
     run_id = f"{cfg['strategy']}-{cfg['dataset']}-{cfg['model']}-{cfg['partition']}-s{cfg['seed']}"
 
+    last_complete, last_checkpoint = first_round - 1, first_round - 1
+    keeps_checkpoints = out_dir is not None and every > 0
     for server_round in range(first_round, rounds + 1):
+        if stopping.requested():
+            break
         t0 = time.perf_counter()
+        # What a stop in the middle of this round rolls back to (only when the run checkpoints).
+        before = _RoundStart.take(strategy) if keeps_checkpoints else None
         metered.current_round = server_round
         # A fresh config each round: Flower's strategies write into it.
         train_config = ConfigRecord({"server-round": server_round})
         with seeded_sampling(int(cfg["seed"]), server_round):
             messages = list(strategy.configure_train(server_round, arrays, train_config, metered))
         replies = metered.in_partition_order(metered.send_and_receive(messages, timeout=float(cfg["round-timeout"])))
+        if stopping.requested():  # the engine is going away: this round's replies cannot be trusted
+            log.warning("round %d: stop requested; the round is abandoned, not recorded", server_round)
+            metered.ledger.drop_rounds_after(server_round - 1)
+            if before is not None:
+                before.restore(strategy)
+            break
         screened = screen.screen(server_round, replies)
         arrays, aggregated = _aggregate(strategy, server_round, screened, min_replies, arrays)
         arrays = in_model_dtypes(arrays, model_spec)  # a server optimiser's float64 is not broadcast
@@ -272,13 +307,23 @@ def run_server(
             **_round_report(strategy, server_round),
         }
         table.add(row)
-        if out_dir is not None and every > 0 and (server_round % every == 0 or server_round == rounds):
+        last_complete = server_round
+        if keeps_checkpoints and (server_round % every == 0 or server_round == rounds):
+            assert out_dir is not None
             _checkpoint(out_dir, server_round, cfg, arrays, strategy, table, metered, row["elapsed_seconds"])
+            last_checkpoint = server_round
         progress.update(table.rows[-1])
     progress.close()
 
     df = table.frame()
     summary: dict[str, Any] = {}
+    if stopping.requested():
+        # Stopped: the last complete round is checkpointed (when the run checkpoints at all); the
+        # outputs of a finished run (summary.json, its completion marker) are not written.
+        if keeps_checkpoints and last_complete > last_checkpoint:
+            assert out_dir is not None
+            _checkpoint(out_dir, last_complete, cfg, arrays, strategy, table, metered, float(table.rows[-1]["elapsed_seconds"]))
+        return RunResult(df, summary, arrays, out_dir, stopped_after=last_complete, checkpointed=keeps_checkpoints and last_complete > 0)
     if out_dir is not None:
         ckpt.atomic_write(out_dir / "messages.csv", metered.ledger.messages_frame().to_csv(index=False))
         ckpt.atomic_write(out_dir / "layer_bytes.csv", metered.ledger.layers_frame().to_csv(index=False))
@@ -318,11 +363,13 @@ def make_server_app(
     *,
     show_progress: bool = True,
     resume: bool = False,
+    finished: threading.Event | None = None,
 ) -> ServerApp:
     """A ServerApp bound to a resolved config (None: resolve ``context.run_config``).
 
     ``sink`` receives the :class:`RunResult` (the simulation engine runs the ServerApp in a
-    thread of the calling process, so ``fedsparse.simulate`` collects it there).
+    thread of the calling process, so ``fedsparse.simulate`` collects it there); ``finished`` is
+    set when the round loop has returned, however it ended (a stopped run waits for it).
     """
     app = ServerApp()
 
@@ -334,9 +381,13 @@ def make_server_app(
         target = out_dir
         if target is None:
             target = Path(str(cfg.get("out-dir", "")) or default_out_dir(cfg))
-        result = run_server(grid, cfg, target, show_progress=show_progress, resume=resume)
-        if sink is not None:
-            sink.append(result)
+        try:
+            result = run_server(grid, cfg, target, show_progress=show_progress, resume=resume)
+            if sink is not None:
+                sink.append(result)
+        finally:
+            if finished is not None:
+                finished.set()
 
     return app
 

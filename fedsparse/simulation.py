@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import pandas as pd
 
+from fedsparse import stopping
 from fedsparse.config import Config, ConfigError, resolve_config
+from fedsparse.rundir import prepare_out_dir
 
 log = logging.getLogger("fedsparse")
+#: How long a stopped run waits for the round loop to checkpoint and return.
+STOP_GRACE_SECONDS = 60.0
 
 
 def preflight(cfg: Config) -> None:
@@ -57,6 +63,23 @@ def _quiet_flower(verbose: bool) -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
+def _stop(finished: threading.Event, sink: list[Any], target: Path) -> None:
+    """After a stop request: let the round loop finish abandoning its round, shut Ray down, raise
+    :class:`fedsparse.stopping.RunInterrupted`."""
+    finished.wait(timeout=STOP_GRACE_SECONDS)
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception as err:  # noqa: BLE001 - shutting down after a signal must not hide the stop itself
+        log.warning("Ray did not shut down cleanly: %s", err)
+    result = sink[0] if sink else None
+    last = int(result.stopped_after) if result is not None and result.stopped_after is not None else 0
+    signum = stopping.signal_received() or signal.SIGINT
+    raise stopping.RunInterrupted(signum, last, str(target), bool(result is not None and result.checkpointed))
+
+
 def simulate(
     config: Mapping[str, Any] | str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -66,6 +89,7 @@ def simulate(
     verbose: bool = False,
     ray_address: str | None = None,
     resume: str | Path | None = None,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Run one configuration on Flower's simulation engine; return the rounds table.
 
@@ -75,7 +99,9 @@ def simulate(
 
     ``resume=DIR`` continues the run in ``DIR`` from its checkpoint, with ``DIR/config.toml``
     (``config`` / ``overrides`` may only repeat it or change operational keys; see
-    docs/reliability.md); results keep going to ``DIR``.
+    docs/reliability.md); results keep going to ``DIR``. Without it, an output directory that
+    already holds a run is refused (:class:`fedsparse.rundir.RunExistsError`) unless
+    ``overwrite=True``, which logs the files it replaces.
     """
     if resume is not None:
         from fedsparse.checkpoint import resume_config
@@ -90,14 +116,17 @@ def simulate(
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if cfg["data-dir"]:
         cfg["data-dir"] = str(Path(str(cfg["data-dir"])).resolve())
-    preflight(cfg)
     from fedsparse.methods import client_app_factory
     from fedsparse.server import RunResult, default_out_dir, make_server_app
 
+    target = Path(out_dir) if out_dir is not None else Path(str(cfg["out-dir"]) or default_out_dir(cfg))
+    if resume is None:
+        replaced = prepare_out_dir(target, overwrite=overwrite)
+        if replaced:
+            log.warning("--overwrite: replacing the run in %s (%s)", target, ", ".join(replaced))
+    preflight(cfg)
     make_client_app = client_app_factory()  # the installed runtime's ClientApp (entry point)
 
-    target = Path(out_dir) if out_dir is not None else Path(str(cfg["out-dir"]) or default_out_dir(cfg))
-    target.mkdir(parents=True, exist_ok=True)
     # absolute: clients mirror their state under it (checkpoint-every > 0), from other processes
     cfg["out-dir"] = str(target.resolve())
     sink: list[RunResult] = []
@@ -105,13 +134,26 @@ def simulate(
 
     from flwr.simulation import run_simulation
 
-    run_simulation(
-        server_app=make_server_app(cfg, target, sink, show_progress=progress, resume=resume is not None),
-        client_app=make_client_app(cfg),
-        num_supernodes=int(cfg["num-clients"]),
-        backend_config=backend_config(cfg, ray_address),  # type: ignore[arg-type]
-        verbose_logging=verbose,
-    )
+    finished = threading.Event()
+    # Ray's C++ failure-signal handler would take SIGTERM from ours and abort the process (exit -6).
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    with stopping.handling_signals():
+        try:
+            run_simulation(
+                server_app=make_server_app(cfg, target, sink, show_progress=progress, resume=resume is not None, finished=finished),
+                client_app=make_client_app(cfg),
+                num_supernodes=int(cfg["num-clients"]),
+                backend_config=backend_config(cfg, ray_address),  # type: ignore[arg-type]  # Flower's TypedDict
+                verbose_logging=verbose,
+            )
+        except KeyboardInterrupt:
+            stopping.request(stopping.signal_received() or signal.SIGINT)  # a Ctrl-C that reached Flower first
+        except SystemExit as exit_:
+            if exit_.code != signal.SIGTERM:
+                raise
+            stopping.request(signal.SIGTERM)  # ray.init installs its own SIGTERM handler: sys.exit(SIGTERM)
+        if stopping.requested():
+            _stop(finished, sink, target)
     if not sink:
         raise RuntimeError(f"the simulation ended without results; see the log above (output dir {target})")
     rounds = sink[0].rounds
