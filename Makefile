@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-deployment test-slow data clean
+.PHONY: venv demo test lint test-deployment test-slow data clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,11 +25,16 @@ demo: data
 
 # The default test suite (what CI runs). Slow tests: `make test-slow`.
 # tests/conftest.py points FEDSPARSE_DATA at ../shared/data when it exists; elsewhere fetch first.
-test: $(STAMP)
+test: $(STAMP) lint
 	@if [ -z "$${FEDSPARSE_DATA:-}" ] && [ ! -d ../shared/data ]; then \
 		$(MAKE) data && $(BIN)/fedsparse data fetch mnist; fi
 	$(BIN)/python -m pytest -q --durations=15
 	$(BIN)/python -m pytest -q -m deployment --durations=10
+
+# Lint and types (config in pyproject.toml): part of `make test`.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Real Flower deployments only: SuperLink + 2 SuperNodes on 127.0.0.1 through `flwr run`.
 test-deployment: $(STAMP)

@@ -7,7 +7,8 @@ instead, which is how ``fedsparse run`` / ``fedsparse.simulate`` launch the simu
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict

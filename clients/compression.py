@@ -68,7 +68,9 @@ def compressed_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> 
     seed = derive_seed("compression", cfg["seed"], local.server_round, local.partition_id) & ((1 << 62) - 1)
     payload, residual, cstats = compress_update(update, config, residual=residual, seed=seed)
     if bool(config.get(CFG_EF, False)):
-        context.state[RESIDUAL_STATE_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in residual.items()})
+        context.state[RESIDUAL_STATE_KEY] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in residual.items()}
+        )
     metrics = {"num-examples": local.num_examples, "train-loss": stats["train-loss"], **cstats}
     return reply(msg, codec.to_array_record(payload), metrics)
 
@@ -115,7 +117,7 @@ class masked_training:  # noqa: N801 - used as a context manager, reads like a f
                 params[name].mul_(keep)
             self.handles.append(params[name].register_hook(lambda g, keep=keep: g * keep))
 
-    def __enter__(self) -> "masked_training":
+    def __enter__(self) -> masked_training:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -132,13 +134,19 @@ def snip_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Messag
         model = local.model(msg.content["arrays"].to_torch_state_dict())
         batches = itertools.islice(local.batches(), max(1, int(config.get(CFG_SNIP_BATCHES, 1))))  # type: ignore[arg-type]
         sal = snip_saliency(model, batches, prunable)
-        return reply(msg, ArrayRecord({n: Array(s.numpy()) for n, s in sal.items()}), {"num-examples": local.num_examples})
+        return reply(
+            msg, ArrayRecord({n: Array(s.numpy()) for n, s in sal.items()}), {"num-examples": local.num_examples}
+        )
     tensors, masks = codec.decode(codec.from_array_record(msg.content["arrays"]))  # type: ignore[arg-type]
     state = {n: torch.from_numpy(np.array(x, copy=True)) for n, x in tensors.items()}
     model = local.model(state)
     keep = {n: torch.from_numpy(np.asarray(masks[n], dtype=bool)) for n in prunable}
     with masked_training(model, keep):
-        stats = train_steps(model, local.batches(), local.optimizer(model), proximal_mu=float(config.get("proximal-mu", 0.0)))
+        stats = train_steps(
+            model, local.batches(), local.optimizer(model), proximal_mu=float(config.get("proximal-mu", 0.0))
+        )
     trained = {k: v.numpy() for k, v in state_dict_cpu(model).items()}
     payload = codec.encode(trained, {n: keep[n].numpy() for n in prunable})
-    return reply(msg, codec.to_array_record(payload), {"num-examples": local.num_examples, "train-loss": stats["train-loss"]})
+    return reply(
+        msg, codec.to_array_record(payload), {"num-examples": local.num_examples, "train-loss": stats["train-loss"]}
+    )

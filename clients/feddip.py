@@ -28,9 +28,16 @@ from clients.feddip_step import feddip_train
 from clients.local import LocalRound, reply, state_dict_cpu
 from fedsparse import codec
 from fedsparse.protocol import OMITTED_ARRAYS
-from fedsparse.protocol.feddip import CONFIG_LAMBDA, CONFIG_PROXIMAL_MU, CONFIG_PRUNABLE, CONFIG_SPARSE_UPLINK, decode_payload
+from fedsparse.protocol.feddip import (
+    CONFIG_LAMBDA,
+    CONFIG_PROXIMAL_MU,
+    CONFIG_PRUNABLE,
+    CONFIG_SPARSE_UPLINK,
+    decode_payload,
+)
 
 __all__ = ["decode_global", "encode_update", "feddip_client_round", "feddip_train_step", "feddip_luar_train"]
+
 
 def decode_global(record: ArrayRecord, prunable: Sequence[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The global model as a torch state dict, and the boolean masks of the ``prunable`` tensors."""
@@ -113,8 +120,14 @@ def feddip_luar_train(msg: Message, context: Context, cfg: Mapping[str, Any]) ->
     model = local.model(state)
     mu = float(config.get(CONFIG_PROXIMAL_MU, 0.0))  # type: ignore[union-attr]
     stats = feddip_train(
-        model, masks, local.batches(), local.optimizer(model), lambda_t=float(config[CONFIG_LAMBDA]),  # type: ignore[index]
-        proximal_mu=mu, global_params=state if mu > 0 else None, device=local.device,
+        model,
+        masks,
+        local.batches(),
+        local.optimizer(model),
+        lambda_t=float(config[CONFIG_LAMBDA]),  # type: ignore[index]
+        proximal_mu=mu,
+        global_params=state if mu > 0 else None,
+        device=local.device,
     )
     omit = set(config.get(OMITTED_ARRAYS, []))  # type: ignore[union-attr]
     unknown = sorted(omit - set(state))

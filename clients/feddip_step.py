@@ -41,16 +41,12 @@ def _resolve_masks(
     params = dict(model.named_parameters())
     unknown = [n for n in masks if n not in params]
     if unknown:
-        raise ValueError(
-            f"masks name tensors that are not trainable parameters of the model: {', '.join(unknown)}"
-        )
+        raise ValueError(f"masks name tensors that are not trainable parameters of the model: {', '.join(unknown)}")
     pairs = []
     for name, mask in masks.items():
         param = params[name]
         if tuple(mask.shape) != tuple(param.shape):
-            raise ValueError(
-                f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(param.shape)}"
-            )
+            raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(param.shape)}")
         pruned = ~(mask.detach().to(device=device) != 0)
         pairs.append((param, pruned))
     return pairs
@@ -97,9 +93,7 @@ def feddip_train(
         missing = [n for n in named if n not in global_params]
         if missing:
             raise ValueError(f"global_params lacks parameters: {', '.join(missing)}")
-        prox_pairs = [
-            (p, global_params[n].detach().to(device=device, dtype=p.dtype)) for n, p in named.items()
-        ]
+        prox_pairs = [(p, global_params[n].detach().to(device=device, dtype=p.dtype)) for n, p in named.items()]
 
     total_loss = 0.0
     total_ce = 0.0

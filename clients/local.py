@@ -7,9 +7,10 @@ Strategy-specific client steps (FedDIP, LUAR, partial updates, ...) all start fr
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -49,7 +50,7 @@ class LocalRound:
     device: torch.device
 
     @classmethod
-    def from_message(cls, msg: Message, context: Context, cfg: Mapping[str, Any]) -> "LocalRound":
+    def from_message(cls, msg: Message, context: Context, cfg: Mapping[str, Any]) -> LocalRound:
         pid = int(context.node_config["partition-id"])
         images, labels = client_data(cfg, pid)
         server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content else 0
@@ -73,7 +74,9 @@ class LocalRound:
         return model.to(self.device)
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(derive_seed("batches", self.cfg["seed"], self.server_round, self.partition_id))
+        gen = torch.Generator().manual_seed(
+            derive_seed("batches", self.cfg["seed"], self.server_round, self.partition_id)
+        )
         return iterate_batches(
             self.images,
             self.labels,

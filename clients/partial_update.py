@@ -32,8 +32,8 @@ The pieces are plain numpy / torch and usable from any ClientApp: :func:`patch_h
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +42,6 @@ from torch import nn
 
 from clients.local import LocalRound, reply, state_dict_cpu
 from clients.train import proximal_term, snapshot_params, train_steps
-from fedsparse import codec
 from fedsparse.global_model import initial_model
 from fedsparse.protocol.partial_update import (
     CONTRIBUTION_KEY,

@@ -6,7 +6,8 @@ This is FedAvg's client; FedProx adds the proximal term when the server's config
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from flwr.app import ArrayRecord, Context, Message
 

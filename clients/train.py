@@ -7,7 +7,7 @@ are normalised per batch, so a client costs no float copy of its partition.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -69,7 +69,11 @@ def make_optimizer(
 def optimizer_from_config(model: nn.Module, lr: float, cfg: Mapping[str, object]) -> torch.optim.Optimizer:
     """``make_optimizer`` with the run configuration's ``optimizer``, ``momentum`` and ``weight-decay``."""
     return make_optimizer(
-        model, lr, float(cfg["momentum"]), float(cfg["weight-decay"]), str(cfg.get("optimizer", "sgd"))  # type: ignore[arg-type]
+        model,
+        lr,
+        float(cfg["momentum"]),
+        float(cfg["weight-decay"]),
+        str(cfg.get("optimizer", "sgd")),  # type: ignore[arg-type]
     )
 
 
@@ -113,4 +117,3 @@ def train_steps(
 
 
 # The central evaluation lives in the core (the ServerApp runs it); re-exported for ClientApps.
-from fedsparse.global_model import evaluate  # noqa: E402 - re-export after the training steps

@@ -22,13 +22,13 @@ import time
 
 import torch
 
+from clients.local import derive_seed
 from clients.train import evaluate, iterate_batches, make_optimizer, train_steps
 from fedsparse import simulate
 from fedsparse.clientdata import client_data, dataset_for, partitions_for
 from fedsparse.config import resolve_config, round_lr
 from fedsparse.grid import seeded_sampling
 from fedsparse.server import initial_model
-from clients.local import derive_seed
 
 
 def plain_loop(cfg: dict, timed_from: int, threads: int) -> tuple[float, float]:
@@ -49,13 +49,17 @@ def plain_loop(cfg: dict, timed_from: int, threads: int) -> tuple[float, float]:
             model.load_state_dict(global_state)
             images, labels = client_data(cfg, pid)
             gen = torch.Generator().manual_seed(derive_seed("batches", cfg["seed"], server_round, pid))
-            batches = iterate_batches(images, labels, int(cfg["batch-size"]), gen, data.normalize, epochs=int(cfg["local-epochs"]))
+            batches = iterate_batches(
+                images, labels, int(cfg["batch-size"]), gen, data.normalize, epochs=int(cfg["local-epochs"])
+            )
             train_steps(model, batches, make_optimizer(model, round_lr(cfg, server_round)))
             for k, v in model.state_dict().items():
                 acc_state[k] += v.double() * (sizes[pid] / total)
         global_state = {k: v.to(global_state[k].dtype) for k, v in acc_state.items()}
         model.load_state_dict(global_state)
-        _, acc = evaluate(model, data.test_images, data.test_labels, data.normalize, batch_size=int(cfg["eval-batch-size"]))
+        _, acc = evaluate(
+            model, data.test_images, data.test_labels, data.normalize, batch_size=int(cfg["eval-batch-size"])
+        )
         if server_round >= timed_from:
             elapsed += time.perf_counter() - t0
     return elapsed, acc
@@ -86,13 +90,19 @@ def main() -> None:
     cores = os.cpu_count() or 1
     actors = int(cores // float(cfg["client-cpus"]))
     n = args.rounds - 1
-    print(f"workload: LeNet-5 / Fashion-MNIST, {args.clients_per_round} clients/round, 1 local epoch, rounds 2-{args.rounds}, {cores} cores")
-    print(f"fedsparse run (Flower simulation on Ray, {actors} actors x {int(float(cfg['client-cpus']))} thread): "
-          f"{flower_s:7.2f} s ({flower_s / n:.2f} s/round), final acc {df['test_accuracy'].iloc[-1]:.4f}")
+    print(
+        f"workload: LeNet-5 / Fashion-MNIST, {args.clients_per_round} clients/round, 1 local epoch, rounds 2-{args.rounds}, {cores} cores"
+    )
+    print(
+        f"fedsparse run (Flower simulation on Ray, {actors} actors x {int(float(cfg['client-cpus']))} thread): "
+        f"{flower_s:7.2f} s ({flower_s / n:.2f} s/round), final acc {df['test_accuracy'].iloc[-1]:.4f}"
+    )
     for threads in sorted({1, cores}):
         plain_s, plain_acc = plain_loop(cfg, timed_from=2, threads=threads)
-        print(f"plain PyTorch loop (one process, clients in sequence, {threads} thread(s)): "
-              f"{plain_s:7.2f} s ({plain_s / n:.2f} s/round), final acc {plain_acc:.4f}; ratio fedsparse/plain {flower_s / plain_s:.2f}")
+        print(
+            f"plain PyTorch loop (one process, clients in sequence, {threads} thread(s)): "
+            f"{plain_s:7.2f} s ({plain_s / n:.2f} s/round), final acc {plain_acc:.4f}; ratio fedsparse/plain {flower_s / plain_s:.2f}"
+        )
 
 
 if __name__ == "__main__":

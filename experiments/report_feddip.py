@@ -68,8 +68,15 @@ def table(all_rounds: pd.DataFrame, runs: pd.DataFrame, budget_mb: float = 250.0
 def to_markdown(df: pd.DataFrame) -> str:
     fmt = {
         **{c: "{:.2f}" for c in df.columns if c.startswith("best acc ≤")},
-        "final acc": "{:.2f}", "best acc": "{:.2f}", "top-5 mean acc": "{:.2f}", "final sparsity": "{:.4f}",
-        "MB down": "{:.1f}", "MB up": "{:.1f}", "down / FedAvg": "{:.3f}", "up / FedAvg": "{:.3f}", "wall min": "{:.0f}",
+        "final acc": "{:.2f}",
+        "best acc": "{:.2f}",
+        "top-5 mean acc": "{:.2f}",
+        "final sparsity": "{:.4f}",
+        "MB down": "{:.1f}",
+        "MB up": "{:.1f}",
+        "down / FedAvg": "{:.3f}",
+        "up / FedAvg": "{:.3f}",
+        "wall min": "{:.0f}",
     }
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -87,10 +94,16 @@ def layer_tables(out: Path, runs: pd.DataFrame) -> str:
         if not path.is_file():
             continue
         layers = pd.read_csv(path)
-        lines = [f"{r['split']} / {LABELS.get(r['method'], r['method'])}:", "",
-                 "| layer | weights | kept | initial (ERK) sparsity | final sparsity |", "|---|---|---|---|---|"]
+        lines = [
+            f"{r['split']} / {LABELS.get(r['method'], r['method'])}:",
+            "",
+            "| layer | weights | kept | initial (ERK) sparsity | final sparsity |",
+            "|---|---|---|---|---|",
+        ]
         for _, row in layers.iterrows():
-            lines.append(f"| {row['layer']} | {row['numel']} | {row['kept']} | {row['initial_sparsity']:.3f} | {row['sparsity']:.3f} |")
+            lines.append(
+                f"| {row['layer']} | {row['numel']} | {row['kept']} | {row['initial_sparsity']:.3f} | {row['sparsity']:.3f} |"
+            )
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
@@ -111,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="the bench's --out directory")
     parser.add_argument("--suite", type=Path, default=SUITE, help="the suite file the runs came from")
-    parser.add_argument("--budget-mb", type=float, default=250.0, help="communication budget (MB up + down) of the budget column")
+    parser.add_argument(
+        "--budget-mb", type=float, default=250.0, help="communication budget (MB up + down) of the budget column"
+    )
     args = parser.parse_args(argv)
     suite = load_suite(args.suite)
     all_rounds, runs = collect(args.out, suite.runs())

@@ -24,8 +24,20 @@ import pandas as pd
 from fedsparse.bench import collect, load_suite, report_dir
 
 SUITE = Path(__file__).resolve().parent / "suites" / "fedluar.toml"
-COLUMNS = ["run", "base", "delta", "rounds", "final_acc", "acc_last5", "best_acc", "comm_ratio_up", "comm_ratio_total",
-           "mb_up", "recycled_per_layer", "s_per_round"]
+COLUMNS = [
+    "run",
+    "base",
+    "delta",
+    "rounds",
+    "final_acc",
+    "acc_last5",
+    "best_acc",
+    "comm_ratio_up",
+    "comm_ratio_total",
+    "mb_up",
+    "recycled_per_layer",
+    "s_per_round",
+]
 
 
 def setting(suite: Any, method: str, key: str, default: Any) -> Any:
@@ -70,6 +82,7 @@ def pick_best_delta(rows: list[dict[str, Any]], tolerance: float) -> int | None:
 
 def markdown(df: pd.DataFrame) -> str:
     """A GitHub markdown table (floats to 4 decimals)."""
+
     def cell(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import tomllib
 
 from fedsparse.bench import collect, load_suite, report_dir
 
@@ -89,16 +89,32 @@ def table(out: Path, all_rounds: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFra
     splits = list(runs["split"])
     df = pd.DataFrame(rows)
     base = {s: row["final acc %"] for s, row in zip(splits, rows) if row["method"] == "FedAvg"}
-    df.insert(df.columns.get_loc("best acc %"), "Δ vs FedAvg (pt)", [row["final acc %"] - base.get(s, math.nan) for s, row in zip(splits, rows)])
+    df.insert(
+        df.columns.get_loc("best acc %"),
+        "Δ vs FedAvg (pt)",
+        [row["final acc %"] - base.get(s, math.nan) for s, row in zip(splits, rows)],
+    )
     return df
 
 
 def to_markdown(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     fmt = {
-        "k": "{:g}", "bits": "{:d}", "lr": "{:g}", "final acc %": "{:.2f}", "Δ vs FedAvg (pt)": "{:+.2f}", "best acc %": "{:.2f}",
-        "down ratio": "{:.4f}", "fresh ratio": "{:.4f}", "down MB": "{:.1f}", "up ratio": "{:.3f}", "wall min": "{:.1f}",
-        "Shannon / measured": "{:.3f}", "index / H(k) bound": "{:.2f}", "dense resyncs": "{:.0f}", "mean lag": "{:.2f}",
+        "k": "{:g}",
+        "bits": "{:d}",
+        "lr": "{:g}",
+        "final acc %": "{:.2f}",
+        "Δ vs FedAvg (pt)": "{:+.2f}",
+        "best acc %": "{:.2f}",
+        "down ratio": "{:.4f}",
+        "fresh ratio": "{:.4f}",
+        "down MB": "{:.1f}",
+        "up ratio": "{:.3f}",
+        "wall min": "{:.1f}",
+        "Shannon / measured": "{:.3f}",
+        "index / H(k) bound": "{:.2f}",
+        "dense resyncs": "{:.0f}",
+        "mean lag": "{:.2f}",
     }
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, r in df.iterrows():
@@ -151,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="the bench's --out directory")
     parser.add_argument("--suite", type=Path, default=SUITE, help="the suite file the runs came from")
-    parser.add_argument("--table", type=Path, help="markdown table output (default OUT/<suite name>/partial-update-table.md)")
+    parser.add_argument(
+        "--table", type=Path, help="markdown table output (default OUT/<suite name>/partial-update-table.md)"
+    )
     args = parser.parse_args(argv)
     suite = load_suite(args.suite)
     all_rounds, runs = collect(args.out, suite.runs())

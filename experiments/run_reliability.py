@@ -39,7 +39,9 @@ def measure(strategy: str, rounds: int, out: Path) -> dict:
     from fedsparse.checkpoint import CHECKPOINT_FILE, CLIENT_STATE_DIR, load_checkpoint, save_checkpoint
 
     run_dir = out / strategy
-    df = simulate({**BASE, **EXTRA.get(strategy, {}), "strategy": strategy, "rounds": rounds}, out_dir=run_dir, progress=False)
+    df = simulate(
+        {**BASE, **EXTRA.get(strategy, {}), "strategy": strategy, "rounds": rounds}, out_dir=run_dir, progress=False
+    )
     size = (run_dir / CHECKPOINT_FILE).stat().st_size
     states = list((run_dir / CLIENT_STATE_DIR).glob("*.rd")) if (run_dir / CLIENT_STATE_DIR).is_dir() else []
     loads, saves = [], []
@@ -65,8 +67,10 @@ def measure(strategy: str, rounds: int, out: Path) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| strategy | rounds | checkpoint (kB) | dense model (kB) | save (ms) | load (ms) | client-state files kept | "
-            "client state on disk (kB) |")
+    head = (
+        "| strategy | rounds | checkpoint (kB) | dense model (kB) | save (ms) | load (ms) | client-state files kept | "
+        "client state on disk (kB) |"
+    )
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
@@ -91,7 +95,8 @@ def main() -> None:
         Path(args.report).write_text(
             "# Checkpoint cost\n\n"
             f"Produced by `{command}` (LeNet-5, Fashion-MNIST, 20 clients, 5 per round, checkpoint-every = 1).\n\n"
-            + text + "\n"
+            + text
+            + "\n"
         )
 
 

@@ -13,8 +13,8 @@ in a message are smaller.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import pandas as pd
 from flwr.app import ArrayRecord, Message, RecordDict

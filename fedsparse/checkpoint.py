@@ -43,9 +43,10 @@ import random
 import re
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -124,7 +125,9 @@ def pack_state(obj: Any) -> tuple[Any, list[np.ndarray]]:
             return enc(x.item(), path)
         if isinstance(x, np.ndarray):
             if x.dtype.kind == "O":
-                raise TypeError(f"state at {path or '<root>'} is an object array; allowed: numeric, bool or string arrays")
+                raise TypeError(
+                    f"state at {path or '<root>'} is an object array; allowed: numeric, bool or string arrays"
+                )
             return {"__nd__": put(x)}
         if isinstance(x, torch.Tensor):
             return {"__torch__": put(x.detach().cpu().numpy())}
@@ -156,7 +159,7 @@ def unpack_state(obj: Any, arrays: list[np.ndarray]) -> Any:
     if not isinstance(obj, dict):
         return obj
     if len(obj) == 1:
-        (tag, value), = obj.items()
+        ((tag, value),) = obj.items()
         if tag == "__nd__":
             return np.array(arrays[value], copy=True)
         if tag == "__torch__":
@@ -218,7 +221,9 @@ def snapshot_strategy(strategy: Any) -> dict[str, Any]:
     try:
         return {"complete": True, "attributes": copy.deepcopy(vars(strategy))}
     except Exception as err:  # noqa: BLE001 - e.g. a third-party strategy holding a lock or a socket
-        log.warning("%s cannot be deep-copied (%s); a rollback restores its state_dict() only", type(strategy).__name__, err)
+        log.warning(
+            "%s cannot be deep-copied (%s); a rollback restores its state_dict() only", type(strategy).__name__, err
+        )
         return {"complete": False, "state": pack_state(strategy_state(strategy))}
 
 
@@ -242,7 +247,12 @@ def _restore_attributes(obj: Any, saved: dict[str, Any]) -> None:
         delattr(obj, name)
     for name, value in saved.items():
         now = current.get(name)
-        nested = now is not None and now is not obj and type(now) is type(value) and callable(getattr(now, "aggregate_train", None))
+        nested = (
+            now is not None
+            and now is not obj
+            and type(now) is type(value)
+            and callable(getattr(now, "aggregate_train", None))
+        )
         if nested and hasattr(now, "__dict__"):
             _restore_attributes(now, dict(vars(value)))
         else:

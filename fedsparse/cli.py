@@ -15,8 +15,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.data_dir:
         overrides["data-dir"] = args.data_dir
     df = simulate(
-        args.config, overrides, out_dir=args.out, progress=not args.quiet, verbose=args.verbose, resume=args.resume,
-        ray_address=args.ray_address, overwrite=args.overwrite,
+        args.config,
+        overrides,
+        out_dir=args.out,
+        progress=not args.quiet,
+        verbose=args.verbose,
+        resume=args.resume,
+        ray_address=args.ray_address,
+        overwrite=args.overwrite,
     )
     last = df.dropna(subset=["test_accuracy"]).iloc[-1]
     out = Path(df.attrs.get("out_dir", args.out or ""))
@@ -52,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="directory holding the datasets")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
-    run.add_argument("--ray-address", help="connect to an existing Ray cluster (e.g. HEAD_IP:6379) instead of starting one")
+    run.add_argument(
+        "--ray-address", help="connect to an existing Ray cluster (e.g. HEAD_IP:6379) instead of starting one"
+    )
     run.add_argument(
         "--resume",
         metavar="DIR",
@@ -87,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     from fedsparse.config import ConfigError
     from fedsparse.data import DatasetNotFoundError, IdxFormatError
     from fedsparse.data.fetch import ChecksumError
-
     from fedsparse.stopping import RunInterrupted
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -52,7 +52,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-
 from flwr.app import Array, ArrayRecord
 
 CODEC_NAME = "fedsparse-sparse"
@@ -162,8 +161,7 @@ def coords_decode(data: np.ndarray, count: int) -> np.ndarray:
 def _check_value_bits(value_bits: int) -> None:
     if value_bits not in _VALUE_DTYPE:
         raise ValueError(
-            f"unsupported value_bits={value_bits!r}; choose one of: "
-            + ", ".join(str(b) for b in VALUE_BITS)
+            f"unsupported value_bits={value_bits!r}; choose one of: " + ", ".join(str(b) for b in VALUE_BITS)
         )
 
 
@@ -215,8 +213,15 @@ def encode(
     if unknown:
         raise ValueError(f"masks given for unknown tensors: {sorted(unknown)}")
     header: dict[str, Any] = {
-        "codec": CODEC_NAME, "version": CODEC_VERSION, "value_bits": value_bits,
-        "names": [], "shapes": [], "dtypes": [], "kinds": [], "nnz": [], "ilen": [],
+        "codec": CODEC_NAME,
+        "version": CODEC_VERSION,
+        "value_bits": value_bits,
+        "names": [],
+        "shapes": [],
+        "dtypes": [],
+        "kinds": [],
+        "nnz": [],
+        "ilen": [],
     }
     if value_bits == 8:
         header["qmin"], header["qscale"] = [], []
@@ -245,9 +250,7 @@ def encode(
                 if m.dtype != np.bool_:
                     raise ValueError(f"mask for '{name}' must be boolean, got dtype {m.dtype}")
                 if m.shape != arr.shape:
-                    raise ValueError(
-                        f"mask for '{name}' has shape {m.shape}, tensor has shape {arr.shape}"
-                    )
+                    raise ValueError(f"mask for '{name}' has shape {m.shape}, tensor has shape {arr.shape}")
                 flat = m.reshape(-1)
                 kind, index, k, positions = _choose_index(flat, n)
                 flat_arr = arr.reshape(-1)
@@ -278,19 +281,14 @@ def encode(
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     prefix = np.frombuffer(len(head).to_bytes(4, "little") + head, dtype=np.uint8)
     index_blob = np.concatenate([prefix, *index_parts])
-    values = np.concatenate(value_parts).astype(vdtype, copy=False) if value_parts else np.empty(
-        0, vdtype
-    )
+    values = np.concatenate(value_parts).astype(vdtype, copy=False) if value_parts else np.empty(0, vdtype)
     return {INDEX_KEY: index_blob, VALUES_KEY: values}
 
 
 def _read_header(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], np.ndarray]:
     missing = {INDEX_KEY, VALUES_KEY} - set(arrays)
     if missing:
-        raise ValueError(
-            f"not a {CODEC_NAME} payload: missing arrays {sorted(missing)} "
-            f"(got {sorted(arrays)})"
-        )
+        raise ValueError(f"not a {CODEC_NAME} payload: missing arrays {sorted(missing)} (got {sorted(arrays)})")
     # An array the decoder would ignore is still bytes on the wire and a sign of a foreign or
     # tampered payload: refuse it rather than silently dropping it.
     extra = set(arrays) - {INDEX_KEY, VALUES_KEY}
@@ -301,9 +299,7 @@ def _read_header(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], np.n
         )
     header, rest = parse_header(arrays[INDEX_KEY], INDEX_KEY)
     if header.get("codec") != CODEC_NAME or header.get("version") != CODEC_VERSION:
-        raise ValueError(
-            f"unsupported payload: codec={header.get('codec')!r} version={header.get('version')!r}"
-        )
+        raise ValueError(f"unsupported payload: codec={header.get('codec')!r} version={header.get('version')!r}")
     return header, rest
 
 
@@ -371,8 +367,7 @@ def decode(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dic
             flat_mask = np.unpackbits(index, count=n).astype(bool)
             positions = np.flatnonzero(flat_mask)
             if positions.size != k:
-                raise ValueError(f"corrupt payload: bitmap of '{name}' has {positions.size} bits "
-                                 f"set, header says {k}")
+                raise ValueError(f"corrupt payload: bitmap of '{name}' has {positions.size} bits set, header says {k}")
         elif kind == "coords":
             positions = coords_decode(index, k)
             if k and (positions[-1] >= n):

@@ -134,7 +134,9 @@ def _raw_tail(raws: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], bytes]:
 
 def _read_raw(header: Mapping[str, Any], tail: bytes) -> dict[str, np.ndarray]:
     out, pos = {}, 0
-    for name, shape, dtype, n in zip(header["raw_names"], header["raw_shapes"], header["raw_dtypes"], header["raw_len"]):
+    for name, shape, dtype, n in zip(
+        header["raw_names"], header["raw_shapes"], header["raw_dtypes"], header["raw_len"]
+    ):
         out[name] = np.frombuffer(tail[pos : pos + n], dtype=np.dtype(dtype)).reshape(shape).copy()
         pos += n
     if pos != len(tail):
@@ -180,9 +182,7 @@ def randk_positions(seed: int, index: int, n: int, k: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
 
 
-def _randk_select(
-    floats: Mapping[str, np.ndarray], ratio: float, seed: int
-) -> tuple[dict[str, np.ndarray], list[int]]:
+def _randk_select(floats: Mapping[str, np.ndarray], ratio: float, seed: int) -> tuple[dict[str, np.ndarray], list[int]]:
     masks, ks = {}, []
     for i, (name, x) in enumerate(floats.items()):
         k = kept_count(ratio, x.size)
@@ -194,13 +194,22 @@ def _randk_select(
 
 
 def _randk_seed_encode(
-    floats: Mapping[str, np.ndarray], raws: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray], ks: list[int], seed: int
+    floats: Mapping[str, np.ndarray],
+    raws: Mapping[str, np.ndarray],
+    masks: Mapping[str, np.ndarray],
+    ks: list[int],
+    seed: int,
 ) -> dict[str, np.ndarray]:
     raw_meta, tail = _raw_tail(raws)
     header = {
-        "codec": RANDK_CODEC, "version": FORMAT_VERSION, "seed": int(seed),
-        "names": list(floats), "shapes": [list(x.shape) for x in floats.values()],
-        "dtypes": [x.dtype.str for x in floats.values()], "k": ks, **raw_meta,
+        "codec": RANDK_CODEC,
+        "version": FORMAT_VERSION,
+        "seed": int(seed),
+        "names": list(floats),
+        "shapes": [list(x.shape) for x in floats.values()],
+        "dtypes": [x.dtype.str for x in floats.values()],
+        "k": ks,
+        **raw_meta,
     }
     values = [np.asarray(x).reshape(-1)[masks[n].reshape(-1)].astype(np.float32) for n, x in floats.items()]
     return {
@@ -307,9 +316,7 @@ def unpack_codes(data: np.ndarray, bits: int, count: int) -> np.ndarray:
     """Inverse of :func:`pack_codes`: ``count`` codes of ``bits`` bits each."""
     data = np.asarray(data, dtype=np.uint8)
     if data.size != math.ceil(count * bits / 8):
-        raise ValueError(
-            f"truncated payload: {data.size} bytes of codes, the header says {count} codes of {bits} bits"
-        )
+        raise ValueError(f"truncated payload: {data.size} bytes of codes, the header says {count} codes of {bits} bits")
     flat = np.unpackbits(data, count=count * bits)
     weights = (1 << np.arange(bits - 1, -1, -1, dtype=np.uint32)).astype(np.uint32)
     return flat.reshape(count, bits).astype(np.uint32) @ weights
@@ -340,9 +347,17 @@ def _fedpaq_encode(
         nnorms.append(int(norms.size))
     raw_meta, tail = _raw_tail(raws)
     header = {
-        "codec": QSGD_CODEC, "version": FORMAT_VERSION, "levels": int(levels), "bits": bits, "bucket": int(bucket),
-        "scope": scope, "names": list(floats), "shapes": [list(x.shape) for x in floats.values()],
-        "dtypes": [x.dtype.str for x in floats.values()], "nnorms": nnorms, **raw_meta,
+        "codec": QSGD_CODEC,
+        "version": FORMAT_VERSION,
+        "levels": int(levels),
+        "bits": bits,
+        "bucket": int(bucket),
+        "scope": scope,
+        "names": list(floats),
+        "shapes": [list(x.shape) for x in floats.values()],
+        "dtypes": [x.dtype.str for x in floats.values()],
+        "nnorms": nnorms,
+        **raw_meta,
     }
     norms = np.concatenate(all_norms).astype("<f4") if all_norms else np.empty(0, "<f4")
     codes = np.concatenate(all_codes) if all_codes else np.empty(0, np.uint32)
@@ -451,7 +466,11 @@ class TopK(Compressor):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TopK:
-        return cls(float(config.get(CFG_RATIO, 1.0)), str(config.get(CFG_SCOPE, "model")), error_feedback=bool(config.get(CFG_EF, False)))
+        return cls(
+            float(config.get(CFG_RATIO, 1.0)),
+            str(config.get(CFG_SCOPE, "model")),
+            error_feedback=bool(config.get(CFG_EF, False)),
+        )
 
     def encode(
         self, floats: Mapping[str, np.ndarray], raws: Mapping[str, np.ndarray], seed: int, *, want_sent: bool
@@ -484,7 +503,9 @@ class RandK(Compressor):
         if index not in self.INDEX:
             raise ValueError(f"unknown randk_index {index!r}; choose one of: {', '.join(self.INDEX)}")
         if self.error_feedback and scale == "unbiased":
-            raise ValueError("Rand-k error feedback needs randk_scale='none' (the residual of a scaled estimate diverges)")
+            raise ValueError(
+                "Rand-k error feedback needs randk_scale='none' (the residual of a scaled estimate diverges)"
+            )
         self.ratio, self.scale, self.index = float(ratio), scale, index
 
     def _settings(self) -> dict[str, Any]:
@@ -493,8 +514,10 @@ class RandK(Compressor):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> RandK:
         return cls(
-            float(config.get(CFG_RATIO, 1.0)), str(config.get(CFG_RANDK_SCALE, "unbiased")),
-            str(config.get(CFG_RANDK_INDEX, "seed")), error_feedback=False,
+            float(config.get(CFG_RATIO, 1.0)),
+            str(config.get(CFG_RANDK_SCALE, "unbiased")),
+            str(config.get(CFG_RANDK_INDEX, "seed")),
+            error_feedback=False,
         )._with_feedback(bool(config.get(CFG_EF, False)))
 
     def _with_feedback(self, on: bool) -> RandK:
@@ -526,7 +549,9 @@ class QSGD(Compressor):
 
     name = "fedpaq"
 
-    def __init__(self, levels: int = 8, bucket: int = 0, scope: str = "tensor", *, error_feedback: bool = False) -> None:
+    def __init__(
+        self, levels: int = 8, bucket: int = 0, scope: str = "tensor", *, error_feedback: bool = False
+    ) -> None:
         super().__init__(error_feedback=error_feedback)
         if scope not in QUANT_SCOPES:
             raise ValueError(f"unknown quant_scope {scope!r}; choose one of: {', '.join(QUANT_SCOPES)}")
@@ -540,7 +565,9 @@ class QSGD(Compressor):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> QSGD:
         return cls(
-            int(config[CFG_LEVELS]), int(config.get(CFG_BUCKET, 0)), str(config.get(CFG_QSCOPE, "tensor")),
+            int(config[CFG_LEVELS]),
+            int(config.get(CFG_BUCKET, 0)),
+            str(config.get(CFG_QSCOPE, "tensor")),
             error_feedback=bool(config.get(CFG_EF, False)),
         )
 

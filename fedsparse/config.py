@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import difflib
 import math
-import tomllib
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping
+from typing import Any
+
+import tomllib
 
 from fedsparse import methods
 
@@ -90,7 +92,13 @@ SCHEMA: dict[str, Key] = {
     "local-steps": Key(0, "local SGD steps per round; 0 = count local-epochs instead", minimum=0),
     "batch-size": Key(64, "local batch size", minimum=1),
     "lr": Key(0.01, "client learning rate", minimum=0.0, exclusive_minimum=True),
-    "lr-decay": Key(1.0, "per-round multiplicative learning-rate decay (lr_t = lr * lr-decay^(t-1))", minimum=0.0, exclusive_minimum=True, maximum=1.0),
+    "lr-decay": Key(
+        1.0,
+        "per-round multiplicative learning-rate decay (lr_t = lr * lr-decay^(t-1))",
+        minimum=0.0,
+        exclusive_minimum=True,
+        maximum=1.0,
+    ),
     "optimizer": Key(
         "sgd",
         "client optimizer: sgd (every paper reproduced here) or adam (deep partial updating trains with Adam; "
@@ -112,14 +120,21 @@ SCHEMA: dict[str, Key] = {
     "wire-bytes": Key(True, "also record the serialised (wire) size of every message"),
     "out-dir": Key("", "where results go (empty: runs/<strategy>-<dataset>-<model>-<time>)"),
     # reliability (docs/reliability.md)
-    "checkpoint-every": Key(0, "write a checkpoint every N rounds and at the last (0 = never); continue with fedsparse run --resume DIR", minimum=0),
+    "checkpoint-every": Key(
+        0,
+        "write a checkpoint every N rounds and at the last (0 = never); continue with fedsparse run --resume DIR",
+        minimum=0,
+    ),
     "min-replies": Key(1, "a round with fewer valid replies keeps the previous model", minimum=1),
     "reply-max-abs": Key(
         1e6,
         "a reply holding a floating-point value larger than this in magnitude is rejected (0 = no bound): finite but huge values pass the finiteness check and would wreck the average or a server optimiser's moments",
         minimum=0.0,
     ),
-    "fail-clients": Key("", "testing: inject client failures, ROUND:PARTITION[:raise|timeout|nan] items ('*' = any), e.g. '2:0, *:3:timeout'"),
+    "fail-clients": Key(
+        "",
+        "testing: inject client failures, ROUND:PARTITION[:raise|timeout|nan] items ('*' = any), e.g. '2:0, *:3:timeout'",
+    ),
 }
 
 

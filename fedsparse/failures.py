@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
@@ -68,7 +69,9 @@ def parse_fail_clients(text: str) -> list[FailureRule]:
                 value = -2
             if value < (1 if what == "round" else 0):
                 allowed = "an integer >= 1" if what == "round" else "an integer >= 0"
-                raise ConfigError(f"fail-clients item {item!r}: {what} {part!r} is not valid; allowed: {allowed} or '*'")
+                raise ConfigError(
+                    f"fail-clients item {item!r}: {what} {part!r} is not valid; allowed: {allowed} or '*'"
+                )
             values.append(value)
         mode = parts[2] if len(parts) == 3 else "raise"
         if mode not in MODES:
@@ -126,4 +129,13 @@ def poison(cfg: Mapping[str, Any], server_round: int, partition: int, reply: Mes
     return reply
 
 
-__all__ = ["FailureRule", "InjectedFailure", "parse_fail_clients", "failure_for", "inject", "poison", "stall_seconds", "MODES"]
+__all__ = [
+    "FailureRule",
+    "InjectedFailure",
+    "parse_fail_clients",
+    "failure_for",
+    "inject",
+    "poison",
+    "stall_seconds",
+    "MODES",
+]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -93,7 +93,9 @@ class MeteredGrid(Grid):
         """Replies sorted by partition id: they arrive in any order, and floating-point
         aggregation is only reproducible when it always adds them in the same one."""
         big = 1 << 62
-        return sorted(replies, key=lambda m: (self.partition_of.get(m.metadata.src_node_id, big), m.metadata.src_node_id))
+        return sorted(
+            replies, key=lambda m: (self.partition_of.get(m.metadata.src_node_id, big), m.metadata.src_node_id)
+        )
 
     # --- metering -------------------------------------------------------------------------------
     def _meter(self, messages: list[Message], direction: str) -> None:

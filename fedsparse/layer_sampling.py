@@ -17,9 +17,7 @@ from torch import Tensor
 __all__ = ["layer_scores", "recycling_probabilities", "sample_recycled_layers"]
 
 
-def layer_scores(
-    update: Mapping[str, Tensor], weights: Mapping[str, Tensor], eps: float = 1e-12
-) -> dict[str, float]:
+def layer_scores(update: Mapping[str, Tensor], weights: Mapping[str, Tensor], eps: float = 1e-12) -> dict[str, float]:
     """s_l = ‖Δ_l‖₂ / (‖x_l‖₂ + ε) for every name in ``update`` (Frobenius norms, in float64).
 
     ``weights`` are the round's starting weights x_t; it may hold more names than ``update``.
@@ -33,9 +31,7 @@ def layer_scores(
     for name, delta in update.items():
         x = weights[name]
         if tuple(x.shape) != tuple(delta.shape):
-            raise ValueError(
-                f"update for {name!r} has shape {tuple(delta.shape)}, weights have {tuple(x.shape)}"
-            )
+            raise ValueError(f"update for {name!r} has shape {tuple(delta.shape)}, weights have {tuple(x.shape)}")
         d_norm = torch.linalg.vector_norm(delta.detach().to(torch.float64)).item()
         x_norm = torch.linalg.vector_norm(x.detach().to(torch.float64)).item()
         scores[name] = d_norm / (x_norm + eps)
@@ -72,8 +68,7 @@ def sample_recycled_layers(
     names = list(scores)
     if isinstance(num_layers, bool) or int(num_layers) != num_layers or not 0 <= num_layers <= len(names):
         raise ValueError(
-            f"num_layers must be an integer in [0, {len(names)}] (the number of scored layers); "
-            f"got {num_layers!r}"
+            f"num_layers must be an integer in [0, {len(names)}] (the number of scored layers); got {num_layers!r}"
         )
     if num_layers == 0:
         return []

@@ -203,9 +203,7 @@ def _largest_remainder_counts(ideal: dict[str, float], caps: dict[str, int], tar
     return counts
 
 
-def erk_masks(
-    shapes: Mapping[str, tuple[int, ...]], sparsity: float, generator: torch.Generator
-) -> dict[str, Tensor]:
+def erk_masks(shapes: Mapping[str, tuple[int, ...]], sparsity: float, generator: torch.Generator) -> dict[str, Tensor]:
     """Random ERK masks at overall ``sparsity``: per layer a uniformly random set of kept positions.
 
     Rounding: layer l keeps either ⌊d_l·n_l⌋ or ⌈d_l·n_l⌉ positions (d_l from :func:`erk_densities`),
@@ -267,8 +265,7 @@ def global_magnitude_masks(
         for n in names:
             if tuple(current_masks[n].shape) != tuple(tensors[n].shape):
                 raise ValueError(
-                    f"mask for {n!r} has shape {tuple(current_masks[n].shape)}, "
-                    f"tensor has {tuple(tensors[n].shape)}"
+                    f"mask for {n!r} has shape {tuple(current_masks[n].shape)}, tensor has {tuple(tensors[n].shape)}"
                 )
     magnitude = _pool(tensors, names).abs()
     total = magnitude.numel()
@@ -324,9 +321,7 @@ def apply_masks(tensors: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> d
             continue
         mask = masks[name]
         if tuple(mask.shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"mask for {name!r} has shape {tuple(mask.shape)}, tensor has {tuple(tensor.shape)}"
-            )
+            raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, tensor has {tuple(tensor.shape)}")
         keep = mask.to(device=tensor.device).bool()
         out[name] = torch.where(keep, tensor.detach(), torch.zeros((), dtype=tensor.dtype, device=tensor.device))
     return out
@@ -340,9 +335,7 @@ def _selected(tensors: Mapping[str, Tensor], names: Iterable[str] | None) -> lis
     return chosen
 
 
-def per_layer_sparsity(
-    tensors_or_masks: Mapping[str, Tensor], names: Iterable[str] | None = None
-) -> dict[str, float]:
+def per_layer_sparsity(tensors_or_masks: Mapping[str, Tensor], names: Iterable[str] | None = None) -> dict[str, float]:
     """Fraction of exact zeros (``False`` for masks) per named tensor (all tensors if ``names`` is None)."""
     out = {}
     for n in _selected(tensors_or_masks, names):

@@ -107,9 +107,13 @@ def methods() -> dict[str, Method]:
             except Exception as err:
                 raise MethodError(f"method plug-in {ep.name!r} ({ep.value}) cannot be imported: {err}") from err
             if not isinstance(declared, Method):
-                raise MethodError(f"entry point {ep.name!r} = {ep.value!r} is a {type(declared).__name__}, not a fedsparse.methods.Method")
+                raise MethodError(
+                    f"entry point {ep.name!r} = {ep.value!r} is a {type(declared).__name__}, not a fedsparse.methods.Method"
+                )
             if declared.name != ep.name:
-                raise MethodError(f"entry point {ep.name!r} declares a method named {declared.name!r}; the two must match")
+                raise MethodError(
+                    f"entry point {ep.name!r} declares a method named {declared.name!r}; the two must match"
+                )
             if ep.name in found:
                 continue  # the same distribution seen twice on sys.path (an editable install beside a wheel)
             found[ep.name] = declared
@@ -186,7 +190,9 @@ def client_app_factory() -> Callable[..., ClientApp]:
     """``make_client_app(run_config=None) -> ClientApp`` of the installed runtime."""
     eps = [ep for ep in entry_points(group=RUNTIME_GROUP) if ep.name == "client-app"]
     if not eps:
-        raise MethodError(f"no 'client-app' entry point in group {RUNTIME_GROUP!r}: is fedsparse installed (pip install -e .)?")
+        raise MethodError(
+            f"no 'client-app' entry point in group {RUNTIME_GROUP!r}: is fedsparse installed (pip install -e .)?"
+        )
     return eps[0].load()  # type: ignore[no-any-return]  # entry points are untyped
 
 

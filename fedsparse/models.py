@@ -33,9 +33,7 @@ def _pool_size(size: int, times: int) -> int:
 
 
 def _too_small(name: str, image_size: int, minimum: int) -> ValueError:
-    return ValueError(
-        f"model '{name}' cannot take image_size={image_size}: it needs image_size >= {minimum}"
-    )
+    return ValueError(f"model '{name}' cannot take image_size={image_size}: it needs image_size >= {minimum}")
 
 
 class LeNet5(nn.Module):
@@ -326,8 +324,7 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int) 
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(MODEL_NAMES)}")
-    for arg, value in (("num_classes", num_classes), ("in_channels", in_channels),
-                       ("image_size", image_size)):
+    for arg, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"model '{name}': {arg} must be a positive integer, got {value!r}")
     return _BUILDERS[name](num_classes, in_channels, image_size)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from tqdm import tqdm
 
@@ -15,7 +16,9 @@ class Progress:
     """tqdm bar over rounds whose postfix shows the latest accuracy and the MB moved so far."""
 
     def __init__(self, total: int, *, enabled: bool = True, label: str = "") -> None:
-        self.bar = tqdm(total=total, desc=label or "rounds", unit="rnd", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, desc=label or "rounds", unit="rnd", disable=not enabled, file=sys.stderr, dynamic_ncols=True
+        )
         self.best = math.nan
         # Central evaluation runs every `eval-every` rounds: between evaluations the bar keeps the
         # latest measured accuracy (with its round) instead of flashing "nan".

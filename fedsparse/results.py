@@ -14,8 +14,9 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -152,7 +153,9 @@ def plot_run(df: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
     return _accuracy_plots([(title, df)], out_dir)
 
 
-def write_outputs(out_dir: Path, cfg: Mapping[str, Any], df: pd.DataFrame, extra: Mapping[str, Any] | None = None) -> dict:
+def write_outputs(
+    out_dir: Path, cfg: Mapping[str, Any], df: pd.DataFrame, extra: Mapping[str, Any] | None = None
+) -> dict:
     """config.toml, the plots, then summary.json — last, so that it marks a finished run (rounds.csv
     is already there). Each file is written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -19,13 +19,13 @@ import math
 import shutil
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
@@ -39,7 +39,6 @@ from fedsparse.global_model import CentralEvaluator, initial_model
 from fedsparse.grid import MeteredGrid, seeded_sampling
 from fedsparse.hooks import MethodHooks
 from fedsparse.methods import build_strategy
-from fedsparse.models import build_model
 from fedsparse.progress import Progress
 from fedsparse.results import RoundsTable, write_outputs
 from fedsparse.validation import ReplyScreen, Screened, spec_of
@@ -160,7 +159,9 @@ def _aggregate(
     if not enough:
         log.warning(
             "round %d: %d valid replies < min-replies = %d; the previous model is kept",
-            server_round, len(screened.valid), min_replies,
+            server_round,
+            len(screened.valid),
+            min_replies,
         )
     snapshot = ckpt.snapshot_strategy(strategy)
     if enough:
@@ -171,7 +172,8 @@ def _aggregate(
             return new_arrays, True
         log.error(
             "round %d: the aggregated model is not finite; the strategy is rolled back, the previous model is "
-            "kept and the round ends as one without valid replies", server_round,
+            "kept and the round ends as one without valid replies",
+            server_round,
         )
         if not ckpt.restore_strategy(strategy, snapshot):
             return arrays, False  # the round in flight could not be restored: nothing more to settle
@@ -179,7 +181,10 @@ def _aggregate(
     if new_arrays is None:
         return arrays, False
     if not _finite(new_arrays):
-        log.error("round %d: the model the strategy returned is not finite; it is rolled back and the previous model kept", server_round)
+        log.error(
+            "round %d: the model the strategy returned is not finite; it is rolled back and the previous model kept",
+            server_round,
+        )
         ckpt.restore_strategy(strategy, snapshot)
         return arrays, False
     return new_arrays, False
@@ -249,7 +254,11 @@ def run_server(
     first_round, elapsed_before = 1, 0.0
     if resume:
         saved, table = _resume(out_dir, cfg, strategy, metered)
-        arrays, first_round, elapsed_before = in_model_dtypes(saved.arrays, model_spec), saved.server_round + 1, saved.elapsed_seconds
+        arrays, first_round, elapsed_before = (
+            in_model_dtypes(saved.arrays, model_spec),
+            saved.server_round + 1,
+            saved.elapsed_seconds,
+        )
     else:
         table = RoundsTable(out_dir)
         _fresh_start(out_dir, cfg)
@@ -279,7 +288,11 @@ def run_server(
         screened = screen.screen(server_round, replies)
         arrays, aggregated = _aggregate(strategy, server_round, screened, min_replies, arrays)
         arrays = in_model_dtypes(arrays, model_spec)  # a server optimiser's float64 is not broadcast
-        ok, errors, train_loss = len(replies) - len(screened.errors), len(screened.errors), _mean_train_loss(screened.valid)
+        ok, errors, train_loss = (
+            len(replies) - len(screened.errors),
+            len(screened.errors),
+            _mean_train_loss(screened.valid),
+        )
 
         acc = loss = math.nan
         if server_round % eval_every == 0 or server_round == rounds:
@@ -322,8 +335,17 @@ def run_server(
         # outputs of a finished run (summary.json, its completion marker) are not written.
         if keeps_checkpoints and last_complete > last_checkpoint:
             assert out_dir is not None
-            _checkpoint(out_dir, last_complete, cfg, arrays, strategy, table, metered, float(table.rows[-1]["elapsed_seconds"]))
-        return RunResult(df, summary, arrays, out_dir, stopped_after=last_complete, checkpointed=keeps_checkpoints and last_complete > 0)
+            _checkpoint(
+                out_dir, last_complete, cfg, arrays, strategy, table, metered, float(table.rows[-1]["elapsed_seconds"])
+            )
+        return RunResult(
+            df,
+            summary,
+            arrays,
+            out_dir,
+            stopped_after=last_complete,
+            checkpointed=keeps_checkpoints and last_complete > 0,
+        )
     if out_dir is not None:
         ckpt.atomic_write(out_dir / "messages.csv", metered.ledger.messages_frame().to_csv(index=False))
         ckpt.atomic_write(out_dir / "layer_bytes.csv", metered.ledger.layers_frame().to_csv(index=False))

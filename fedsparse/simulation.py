@@ -11,8 +11,9 @@ import os
 import signal
 import threading
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -107,7 +108,9 @@ def simulate(
         from fedsparse.checkpoint import resume_config
 
         if out_dir is not None and Path(out_dir).resolve() != Path(resume).resolve():
-            raise ConfigError(f"--out {str(out_dir)!r} differs from --resume {str(resume)!r}; a resumed run writes to its own directory")
+            raise ConfigError(
+                f"--out {str(out_dir)!r} differs from --resume {str(resume)!r}; a resumed run writes to its own directory"
+            )
         cfg = resume_config(resume, config, overrides)
         out_dir = resume
     else:
@@ -140,7 +143,9 @@ def simulate(
     with stopping.handling_signals():
         try:
             run_simulation(
-                server_app=make_server_app(cfg, target, sink, show_progress=progress, resume=resume is not None, finished=finished),
+                server_app=make_server_app(
+                    cfg, target, sink, show_progress=progress, resume=resume is not None, finished=finished
+                ),
                 client_app=make_client_app(cfg),
                 num_supernodes=int(cfg["num-clients"]),
                 backend_config=backend_config(cfg, ray_address),  # type: ignore[arg-type]  # Flower's TypedDict

@@ -36,7 +36,11 @@ class RunInterrupted(KeyboardInterrupt):
 
     def __init__(self, signum: int, last_round: int, out_dir: str, checkpointed: bool) -> None:
         name = signal.Signals(signum).name
-        how = f"continue with: fedsparse run --resume {out_dir}" if checkpointed else "it kept no checkpoint (checkpoint-every = 0)"
+        how = (
+            f"continue with: fedsparse run --resume {out_dir}"
+            if checkpointed
+            else "it kept no checkpoint (checkpoint-every = 0)"
+        )
         super().__init__(f"stopped by {name} after round {last_round}; {how}")
         self.signum, self.last_round, self.out_dir, self.checkpointed = signum, last_round, out_dir, checkpointed
 
@@ -96,4 +100,13 @@ def handling_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-__all__ = ["STOP", "WATCHING", "RunInterrupted", "handling_signals", "request", "requested", "signal_received", "watching"]
+__all__ = [
+    "STOP",
+    "WATCHING",
+    "RunInterrupted",
+    "handling_signals",
+    "request",
+    "requested",
+    "signal_received",
+    "watching",
+]

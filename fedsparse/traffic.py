@@ -17,8 +17,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 #: Environment every Flower process we start gets: no `uv sync` of the app's dependencies per
 #: run (the environment is already complete), no telemetry.
@@ -56,12 +57,18 @@ def superlink_run(connection: str, run_id: int, env: Mapping[str, str] | None = 
     env = {**os.environ, **FLOWER_ENV, **(env or {})}
     done = subprocess.run(
         [str(flower_bin_dir() / "flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
-        env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
     )
     reply = flwr_json(done.stdout)
     runs = reply.get("runs") or []
     if done.returncode != 0 or not reply.get("success") or not runs:
-        raise DeploymentError(f"flwr ls {connection} --run-id {run_id} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        raise DeploymentError(
+            f"flwr ls {connection} --run-id {run_id} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        )
     return dict(runs[0])
 
 
@@ -113,13 +120,18 @@ def format_traffic(report: Mapping[str, Any]) -> str:
 def add_traffic_command(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001 (argparse's type)
     """Register ``fedsparse traffic`` on the main parser's subcommands."""
     traffic = subparsers.add_parser(
-        "traffic", help="fetch the SuperLink's traffic count for a deployed run",
+        "traffic",
+        help="fetch the SuperLink's traffic count for a deployed run",
         description="Ask the SuperLink (flwr ls) how many bytes a run moved, and set it beside the "
         "payload and wire bytes of the run's messages.csv.",
     )
     traffic.add_argument("run_id", type=int, help="the run id printed by `flwr run`")
-    traffic.add_argument("--superlink", default="", help="connection name in $FLWR_HOME/config.toml (default: the default one)")
-    traffic.add_argument("--out-dir", type=Path, help="the run's out-dir (messages.csv; superlink_traffic.json is written there)")
+    traffic.add_argument(
+        "--superlink", default="", help="connection name in $FLWR_HOME/config.toml (default: the default one)"
+    )
+    traffic.add_argument(
+        "--out-dir", type=Path, help="the run's out-dir (messages.csv; superlink_traffic.json is written there)"
+    )
     traffic.set_defaults(func=_cmd_traffic)
 
 

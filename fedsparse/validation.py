@@ -41,8 +41,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
@@ -219,7 +220,9 @@ def universal_check(msg: Message, max_examples: int | None, max_abs: float | Non
     return None
 
 
-def model_reply_check(msg: Message, spec: ArraySpec, *, arrays_key: str = ARRAYS_KEY, omit: Iterable[str] = ()) -> str | None:
+def model_reply_check(
+    msg: Message, spec: ArraySpec, *, arrays_key: str = ARRAYS_KEY, omit: Iterable[str] = ()
+) -> str | None:
     """The generic check of a reply that carries the model: one ArrayRecord ``arrays_key`` with
     exactly the model's arrays (minus ``omit``) in the model's order, shapes and dtypes as in
     ``spec``, finite."""
@@ -272,7 +275,8 @@ class ReplyScreen:
         if self.hook is None and not self.generic:
             log.warning(
                 "strategy %s has no fedsparse hooks (fedsparse.hooks.MethodHooks): its replies are checked "
-                "for finiteness and num-examples only", type(strategy).__name__,
+                "for finiteness and num-examples only",
+                type(strategy).__name__,
             )
 
     def check(self, server_round: int, msg: Message) -> str | None:
@@ -282,7 +286,9 @@ class ReplyScreen:
             if problem is None and self.hook is not None:
                 problem = self.hook(server_round, msg)
             elif problem is None and self.generic:
-                problem = model_reply_check(msg, self.spec, arrays_key=getattr(self.strategy, "arrayrecord_key", ARRAYS_KEY))
+                problem = model_reply_check(
+                    msg, self.spec, arrays_key=getattr(self.strategy, "arrayrecord_key", ARRAYS_KEY)
+                )
         except Exception as err:  # noqa: BLE001 - a reply that breaks a check is rejected, not fatal
             problem = f"the reply could not be checked ({type(err).__name__}: {err})"
         return problem

@@ -38,10 +38,14 @@ def check_combination(cfg: Config) -> None:
         raise ConfigError(f"luar-base = {cfg['luar-base']!r}: {name} wraps {wrapped}; allowed: 'fedavg' (ignored)")
     if name == "feddip-luar":
         if parse_milestones(str(cfg["luar-lr-milestones"])):
-            raise ConfigError("luar-lr-milestones is not used by feddip-luar (its clients follow FedDIP's lr schedule); allowed: ''")
+            raise ConfigError(
+                "luar-lr-milestones is not used by feddip-luar (its clients follow FedDIP's lr schedule); allowed: ''"
+            )
         s0, sp = float(cfg["initial-sparsity"]), float(cfg["target-sparsity"])
         if not s0 <= sp < 1.0:
-            raise ConfigError(f"initial-sparsity = {s0!r}, target-sparsity = {sp!r}; allowed: 0 <= initial-sparsity <= target-sparsity < 1")
+            raise ConfigError(
+                f"initial-sparsity = {s0!r}, target-sparsity = {sp!r}; allowed: 0 <= initial-sparsity <= target-sparsity < 1"
+            )
     try:
         layers = model_layers(cfg)
     except ValueError:

@@ -37,7 +37,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg
 
 from fedsparse import codec
 from fedsparse.compressors import QSGD, QUANT_SCOPES, Compressor, RandK, TopK, decode_update
@@ -56,31 +56,43 @@ RANDK_INDEX = RandK.INDEX
 #: The compressors' configuration keys (the fedluar-paq combination declares them too, identically).
 KEYS: dict[str, Key] = {
     "compress-ratio": Key(
-        0.1, "Top-k / Rand-k: fraction k of the update's entries a client sends",
-        minimum=0.0, exclusive_minimum=True, maximum=1.0,
+        0.1,
+        "Top-k / Rand-k: fraction k of the update's entries a client sends",
+        minimum=0.0,
+        exclusive_minimum=True,
+        maximum=1.0,
     ),
     "topk-scope": Key(
-        "model", "Top-k: one selection over the whole update (model, as Stich et al.) or k per tensor", choices=TOPK_SCOPES
+        "model",
+        "Top-k: one selection over the whole update (model, as Stich et al.) or k per tensor",
+        choices=TOPK_SCOPES,
     ),
     "topk-error-feedback": Key(True, "Top-k: clients keep the unsent part (residual) and add it to their next update"),
     "randk-error-feedback": Key(False, "Rand-k: clients keep the unsent part (needs randk-scale = none)"),
     "randk-scale": Key(
-        "unbiased", "Rand-k: multiply kept values by n/k (unbiased, Konečný et al.) or send them unscaled (none)",
+        "unbiased",
+        "Rand-k: multiply kept values by n/k (unbiased, Konečný et al.) or send them unscaled (none)",
         choices=RANDK_SCALES,
     ),
     "randk-index": Key(
-        "seed", "Rand-k: positions regenerated from a seed in the payload (no index bytes) or sent through the sparse codec",
+        "seed",
+        "Rand-k: positions regenerated from a seed in the payload (no index bytes) or sent through the sparse codec",
         choices=RANDK_INDEX,
     ),
     "quant-levels": Key(
-        8, "FedPAQ: quantisation levels s of the QSGD quantiser (each coordinate takes ceil(log2(2s+1)) bits)",
-        minimum=1, maximum=32767,
+        8,
+        "FedPAQ: quantisation levels s of the QSGD quantiser (each coordinate takes ceil(log2(2s+1)) bits)",
+        minimum=1,
+        maximum=32767,
     ),
     "quant-bucket": Key(
-        0, "FedPAQ: coordinates sharing one norm (0 = one float32 norm per quant-scope vector; QSGD used 512)", minimum=0
+        0,
+        "FedPAQ: coordinates sharing one norm (0 = one float32 norm per quant-scope vector; QSGD used 512)",
+        minimum=0,
     ),
     "quant-scope": Key(
-        "tensor", "FedPAQ: quantise each tensor with its own norm, or the whole update as one vector (model, the paper's Q(x))",
+        "tensor",
+        "FedPAQ: quantise each tensor with its own norm, or the whole update as one vector (model, the paper's Q(x))",
         choices=QUANT_SCOPES,
     ),
 }
@@ -140,8 +152,15 @@ class UplinkCompression(FedAvg, MethodHooks):
         super().__init__(**fedavg_kwargs)
         if isinstance(compressor, str):
             compressor = named_compressor(
-                compressor, ratio=ratio, topk_scope=topk_scope, error_feedback=error_feedback, randk_scale=randk_scale,
-                randk_index=randk_index, levels=levels, bucket=bucket, quant_scope=quant_scope,
+                compressor,
+                ratio=ratio,
+                topk_scope=topk_scope,
+                error_feedback=error_feedback,
+                randk_scale=randk_scale,
+                randk_index=randk_index,
+                levels=levels,
+                bucket=bucket,
+                quant_scope=quant_scope,
             )
         self.compressor = compressor
         self._global: dict[str, np.ndarray] | None = None
@@ -331,7 +350,9 @@ def _declare(name: str, summary: str, checks: tuple[Any, ...] = (), error_cases:
     )
 
 
-TOPK = _declare("topk", "Top-k uplink sparsification with client error feedback (Stich et al. 2018; Aji & Heafield 2017)")
+TOPK = _declare(
+    "topk", "Top-k uplink sparsification with client error feedback (Stich et al. 2018; Aji & Heafield 2017)"
+)
 RANDK = _declare(
     "randk",
     "Rand-k uplink subsampling, unbiased, seed-coded positions (Konečný et al. 2016)",

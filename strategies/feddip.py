@@ -56,7 +56,13 @@ from fedsparse.hooks import MethodHooks
 from fedsparse.masks import erk_densities, erk_masks, global_magnitude_masks, prunable_names
 from fedsparse.methods import ErrorCase, Method, sampling_kwargs
 from fedsparse.protocol import OMITTED_ARRAYS, single_array_record
-from fedsparse.protocol.feddip import CONFIG_LAMBDA, CONFIG_PROXIMAL_MU, CONFIG_PRUNABLE, CONFIG_SPARSE_UPLINK, decode_payload
+from fedsparse.protocol.feddip import (
+    CONFIG_LAMBDA,
+    CONFIG_PROXIMAL_MU,
+    CONFIG_PRUNABLE,
+    CONFIG_SPARSE_UPLINK,
+    decode_payload,
+)
 from fedsparse.schedules import cubic_sparsity, incremental_lambda
 from fedsparse.validation import check_arrays
 
@@ -64,12 +70,19 @@ __all__ = ["FedDIP", "METHOD", "KEYS", "check_sparsities", "build_feddip"]
 
 #: FedDIP's configuration keys (shared by feddip-luar, which builds FedDIP from the same keys).
 KEYS: dict[str, Key] = {
-    "initial-sparsity": Key(0.5, "FedDIP s_0: sparsity of the initial ERK mask (0 = start dense, DPF)", minimum=0.0, maximum=1.0),
-    "target-sparsity": Key(0.9, "FedDIP s_p: sparsity of the returned model (prunable weights)", minimum=0.0, maximum=1.0),
+    "initial-sparsity": Key(
+        0.5, "FedDIP s_0: sparsity of the initial ERK mask (0 = start dense, DPF)", minimum=0.0, maximum=1.0
+    ),
+    "target-sparsity": Key(
+        0.9, "FedDIP s_p: sparsity of the returned model (prunable weights)", minimum=0.0, maximum=1.0
+    ),
     "reconfig-every": Key(5, "FedDIP R: re-prune the global mask every R rounds", minimum=1),
     "lambda-max": Key(1e-3, "FedDIP λ_max of the incremental regularisation (0 = FedDP)", minimum=0.0),
     "lambda-steps": Key(10, "FedDIP Q: number of λ steps over the schedule (eq. 9)", minimum=1),
-    "regrowth": Key(False, "FedDIP: re-prune the dense aggregate (pruned weights can return; dense uplink in re-pruning rounds only); false = nested masks, sparse uplink"),
+    "regrowth": Key(
+        False,
+        "FedDIP: re-prune the dense aggregate (pruned weights can return; dense uplink in re-pruning rounds only); false = nested masks, sparse uplink",
+    ),
     "feddip-prox": Key(False, "FedDIP+Prox: clients add FedProx's term with mu = proximal-mu"),
     "feddip-schedule-rounds": Key(0, "FedDIP T of the sparsity and λ schedules (0 = rounds)", minimum=0),
 }
@@ -348,7 +361,9 @@ class FedDIP(FedAvg, MethodHooks):
         keep = {k: (masks[k] if k in masks else self.masks[k].numpy()) for k in self.prunable if self.masks is not None}
         ordered = {k: tensors[k] for k in self._global}
         record = codec.to_array_record(codec.encode(ordered, {k: np.asarray(v, dtype=bool) for k, v in keep.items()}))
-        content = RecordDict({name: (record if name == self.arrayrecord_key else rec) for name, rec in msg.content.items()})
+        content = RecordDict(
+            {name: (record if name == self.arrayrecord_key else rec) for name, rec in msg.content.items()}
+        )
         clone = copy.copy(msg)
         clone.content = content
         return clone
@@ -393,9 +408,18 @@ class FedDIP(FedAvg, MethodHooks):
 
         from flwr.supercore import log
 
-        log(INFO, "\t└──> FedDIP: T=%d s0=%.3f sp=%.3f R=%d λmax=%g Q=%d regrowth=%s μ=%g",
-            self.total_rounds, self.initial_sparsity, self.target_sparsity, self.reconfig_every,
-            self.lambda_max, self.lambda_steps, self.regrowth, self.proximal_mu)
+        log(
+            INFO,
+            "\t└──> FedDIP: T=%d s0=%.3f sp=%.3f R=%d λmax=%g Q=%d regrowth=%s μ=%g",
+            self.total_rounds,
+            self.initial_sparsity,
+            self.target_sparsity,
+            self.reconfig_every,
+            self.lambda_max,
+            self.lambda_steps,
+            self.regrowth,
+            self.proximal_mu,
+        )
 
     # ------------------------------------------------------------------ fedsparse hooks
     def round_report(self, server_round: int) -> dict[str, Any]:
@@ -446,7 +470,9 @@ class FedDIP(FedAvg, MethodHooks):
             x = np.arange(len(table))
             ax.bar(x - 0.2, table["initial_sparsity"], width=0.4, label="initial (ERK, s0)")
             ax.bar(x + 0.2, table["sparsity"], width=0.4, label="final (measured)")
-            ax.set_xticks(x, [f"{n}\n({k})" for n, k in zip(table["layer"], table["numel"])], rotation=45, ha="right", fontsize=7)
+            ax.set_xticks(
+                x, [f"{n}\n({k})" for n, k in zip(table["layer"], table["numel"])], rotation=45, ha="right", fontsize=7
+            )
             ax.set_ylabel("sparsity")
             ax.set_ylim(0, 1)
             ax.set_title(f"FedDIP per-layer sparsity (s_p = {self.target_sparsity})")
@@ -492,7 +518,9 @@ class FedDIP(FedAvg, MethodHooks):
         if diff:
             raise ValueError(f"FedDIP state was saved with different settings (saved, current): {diff}")
         masks = state.get("masks")
-        self.masks = None if masks is None else {n: torch.from_numpy(np.asarray(m, dtype=bool).copy()) for n, m in masks.items()}
+        self.masks = (
+            None if masks is None else {n: torch.from_numpy(np.asarray(m, dtype=bool).copy()) for n, m in masks.items()}
+        )
         self.prunable = list(state.get("prunable", []))
         self.initial_densities = {k: float(v) for k, v in dict(state.get("initial_densities", {})).items()}
         self.last_reconfig_round = int(state.get("last_reconfig_round", 0))

@@ -66,9 +66,7 @@ PER_ARRAY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector")
 
 #: FedLUAR's configuration keys (the LUAR combinations declare the ones they use, identically).
 KEYS: dict[str, Key] = {
-    "recycled-layers": Key(
-        2, "FedLUAR δ: layers whose previous update the server recycles each round", minimum=0
-    ),
+    "recycled-layers": Key(2, "FedLUAR δ: layers whose previous update the server recycles each round", minimum=0),
     "luar-base": Key("fedavg", "aggregation rule LUAR wraps", choices=BASES),
     "luar-granularity": Key(
         "tensor",
@@ -82,7 +80,9 @@ KEYS: dict[str, Key] = {
     "luar-lr-milestones": Key(
         "", "FedLUAR clients: comma-separated rounds after which lr is multiplied by luar-lr-gamma (paper: 100,150)"
     ),
-    "luar-lr-gamma": Key(0.1, "FedLUAR clients: learning-rate factor at each milestone", minimum=0.0, exclusive_minimum=True),
+    "luar-lr-gamma": Key(
+        0.1, "FedLUAR clients: learning-rate factor at each milestone", minimum=0.0, exclusive_minimum=True
+    ),
     "luar-server-lr": Key(
         0.0,
         "server learning rate of fedadam / fedyogi / fedavgm under LUAR; 0 = Flower's default "
@@ -138,6 +138,7 @@ def _restrict(value: Any, keys: Sequence[str], drop: set[str]) -> Any:
 def _merge(old: Any, new: Any, keys: Sequence[str], drop: set[str], zeros: Mapping[str, np.ndarray]) -> Any:
     """Entries of ``new`` for the received layers, ``old`` (or zeros) for the recycled ones."""
     if isinstance(new, dict):
+
         def pick(k: str) -> Any:
             if k in new:
                 return new[k]
@@ -306,7 +307,10 @@ class LUAR(Strategy, MethodHooks):
                 raise AggregationError(f"the base strategy returned no update for {', '.join(missing)}")
             if omit:
                 new = ArrayRecord(
-                    {k: Array(np.asarray(self._x[k] + self.prev_update[k])) if k in omit else out[k] for k in self._keys}
+                    {
+                        k: Array(np.asarray(self._x[k] + self.prev_update[k])) if k in omit else out[k]
+                        for k in self._keys
+                    }
                 )
             else:
                 new = out
@@ -321,7 +325,9 @@ class LUAR(Strategy, MethodHooks):
         else the reason to reject."""
         if isinstance(self.base, MethodHooks):
             return self.base.validate_reply(server_round, msg)
-        record = single_array_record(msg, getattr(self.base, "arrayrecord_key", "arrays"))  # Flower's FedAvg family names it
+        record = single_array_record(
+            msg, getattr(self.base, "arrayrecord_key", "arrays")
+        )  # Flower's FedAvg family names it
         if isinstance(record, str):
             return record
         omit = self.recycled_arrays(self._recycled) if server_round == self._round else []
@@ -412,7 +418,13 @@ class LUAR(Strategy, MethodHooks):
                 self.recycled_count[g] += 1
             else:
                 self.aggregated_count[g] += 1
-        self.history.append({"round": server_round, "recycled": sorted(recycled, key=list(self.groups).index), "scores": dict(self.scores)})
+        self.history.append(
+            {
+                "round": server_round,
+                "recycled": sorted(recycled, key=list(self.groups).index),
+                "scores": dict(self.scores),
+            }
+        )
         if self.num_recycled and all(not math.isnan(s) for s in self.scores.values()):
             self.next_recycled = sample_recycled_layers(self.scores, self.num_recycled, self.rng, eps=self.eps)
         else:
@@ -442,8 +454,14 @@ class LUAR(Strategy, MethodHooks):
             params = int(sum(int(np.prod(self._shape(k))) for k in ks))
             a, r = self.aggregated_count.get(g, 0), self.recycled_count.get(g, 0)
             rows.append(
-                {"layer": g, "arrays": ";".join(ks), "params": params, "aggregated": a, "recycled": r,
-                 "aggregated_fraction": a / (a + r) if a + r else math.nan}
+                {
+                    "layer": g,
+                    "arrays": ";".join(ks),
+                    "params": params,
+                    "aggregated": a,
+                    "recycled": r,
+                    "aggregated_fraction": a / (a + r) if a + r else math.nan,
+                }
             )
         return rows
 
@@ -463,15 +481,22 @@ class LUAR(Strategy, MethodHooks):
         table = pd.DataFrame(self.layer_table())
         atomic_write(out_dir / "luar_layers.csv", table.to_csv(index=False))
         scores = pd.DataFrame(
-            [{"round": h["round"], "layer": g, "score": s, "recycled": g in h["recycled"]}
-             for h in self.history for g, s in h["scores"].items()]
+            [
+                {"round": h["round"], "layer": g, "score": s, "recycled": g in h["recycled"]}
+                for h in self.history
+                for g, s in h["scores"].items()
+            ]
         )
         atomic_write(out_dir / "luar_scores.csv", scores.to_csv(index=False))
-        plot_layer_counts(table, out_dir / "luar_layers.png", title=f"FedLUAR δ={self.num_recycled} over {type(self.base).__name__}")
+        plot_layer_counts(
+            table, out_dir / "luar_layers.png", title=f"FedLUAR δ={self.num_recycled} over {type(self.base).__name__}"
+        )
         return {
             "luar_recycled_layers": self.num_recycled,
             "luar_base": type(self.base).__name__,
-            "luar_layers": {r["layer"]: {"aggregated": r["aggregated"], "recycled": r["recycled"]} for r in table.to_dict("records")},
+            "luar_layers": {
+                r["layer"]: {"aggregated": r["aggregated"], "recycled": r["recycled"]} for r in table.to_dict("records")
+            },
         }
 
     # ---- checkpointing --------------------------------------------------------------------------
@@ -515,7 +540,9 @@ class LUAR(Strategy, MethodHooks):
             raise ValueError(f"checkpoint has δ = {state['num_recycled']}, this strategy δ = {self.num_recycled}")
         self.groups = {g: list(ks) for g, ks in state["groups"].items()} or self.groups
         self._keys = list(state["keys"])
-        self.reply_spec = {k: (tuple(int(d) for d in shape), str(dtype)) for k, (shape, dtype) in state["reply_spec"].items()}
+        self.reply_spec = {
+            k: (tuple(int(d) for d in shape), str(dtype)) for k, (shape, dtype) in state["reply_spec"].items()
+        }
         self._ready = bool(self._keys) and self.groups is not None
         self.prev_update = {k: np.array(v) for k, v in state["prev_update"].items()}
         self.scores = dict(state["scores"])
@@ -598,8 +625,12 @@ def build_base(cfg: Mapping[str, Any]) -> Strategy:
     if name in ("fedadam", "fedyogi"):
         cls = FedAdam if name == "fedadam" else FedYogi
         return cls(
-            eta=server_lr or 0.1, eta_l=float(cfg["lr"]), beta_1=float(cfg["luar-beta1"]),
-            beta_2=float(cfg["luar-beta2"]), tau=float(cfg["luar-tau"]), **kw,
+            eta=server_lr or 0.1,
+            eta_l=float(cfg["lr"]),
+            beta_1=float(cfg["luar-beta1"]),
+            beta_2=float(cfg["luar-beta2"]),
+            tau=float(cfg["luar-tau"]),
+            **kw,
         )
     if name == "fedavgm":
         return FedAvgM(server_learning_rate=server_lr or 1.0, server_momentum=float(cfg["luar-server-momentum"]), **kw)
@@ -615,7 +646,9 @@ def check_fedluar(cfg: Mapping[str, Any]) -> None:
             "set optimizer = 'sgd' or persist-momentum = false"
         )
     if cfg["persist-momentum"] and float(cfg["momentum"]) == 0.0:
-        raise ConfigError("persist-momentum = true but momentum = 0.0: there is no momentum to keep; set momentum > 0 (paper: 0.9)")
+        raise ConfigError(
+            "persist-momentum = true but momentum = 0.0: there is no momentum to keep; set momentum > 0 (paper: 0.9)"
+        )
     try:
         layers = model_layers(cfg)
     except ValueError:
@@ -653,12 +686,28 @@ METHOD = Method(
         ErrorCase("FedLUAR: milestones that are not rounds", {"luar-lr-milestones": "100,abc"}),
         ErrorCase("FedLUAR: keeping momentum without momentum", {"persist-momentum": True, "momentum": 0.0}),
         ErrorCase("FedLUAR: more recycled layers than the model has", {"recycled-layers": 6}),
-        ErrorCase("FedLUAR: an unknown base strategy (building it in code)", run=_unknown_base,
-                  given="build_base({..., 'luar-base': 'fedsgd'})"),
-        ErrorCase("FedLUAR: keeping momentum of Adam", {"persist-momentum": True, "optimizer": "adam", "momentum": 0.9}),
+        ErrorCase(
+            "FedLUAR: an unknown base strategy (building it in code)",
+            run=_unknown_base,
+            given="build_base({..., 'luar-base': 'fedsgd'})",
+        ),
+        ErrorCase(
+            "FedLUAR: keeping momentum of Adam", {"persist-momentum": True, "optimizer": "adam", "momentum": 0.9}
+        ),
     ),
 )
 
 
-__all__ = ["LUAR", "METHOD", "KEYS", "RECYCLED_CONFIG_KEY", "recyclable_groups", "build_base", "build_fedluar", "model_layers",
-           "luar_round_lr", "parse_milestones", "plot_layer_counts"]
+__all__ = [
+    "LUAR",
+    "METHOD",
+    "KEYS",
+    "RECYCLED_CONFIG_KEY",
+    "recyclable_groups",
+    "build_base",
+    "build_fedluar",
+    "model_layers",
+    "luar_round_lr",
+    "parse_milestones",
+    "plot_layer_counts",
+]

@@ -23,8 +23,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter, deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,28 +54,32 @@ _REPLY_ONLY_METRICS = ("partition-id", "pu-version")
 #: The partial-update broadcast's configuration keys.
 KEYS: dict[str, Key] = {
     "update-ratio": Key(
-        0.05, "partial-update: fraction k of the partial set (weights with ndim > 1) changed per round",
-        minimum=0.0, exclusive_minimum=True, maximum=1.0,
+        0.05,
+        "partial-update: fraction k of the partial set (weights with ndim > 1) changed per round",
+        minimum=0.0,
+        exclusive_minimum=True,
+        maximum=1.0,
     ),
     "contribution": Key(
-        "combined", "partial-update: which weights change (combined = DPU, global = GCPU, local, random = RPU)",
+        "combined",
+        "partial-update: which weights change (combined = DPU, global = GCPU, local, random = RPU)",
         choices=CONTRIBUTIONS,
     ),
     "contribution-lambda": Key(
         0.5, "partial-update: weight of the global term in the combined contribution", minimum=0.0, maximum=1.0
     ),
     "after-broadcast": Key(
-        "rewind", "partial-update: continue from the deployed model (rewind) or keep the unsent residual",
+        "rewind",
+        "partial-update: continue from the deployed model (rewind) or keep the unsent residual",
         choices=AFTER_BROADCAST,
     ),
     "value-bits": Key(32, "partial-update: bits per broadcast value (32, 16 or 8)", minimum=8, maximum=32),
     "initial-sync": Key(
-        "seed", "partial-update: first contact rebuilds the initial model from the run's seed, or receives it dense",
+        "seed",
+        "partial-update: first contact rebuilds the initial model from the run's seed, or receives it dense",
         choices=INITIAL_SYNC,
     ),
-    "history-rounds": Key(
-        8, "partial-update: per-round fp16/8-bit patches kept for clients catching up", minimum=0
-    ),
+    "history-rounds": Key(8, "partial-update: per-round fp16/8-bit patches kept for clients catching up", minimum=0),
     "partial-base": Key("fedavg", "partial-update: base aggregation rule", choices=BASES),
 }
 
@@ -144,7 +149,9 @@ class PartialUpdate(Strategy, MethodHooks):
         if not 0.0 <= float(contribution_lambda) <= 1.0:
             raise ValueError(f"contribution_lambda = {contribution_lambda!r} is out of range; allowed: 0 .. 1")
         if after_broadcast not in AFTER_BROADCAST:
-            raise ValueError(f"unknown after_broadcast {after_broadcast!r}; choose one of: {', '.join(AFTER_BROADCAST)}")
+            raise ValueError(
+                f"unknown after_broadcast {after_broadcast!r}; choose one of: {', '.join(AFTER_BROADCAST)}"
+            )
         if value_bits not in codec.VALUE_BITS:
             raise ValueError(f"unsupported value_bits={value_bits!r}; choose one of: 32, 16, 8")
         if initial_sync not in INITIAL_SYNC:
@@ -183,7 +190,11 @@ class PartialUpdate(Strategy, MethodHooks):
     def summary(self) -> None:
         log.info(
             "partial-update: k=%s contribution=%s after-broadcast=%s value-bits=%s initial-sync=%s base=%s",
-            self.update_ratio, self.contribution, self.after_broadcast, self.value_bits, self.initial_sync,
+            self.update_ratio,
+            self.contribution,
+            self.after_broadcast,
+            self.value_bits,
+            self.initial_sync,
             type(self.base).__name__,
         )
 
@@ -613,7 +624,9 @@ class PartialUpdate(Strategy, MethodHooks):
         report["deployed_version"] = self.version
         if self.w_srv is not None:
             report["residual_norm"] = float(
-                math.sqrt(sum(float(np.sum((self.w_srv[n].astype(np.float64) - new_dep[n]) ** 2)) for n in self.partial))
+                math.sqrt(
+                    sum(float(np.sum((self.w_srv[n].astype(np.float64) - new_dep[n]) ** 2)) for n in self.partial)
+                )
             )
 
     def _scores(

@@ -65,7 +65,9 @@ KEYS: dict[str, Key] = {
 def check_snip(cfg: Config) -> None:
     """A sparsity that leaves weights to train."""
     if not float(cfg["target-sparsity"]) < 1.0:
-        raise ConfigError(f"target-sparsity = {cfg['target-sparsity']!r} prunes every weight; allowed: 0 <= target-sparsity < 1")
+        raise ConfigError(
+            f"target-sparsity = {cfg['target-sparsity']!r} prunes every weight; allowed: 0 <= target-sparsity < 1"
+        )
 
 
 class SNIP(FedAvg, MethodHooks):
@@ -151,7 +153,9 @@ class SNIP(FedAvg, MethodHooks):
         # Replies arrive in any order and float sums are reproducible only in a fixed one: the
         # grid's partition order when it knows it (fedsparse's metered grid), else node ids.
         in_order = getattr(grid, "in_partition_order", None)
-        replies = list(in_order(replies)) if callable(in_order) else sorted(replies, key=lambda m: m.metadata.src_node_id)
+        replies = (
+            list(in_order(replies)) if callable(in_order) else sorted(replies, key=lambda m: m.metadata.src_node_id)
+        )
         partition_of = getattr(grid, "partition_of", None)
 
         def sender(msg: Message) -> str:
@@ -182,7 +186,10 @@ class SNIP(FedAvg, MethodHooks):
         if rejected or failures:
             log.warning(
                 "SNIP round %d: the mask is built from %d saliency replies (%d dropped as invalid, %d failed or missing)",
-                server_round, len(valid), rejected, failures,
+                server_round,
+                len(valid),
+                rejected,
+                failures,
             )
         if not valid:
             raise RuntimeError(
@@ -192,7 +199,9 @@ class SNIP(FedAvg, MethodHooks):
         weights = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in valid]
         total = sum(weights)
         if not total > 0:
-            raise RuntimeError(f"SNIP: the saliency replies' {self.weighted_by_key!r} sum to {total}; cannot weight them")
+            raise RuntimeError(
+                f"SNIP: the saliency replies' {self.weighted_by_key!r} sum to {total}; cannot weight them"
+            )
         rho = [w / total for w in weights]
         saliency = {}
         for name in self.prunable:
@@ -300,8 +309,12 @@ class SNIP(FedAvg, MethodHooks):
         if self.masks is None:
             return []
         return [
-            {"layer": n, "numel": int(self.masks[n].size), "kept": int(self.masks[n].sum()),
-             "sparsity": 1.0 - float(self.masks[n].mean())}
+            {
+                "layer": n,
+                "numel": int(self.masks[n].size),
+                "kept": int(self.masks[n].sum()),
+                "sparsity": 1.0 - float(self.masks[n].mean()),
+            }
             for n in self.prunable
         ]
 
@@ -333,7 +346,9 @@ class SNIP(FedAvg, MethodHooks):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if float(state["target_sparsity"]) != self.target_sparsity:
-            raise ValueError(f"state has target_sparsity {state['target_sparsity']}, this strategy {self.target_sparsity}")
+            raise ValueError(
+                f"state has target_sparsity {state['target_sparsity']}, this strategy {self.target_sparsity}"
+            )
         masks = state.get("masks")
         self.masks = None if masks is None else {n: np.asarray(m, dtype=bool).copy() for n, m in masks.items()}
         self.prunable = list(state.get("prunable", []))

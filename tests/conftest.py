@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from deploy_harness import data_env  # tests/ is on sys.path: pytest puts a conftest's folder there
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -23,12 +23,14 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+from proctree import ManagedProcess, processes_with_env, spawn, stop_tree
 
 from fedsparse.traffic import FLOWER_ENV, DeploymentError, flower_bin_dir, flwr_json, superlink_run
-from proctree import ManagedProcess, processes_with_env, spawn, stop_tree
 
 #: The repository root: a Flower app directory (pyproject.toml with [tool.flwr.app]).
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -126,13 +128,28 @@ def self_signed_tls(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1"
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (
-        x509.CertificateBuilder().subject_name(name("fedsparse test CA")).issuer_name(name("fedsparse test CA"))
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(valid[0]).not_valid_after(valid[1])
+        x509.CertificateBuilder()
+        .subject_name(name("fedsparse test CA"))
+        .issuer_name(name("fedsparse test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
@@ -145,9 +162,13 @@ def self_signed_tls(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1"
             sans.append(x509.DNSName(host))
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
-        x509.CertificateBuilder().subject_name(name(hosts[0])).issuer_name(ca_cert.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(valid[0]).not_valid_after(valid[1])
+        x509.CertificateBuilder()
+        .subject_name(name(hosts[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         # Python >= 3.13 verifies strictly (VERIFY_X509_STRICT): it wants both key identifiers
@@ -193,7 +214,7 @@ class LocalDeployment:
             raise ValueError(f"num_supernodes = {self.num_supernodes}; a deployment needs at least 1")
 
     # --- lifecycle ---------------------------------------------------------------------------
-    def __enter__(self) -> "LocalDeployment":
+    def __enter__(self) -> LocalDeployment:
         try:
             self.start()
         except BaseException:
@@ -219,7 +240,7 @@ class LocalDeployment:
         env["PATH"] = f"{flower_bin_dir()}{os.pathsep}{env.get('PATH', '')}"
         return env
 
-    def start(self) -> "LocalDeployment":
+    def start(self) -> LocalDeployment:
         """Start the SuperLink, write the connection into FLWR_HOME, start the SuperNodes."""
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
@@ -227,14 +248,27 @@ class LocalDeployment:
         if self.tls is None:
             server_tls, client_tls, cli_tls = ["--insecure"], ["--insecure"], "insecure = true"
         else:
-            server_tls = ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
-                          "--ssl-keyfile", str(self.tls.key)]
+            server_tls = [
+                "--ssl-ca-certfile",
+                str(self.tls.ca),
+                "--ssl-certfile",
+                str(self.tls.cert),
+                "--ssl-keyfile",
+                str(self.tls.key),
+            ]
             client_tls = ["--root-certificates", str(self.tls.ca)]
             cli_tls = f"root-certificates = {json.dumps(str(self.tls.ca))}"
         self._spawn(
             "superlink",
-            ["flower-superlink", *server_tls, "--host", "127.0.0.1", "--port", str(self.superlink_port),
-             "--disable-runtime-dependency-installation"],
+            [
+                "flower-superlink",
+                *server_tls,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.superlink_port),
+                "--disable-runtime-dependency-installation",
+            ],
         )
         self._wait_for_port(self.superlink_port, self.processes[0])
         (self.flwr_home / "config.toml").write_text(
@@ -244,9 +278,16 @@ class LocalDeployment:
         for i in range(self.num_supernodes):
             self._spawn(
                 f"supernode-{i}",
-                ["flower-supernode", *client_tls, "--superlink", self.address,
-                 "--node-config", f"partition-id={i} num-partitions={self.num_supernodes}",
-                 "--port", str(free_port())],
+                [
+                    "flower-supernode",
+                    *client_tls,
+                    "--superlink",
+                    self.address,
+                    "--node-config",
+                    f"partition-id={i} num-partitions={self.num_supernodes}",
+                    "--port",
+                    str(free_port()),
+                ],
             )
         for proc in self.processes[1:]:
             self._wait_for_log(proc, _SUPERNODE_READY)
@@ -286,7 +327,9 @@ class LocalDeployment:
                 if sock.connect_ex(("127.0.0.1", port)) == 0:
                     return
             time.sleep(0.2)
-        raise DeploymentError(f"{proc.name} did not listen on port {port} in {self.startup_timeout:.0f} s:\n{proc.tail()}")
+        raise DeploymentError(
+            f"{proc.name} did not listen on port {port} in {self.startup_timeout:.0f} s:\n{proc.tail()}"
+        )
 
     def _wait_for_log(self, proc: ManagedProcess, text: str) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -306,14 +349,26 @@ class LocalDeployment:
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this deployment's FLWR_HOME."""
         return subprocess.run(
-            [str(flower_bin_dir() / "flwr"), *args], env=self.process_env(), capture_output=True,
-            text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+            [str(flower_bin_dir() / "flwr"), *args],
+            env=self.process_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
         )
 
     def submit(self, app_dir: str | Path, run_config: Mapping[str, Any]) -> int:
         """``flwr run APP_DIR CONNECTION --run-config ...``; returns the run id."""
-        done = self.flwr("run", str(app_dir), self.connection, "--format", "json",
-                         "--run-config", run_config_arg(run_config), timeout=300.0)
+        done = self.flwr(
+            "run",
+            str(app_dir),
+            self.connection,
+            "--format",
+            "json",
+            "--run-config",
+            run_config_arg(run_config),
+            timeout=300.0,
+        )
         reply = flwr_json(done.stdout)
         if done.returncode != 0 or not reply.get("success"):
             raise DeploymentError(f"flwr run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -333,10 +388,14 @@ class LocalDeployment:
             if str(record.get("status", "")).startswith("finished"):
                 break
             if time.monotonic() > deadline:
-                raise DeploymentError(f"run {run_id} still {record.get('status')} after {timeout:.0f} s:\n{self.logs(run_id)}")
+                raise DeploymentError(
+                    f"run {run_id} still {record.get('status')} after {timeout:.0f} s:\n{self.logs(run_id)}"
+                )
             time.sleep(poll)
         if record["status"] != "finished:completed":
-            raise DeploymentError(f"run {run_id} ended {record['status']} ({record.get('status-details')}):\n{self.logs(run_id)}")
+            raise DeploymentError(
+                f"run {run_id} ended {record['status']} ({record.get('status-details')}):\n{self.logs(run_id)}"
+            )
         return record
 
     def run(self, app_dir: str | Path, run_config: Mapping[str, Any], timeout: float = 600.0) -> dict[str, Any]:

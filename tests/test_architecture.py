@@ -72,7 +72,11 @@ def test_methods_are_discovered_through_entry_points() -> None:
 
     from fedsparse.methods import METHODS_GROUP, methods, train_step
 
-    declared = {ep.name for ep in entry_points(group=METHODS_GROUP) if ep.dist is not None and ep.dist.metadata["Name"] == "fedsparse"}
+    declared = {
+        ep.name
+        for ep in entry_points(group=METHODS_GROUP)
+        if ep.dist is not None and ep.dist.metadata["Name"] == "fedsparse"
+    }
     found = methods()
     assert declared and declared <= set(found)
     for name in declared:

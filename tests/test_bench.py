@@ -19,19 +19,26 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from loopback import LoopbackGrid, set_task_identity  # tests/ is on sys.path under pytest
+from test_compression import loopback_grid  # the in-process grid
 
 from fedsparse import bench
 from fedsparse.config import ConfigError
 from fedsparse.server import run_server
 
-from loopback import LoopbackGrid, set_task_identity  # tests/ is on sys.path under pytest
-from test_compression import loopback_grid  # the in-process grid
-
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY_BASE = {
-    "num-clients": 4, "clients-per-round": 2, "rounds": 2, "local-steps": 3, "batch-size": 16,
-    "lr": 0.05, "momentum": 0.9, "eval-every": 2, "eval-batch-size": 5000, "wire-bytes": False,
+    "num-clients": 4,
+    "clients-per-round": 2,
+    "rounds": 2,
+    "local-steps": 3,
+    "batch-size": 16,
+    "lr": 0.05,
+    "momentum": 0.9,
+    "eval-every": 2,
+    "eval-batch-size": 5000,
+    "wire-bytes": False,
 }
 
 
@@ -47,7 +54,10 @@ def _suite(**extra) -> bench.Suite:
         "seeds": [0, 1],
         "base": dict(TINY_BASE),
         "splits": {"iid": {"partition": "iid"}},
-        "methods": [{"name": "fedavg", "strategy": "fedavg"}, {"name": "topk", "strategy": "topk", "compress-ratio": 0.05}],
+        "methods": [
+            {"name": "fedavg", "strategy": "fedavg"},
+            {"name": "topk", "strategy": "topk", "compress-ratio": 0.05},
+        ],
     }
     data.update(extra)
     return bench.parse_suite(data)
@@ -306,7 +316,10 @@ def test_a_run_cut_short_after_a_checkpoint_is_resumed_not_restarted(tmp_path: P
     lines: list[str] = []
     bench.run_suite(changed, tmp_path, runner=resuming, seeds=[1], report=lines.append)
     assert seen == [(names[1], False)]
-    assert any("seed 1 (incomplete; its checkpoint is of another configuration (lr: 0.05 -> 0.04), starting over)" in ln for ln in lines)
+    assert any(
+        "seed 1 (incomplete; its checkpoint is of another configuration (lr: 0.05 -> 0.04), starting over)" in ln
+        for ln in lines
+    )
     # seed 0 as it was: continued from round 1, the round before the crash kept as written
     seen.clear()
     lines.clear()
@@ -333,10 +346,14 @@ def test_the_default_runner_resumes_with_fedsparse_run(tmp_path: Path) -> None:
 def test_suites_sharing_an_out_dir_share_runs_but_not_reports(tmp_path: Path) -> None:
     """Two suites run into one DIR: identical runs are reused, each suite's reports are its own."""
     main = _suite(seeds=[0])
-    other = _suite(name="tiny-extra", seeds=[0], methods=[
-        {"name": "fedavg", "strategy": "fedavg"},  # identical to the main suite's: shared
-        {"name": "fedprox", "strategy": "fedprox", "proximal-mu": 0.01},
-    ])
+    other = _suite(
+        name="tiny-extra",
+        seeds=[0],
+        methods=[
+            {"name": "fedavg", "strategy": "fedavg"},  # identical to the main suite's: shared
+            {"name": "fedprox", "strategy": "fedprox", "proximal-mu": 0.01},
+        ],
+    )
     runner = LoopbackRunner()
     bench.run_suite(main, tmp_path, runner=runner, report=lambda line: None)
     runner.calls.clear()
@@ -372,8 +389,19 @@ def test_smoke_suite_end_to_end(tmp_path: Path) -> None:
     finished runs are skipped, and a run the bench did not see finish is continued from its
     checkpoint by ``fedsparse run CONFIG --resume DIR``."""
     suite = ROOT / "experiments" / "suites" / "smoke.toml"
-    cmd = [sys.executable, "-m", "fedsparse.cli", "bench", str(suite), "--out", str(tmp_path), "--jobs", "2",
-           "--set", "checkpoint-every=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedsparse.cli",
+        "bench",
+        str(suite),
+        "--out",
+        str(tmp_path),
+        "--jobs",
+        "2",
+        "--set",
+        "checkpoint-every=1",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = pd.read_csv(tmp_path / "smoke" / "summary.csv")
@@ -393,4 +421,6 @@ def test_smoke_suite_end_to_end(tmp_path: Path) -> None:
     assert "2 already done, 1 to run" in resumed.stdout and "resuming from its round-2 checkpoint" in resumed.stdout
     assert json.loads((run_dir / "bench.json").read_text())["resumed_from_round"] == 2
     after = pd.read_csv(run_dir / "rounds.csv")
-    pd.testing.assert_frame_equal(after[["round", "test_accuracy", "cum_bytes_up"]], before[["round", "test_accuracy", "cum_bytes_up"]])
+    pd.testing.assert_frame_equal(
+        after[["round", "test_accuracy", "cum_bytes_up"]], before[["round", "test_accuracy", "cum_bytes_up"]]
+    )

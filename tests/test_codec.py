@@ -106,7 +106,11 @@ def test_edge_cases_one_element_empty_mask_none_and_int() -> None:
     assert kinds["num_batches_tracked"] == "raw"
     stats = tensor_nbytes(arrays)
     assert stats["none_kept"] == {
-        "kind": "coords", "numel": 500, "nnz": 0, "index_bytes": 0, "value_bytes": 0,
+        "kind": "coords",
+        "numel": 500,
+        "nnz": 0,
+        "index_bytes": 0,
+        "value_bytes": 0,
     }
     assert stats["all_kept"]["index_bytes"] == 0 and stats["all_kept"]["nnz"] == 16
     for name, t in tensors.items():
@@ -117,9 +121,7 @@ def test_edge_cases_one_element_empty_mask_none_and_int() -> None:
             assert_exact(t, m, dec[name], dmasks[name])
     assert dec["num_batches_tracked"] == 123456789012
     # float64 goes through float32 values: exact to float32 rounding, dtype restored.
-    np.testing.assert_array_equal(
-        dec["f64"], np.where(masks["f64"], tensors["f64"].astype(np.float32), 0.0)
-    )
+    np.testing.assert_array_equal(dec["f64"], np.where(masks["f64"], tensors["f64"].astype(np.float32), 0.0))
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.85, 0.87, 0.88, 0.9, 0.95, 0.99, 0.999])
@@ -167,8 +169,7 @@ def test_tie_goes_to_bitmap() -> None:
 def test_payload_smaller_than_dense_for_lenet5(sparsity: float) -> None:
     rng = np.random.default_rng(3)
     state = {k: v.numpy() for k, v in build_model("lenet5", 10, 1, 28).state_dict().items()}
-    masks = {k: random_mask(rng, v.shape, sparsity) if v.ndim > 1 else None
-             for k, v in state.items()}
+    masks = {k: random_mask(rng, v.shape, sparsity) if v.ndim > 1 else None for k, v in state.items()}
     dense_bytes = sum(v.nbytes for v in state.values())
     assert dense_bytes == 61706 * 4
     arrays = encode(state, masks)
@@ -256,8 +257,10 @@ def test_bad_masks_are_clear_errors() -> None:
 
 def test_array_record_round_trip() -> None:
     rng = np.random.default_rng(6)
-    tensors = {"conv.weight": rng.standard_normal((16, 6, 5, 5)).astype(np.float32),
-               "conv.bias": rng.standard_normal(16).astype(np.float32)}
+    tensors = {
+        "conv.weight": rng.standard_normal((16, 6, 5, 5)).astype(np.float32),
+        "conv.bias": rng.standard_normal(16).astype(np.float32),
+    }
     masks = {"conv.weight": rng.random((16, 6, 5, 5)) < 0.1}
     for bits in (32, 16, 8):
         arrays = encode(tensors, masks, value_bits=bits)
@@ -280,10 +283,14 @@ def test_varint_known_bytes_and_large_gaps() -> None:
     assert varint_encode(np.array([2**21])).size == 4
     assert varint_encode(np.array([2**64 - 1], dtype=np.uint64)).size == 10
     rng = np.random.default_rng(8)
-    vals = np.concatenate([
-        rng.integers(0, 128, 1000), rng.integers(2**21, 2**35, 1000),
-        rng.integers(0, 2**63 - 1, 100, dtype=np.int64), [2**21, 2**21 - 1, 2**28, 0],
-    ]).astype(np.uint64)
+    vals = np.concatenate(
+        [
+            rng.integers(0, 128, 1000),
+            rng.integers(2**21, 2**35, 1000),
+            rng.integers(0, 2**63 - 1, 100, dtype=np.int64),
+            [2**21, 2**21 - 1, 2**28, 0],
+        ]
+    ).astype(np.uint64)
     rng.shuffle(vals)
     enc = varint_encode(vals)
     # Pure-Python LEB128 reference for the byte layout.

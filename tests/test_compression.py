@@ -17,21 +17,19 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from loopback import LoopbackGrid, set_task_identity, train_reply
 
 from clients import compression as client_compression
-from fedsparse import compressors as cc
-from fedsparse.protocol import OMITTED_ARRAYS
-from fedsparse.protocol import snip as snip_protocol
 from fedsparse import codec
+from fedsparse import compressors as cc
 from fedsparse.accounting import payload_bytes
 from fedsparse.config import ConfigError, resolve_config
 from fedsparse.grid import seeded_sampling
 from fedsparse.masks import global_magnitude_masks, num_pruned
-from fedsparse.models import build_model
-from fedsparse.server import initial_model, run_server
 from fedsparse.methods import build_strategy
-
-from loopback import LoopbackGrid, set_task_identity, train_reply
+from fedsparse.models import build_model
+from fedsparse.protocol import snip as snip_protocol
+from fedsparse.server import initial_model, run_server
 
 
 @pytest.fixture(autouse=True)
@@ -48,8 +46,15 @@ def loopback_grid(cfg: dict, num_nodes: int) -> LoopbackGrid:
 
 def tiny_cfg(**over) -> dict:
     base = {
-        "num-clients": 4, "clients-per-round": 2, "rounds": 2, "local-steps": 3, "batch-size": 16,
-        "lr": 0.05, "seed": 5, "wire-bytes": False, "eval-batch-size": 5000,
+        "num-clients": 4,
+        "clients-per-round": 2,
+        "rounds": 2,
+        "local-steps": 3,
+        "batch-size": 16,
+        "lr": 0.05,
+        "seed": 5,
+        "wire-bytes": False,
+        "eval-batch-size": 5000,
     }
     base.update(over)
     return resolve_config(None, base)
@@ -175,8 +180,13 @@ def test_randk_unbiased_scaling_is_unbiased_in_expectation() -> None:
     # each coordinate: (n/k)·x w.p. k/n, else 0 → variance x²(n/k − 1)
     sigma = np.abs(x["w"]) * math.sqrt(50 / 10 - 1) / math.sqrt(draws)
     assert (np.abs(mean - x["w"]) <= 5 * sigma + 1e-9).all()
-    unscaled = np.mean([cc.decode_update(cc.compress_update(x, {**config, cc.CFG_RANDK_SCALE: "none"}, seed=s)[0])[0]["w"]
-                        for s in range(400)], axis=0)
+    unscaled = np.mean(
+        [
+            cc.decode_update(cc.compress_update(x, {**config, cc.CFG_RANDK_SCALE: "none"}, seed=s)[0])[0]["w"]
+            for s in range(400)
+        ],
+        axis=0,
+    )
     np.testing.assert_allclose(unscaled, 0.2 * x["w"], atol=0.15 * np.abs(x["w"]).max())  # biased by k/n
 
 
@@ -242,7 +252,9 @@ def test_fedpaq_codes_pack_and_byte_count() -> None:
         hlen = int.from_bytes(header[:4].tobytes(), "little")
         assert header.size == 4 + hlen + 4 * norms + 8  # JSON, one float32 per norm, the raw int64
     # the paper's Q(x) on the whole update: one norm for all tensors together
-    payload, _, _ = cc.compress_update(update, {cc.CFG_METHOD: "fedpaq", cc.CFG_LEVELS: 8, cc.CFG_QSCOPE: "model"}, seed=3)
+    payload, _, _ = cc.compress_update(
+        update, {cc.CFG_METHOD: "fedpaq", cc.CFG_LEVELS: 8, cc.CFG_QSCOPE: "model"}, seed=3
+    )
     decoded, _ = cc.decode_update(payload)
     floats = {k: v for k, v in update.items() if v.dtype.kind == "f"}
     whole = np.concatenate([v.reshape(-1).astype(np.float64) for v in floats.values()])
@@ -412,7 +424,13 @@ def test_snip_run_static_mask_exact_sparsity_and_sparse_both_ways(tmp_path: Path
     result = run_server(grid, cfg, tmp_path, show_progress=False)
     df = result.rounds
     state = result.arrays.to_torch_state_dict()
-    prunable = ["features.0.weight", "features.3.weight", "classifier.0.weight", "classifier.2.weight", "classifier.4.weight"]
+    prunable = [
+        "features.0.weight",
+        "features.3.weight",
+        "classifier.0.weight",
+        "classifier.2.weight",
+        "classifier.4.weight",
+    ]
     total = sum(state[n].numel() for n in prunable)
     kept_positions = {n: state[n] != 0 for n in prunable}
     assert total - sum(int(k.sum()) for k in kept_positions.values()) >= num_pruned(total, 0.8)
@@ -493,7 +511,9 @@ def _snip_round_one(cfg: dict, tamper=None, reverse: bool = False):  # noqa: ANN
 def _expected_snip_mask(replies: list, prunable: list[str], sparsity: float) -> dict[str, np.ndarray]:
     counts = [float(r.content["metrics"]["num-examples"]) for r in replies]
     saliency = {
-        n: torch.from_numpy(sum((c / sum(counts)) * r.content["arrays"][n].numpy().astype(np.float64) for c, r in zip(counts, replies)))
+        n: torch.from_numpy(
+            sum((c / sum(counts)) * r.content["arrays"][n].numpy().astype(np.float64) for c, r in zip(counts, replies))
+        )
         for n in prunable
     }
     return {n: m.numpy() for n, m in global_magnitude_masks(saliency, sparsity).items()}
@@ -540,7 +560,11 @@ def test_snip_saliency_replies_are_aggregated_in_partition_order_and_screened(
     assert report["saliency_replies"] == 1 and report["saliency_rejected"] == 3
     assert "saliency_rejected" not in strat.round_report(2)
     text = caplog.text
-    assert "contains NaN" in text and f"missing saliency tensors: {prunable[-1]}" in text and "num-examples = 0 is not > 0" in text
+    assert (
+        "contains NaN" in text
+        and f"missing saliency tensors: {prunable[-1]}" in text
+        and "num-examples = 0 is not > 0" in text
+    )
 
     # nothing valid: a clear refusal instead of a mask from garbage (or a division by zero)
     with pytest.raises(RuntimeError, match="no valid saliency reply .*4 invalid"):

@@ -9,24 +9,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from loopback import set_task_identity
+from test_compression import loopback_grid, tiny_cfg
 
-from clients import compression as client_compression
-from fedsparse import compressors as cc
-from fedsparse.protocol import OMITTED_ARRAYS
-from fedsparse.protocol import snip as snip_protocol
 from clients.partial_update import unpack_parts
 from fedsparse import codec
+from fedsparse import compressors as cc
 from fedsparse.accounting import payload_bytes
 from fedsparse.config import ConfigError
 from fedsparse.grid import seeded_sampling
 from fedsparse.masks import num_pruned
-from fedsparse.server import initial_model, run_server
 from fedsparse.methods import build_strategy
+from fedsparse.protocol import OMITTED_ARRAYS
+from fedsparse.server import initial_model, run_server
 
-from loopback import set_task_identity
-from test_compression import loopback_grid, tiny_cfg
-
-PRUNABLE = ["features.0.weight", "features.3.weight", "classifier.0.weight", "classifier.2.weight", "classifier.4.weight"]
+PRUNABLE = [
+    "features.0.weight",
+    "features.3.weight",
+    "classifier.0.weight",
+    "classifier.2.weight",
+    "classifier.4.weight",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -101,7 +104,9 @@ def test_feddip_with_luar_uplink_keeps_the_mask_and_sends_less(tmp_path: Path) -
 def test_dpu_with_8bit_values_is_a_configuration() -> None:
     """DPU + Q needs no new code: partial-update's value-bits = 8 quantises the broadcast values —
     what goes down the wire is the 8-bit codec: uint8 values, one byte per sent value."""
-    cfg = tiny_cfg(strategy="partial-update", rounds=3, **{"value-bits": 8, "update-ratio": 0.05, "clients-per-round": 4})
+    cfg = tiny_cfg(
+        strategy="partial-update", rounds=3, **{"value-bits": 8, "update-ratio": 0.05, "clients-per-round": 4}
+    )
     strategy, history = _drive(cfg, 3)
     assert strategy.value_bits == 8
     patches = 0
@@ -118,7 +123,9 @@ def test_dpu_with_8bit_values_is_a_configuration() -> None:
                 assert header["value_bits"] == 8 and values.dtype == np.uint8
                 sent = sum(t["nnz"] for t in codec.tensor_nbytes(payload).values() if t["kind"] != "raw")
                 assert values.nbytes == sent > 0  # one byte per value
-                assert all(t["value_bytes"] == t["nnz"] for t in codec.tensor_nbytes(payload).values() if t["kind"] != "raw")
+                assert all(
+                    t["value_bytes"] == t["nnz"] for t in codec.tensor_nbytes(payload).values() if t["kind"] != "raw"
+                )
     assert patches >= 4  # 8-bit patches were really sent (8 today: 4 clients in each of rounds 2 and 3)
 
 
@@ -148,6 +155,8 @@ def test_feddip_with_luar_uplink_rejects_entries_outside_the_mask() -> None:
     forged = {n: (np.ones_like(x) if n == name else x) for n, x in tensors.items()}
     masks = {n: (None if n == name else kept[n]) for n in tensors}
     bad = copy.copy(reply)
-    bad.content = RecordDict({"arrays": codec.to_array_record(codec.encode(forged, masks)), "metrics": reply.content["metrics"]})
+    bad.content = RecordDict(
+        {"arrays": codec.to_array_record(codec.encode(forged, masks)), "metrics": reply.content["metrics"]}
+    )
     reason = strategy.validate_reply(2, bad)
     assert reason is not None and "outside the round's mask" in reason and repr(name) in reason

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from fedsparse.config import SCHEMA, ConfigError, defaults, parse_overrides, resolve_config, round_lr
 
@@ -75,7 +75,7 @@ def test_lr_decays_per_round() -> None:
 
 def test_file_must_be_flat(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text('[run]\nlr = 0.1\n')
+    bad.write_text("[run]\nlr = 0.1\n")
     with pytest.raises(ConfigError, match="flat table"):
         resolve_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
@@ -94,7 +94,9 @@ def test_every_float_setting_refuses_non_finite_values(value: float) -> None:
     keys = _float_keys()
     assert {"lr", "momentum", "alpha", "client-cpus", "round-timeout", "reply-max-abs"} <= set(keys)
     for name in keys:
-        with pytest.raises(ConfigError, match=rf"^{re.escape(name)} = .* is not a finite number; allowed: a finite float"):
+        with pytest.raises(
+            ConfigError, match=rf"^{re.escape(name)} = .* is not a finite number; allowed: a finite float"
+        ):
             resolve_config({}, {name: value})
 
 

@@ -44,7 +44,9 @@ def test_corrupted_byte_fails_verification(tmp_path: Path) -> None:
     labels[1000] = (labels[1000] + 1) % 10  # still a valid IDX file, one label changed
     (folder / "train-labels-idx1-ubyte.gz").unlink()
     (folder / "train-labels-idx1-ubyte").write_bytes(bytes(labels))
-    with pytest.raises(ChecksumError, match=r"train-labels-idx1-ubyte: md5 of decompressed content [0-9a-f]{32}, expected a25bea"):
+    with pytest.raises(
+        ChecksumError, match=r"train-labels-idx1-ubyte: md5 of decompressed content [0-9a-f]{32}, expected a25bea"
+    ):
         verify_files("mnist", folder)
     # a damaged gzip stream is reported too, not raised as a decoding error
     images = bytearray((SHARED / "mnist" / "t10k-images-idx3-ubyte.gz").read_bytes())

@@ -142,7 +142,13 @@ def test_cifar100_uses_fine_labels(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     for name in ("train", "test"):
         with open(folder / name, "wb") as fh:
-            pickle.dump({"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
-                         "fine_labels": [99, 0, 57], "coarse_labels": [19, 0, 3]}, fh)
+            pickle.dump(
+                {
+                    "data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
+                    "fine_labels": [99, 0, 57],
+                    "coarse_labels": [19, 0, 3],
+                },
+                fh,
+            )
     ds = load_dataset("cifar100", tmp_path)
     assert ds.num_classes == 100 and ds.train_labels.tolist() == [99, 0, 57]

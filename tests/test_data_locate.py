@@ -74,12 +74,22 @@ def test_missing_dataset_lists_searched_dirs_and_routes(roots: dict[str, Path]) 
         load_dataset("fashion-mnist", roots["arg"])
     msg = str(info.value)
     assert isinstance(info.value, FileNotFoundError)
-    for folder in (roots["arg"] / "fashion-mnist", roots["env"] / "FashionMNIST" / "raw",
-                   roots["xdg"] / "fedsparse" / "data" / "fashion-mnist", roots["debian"] / "fashion-mnist"):
+    for folder in (
+        roots["arg"] / "fashion-mnist",
+        roots["env"] / "FashionMNIST" / "raw",
+        roots["xdg"] / "fedsparse" / "data" / "fashion-mnist",
+        roots["debian"] / "fashion-mnist",
+    ):
         assert str(folder) in msg
     assert "missing train-labels-idx1-ubyte[.gz]" in msg
-    for route in ("fedsparse data fetch fashion-mnist", "apt-get install dataset-fashion-mnist",
-                  "apt-get download dataset-fashion-mnist", "dpkg -x", "download=True", "export FEDSPARSE_DATA="):
+    for route in (
+        "fedsparse data fetch fashion-mnist",
+        "apt-get install dataset-fashion-mnist",
+        "apt-get download dataset-fashion-mnist",
+        "dpkg -x",
+        "download=True",
+        "export FEDSPARSE_DATA=",
+    ):
         assert route in msg
 
 
@@ -93,7 +103,9 @@ def test_missing_mnist_and_cifar_routes(roots: dict[str, Path]) -> None:
 
 
 def test_unknown_dataset_name() -> None:
-    with pytest.raises(ValueError, match="unknown dataset 'fmnist'; choose one of: fashion-mnist, mnist, cifar10, cifar100"):
+    with pytest.raises(
+        ValueError, match="unknown dataset 'fmnist'; choose one of: fashion-mnist, mnist, cifar10, cifar100"
+    ):
         load_dataset("fmnist")
 
 

@@ -108,13 +108,17 @@ def test_results_are_cached_on_disk_and_shared(labels: np.ndarray) -> None:
 
 
 def test_empty_clients_raise_partition_error(labels: np.ndarray) -> None:
-    with pytest.raises(PartitionError, match=r"leaves \d+ client\(s\) with no samples: 0, .*larger alpha, fewer clients"):
+    with pytest.raises(
+        PartitionError, match=r"leaves \d+ client\(s\) with no samples: 0, .*larger alpha, fewer clients"
+    ):
         partition_indices(labels, "dirichlet", 100, seed=0, alpha=0.01, min_partition_size=0)
 
 
 def test_hopeless_min_size_fails_in_bounded_time(labels: np.ndarray) -> None:
     start = time.perf_counter()
-    with pytest.raises(PartitionError, match="min_partition_size=25.*larger alpha, fewer clients, or a smaller min_partition_size"):
+    with pytest.raises(
+        PartitionError, match="min_partition_size=25.*larger alpha, fewer clients, or a smaller min_partition_size"
+    ):
         partition_indices(labels, "dirichlet", 200, seed=0, alpha=0.01, min_partition_size=25)
     assert time.perf_counter() - start < 10
     with pytest.raises(PartitionError, match="needs 6600 samples but there are only 6000"):

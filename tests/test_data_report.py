@@ -71,8 +71,26 @@ def test_plot_written_as_png(tmp_path: Path) -> None:
 @needs_data
 def test_cli_split_prints_report_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "split.png"
-    rc = _run(["data", "split", "--dataset", "mnist", "--partition", "pathological", "--num-clients", "12",
-               "--classes-per-client", "3", "--seed", "1", "--max-rows", "4", "--plot", str(png)])
+    rc = _run(
+        [
+            "data",
+            "split",
+            "--dataset",
+            "mnist",
+            "--partition",
+            "pathological",
+            "--num-clients",
+            "12",
+            "--classes-per-client",
+            "3",
+            "--seed",
+            "1",
+            "--max-rows",
+            "4",
+            "--plot",
+            str(png),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "mnist: pathological, 3 classes/client, 12 clients, seed 1" in out
@@ -94,8 +112,22 @@ def test_cli_fetch_local(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert rc == 0
     assert f"mnist: 4 IDX files verified in {tmp_path / 'mnist'}" in capsys.readouterr().out
     assert all((tmp_path / "mnist" / f"{s}.gz").is_file() for s in IDX_FILES)
-    assert _run(["data", "fetch", "mnist", "--route", "local", "--from", str(SHARED / "fashion-mnist"),
-                 "--dest", str(tmp_path)]) == 1
+    assert (
+        _run(
+            [
+                "data",
+                "fetch",
+                "mnist",
+                "--route",
+                "local",
+                "--from",
+                str(SHARED / "fashion-mnist"),
+                "--dest",
+                str(tmp_path),
+            ]
+        )
+        == 1
+    )
     assert "failed verification" in capsys.readouterr().err
 
 
@@ -105,5 +137,12 @@ def test_cli_rejects_unknown_choices() -> None:
     with pytest.raises(SystemExit):
         _parser().parse_args(["data"])
     args = _parser().parse_args(["data", "split"])
-    assert (args.dataset, args.partition, args.num_clients, args.alpha, args.classes_per_client,
-            args.min_partition_size, args.seed) == ("fashion-mnist", "dirichlet", 50, 0.5, 2, 10, 0)
+    assert (
+        args.dataset,
+        args.partition,
+        args.num_clients,
+        args.alpha,
+        args.classes_per_client,
+        args.min_partition_size,
+        args.seed,
+    ) == ("fashion-mnist", "dirichlet", 50, 0.5, 2, 10, 0)

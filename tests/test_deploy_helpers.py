@@ -12,20 +12,25 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from deploy_harness import LocalDeployment, data_env, run_config_arg, self_signed_tls  # tests/ is on sys.path
 from flwr.common.config import parse_config_args
+from proctree import ManagedProcess, descendants, process_alive, processes_with_env, stop_tree
 
 from fedsparse.cli import build_parser
 from fedsparse.traffic import format_traffic, traffic_report
-
-from deploy_harness import LocalDeployment, data_env, run_config_arg, self_signed_tls  # tests/ is on sys.path
-from proctree import ManagedProcess, descendants, process_alive, processes_with_env, stop_tree
 
 TESTS = Path(__file__).resolve().parent
 
 
 def test_run_config_arg_round_trips_through_flower() -> None:
-    run_config = {"strategy": "feddip", "rounds": 2, "lr": 0.05, "regrowth": False,
-                  "out-dir": "/tmp/a dir/with 'quotes'", "luar-lr-milestones": "100,150"}
+    run_config = {
+        "strategy": "feddip",
+        "rounds": 2,
+        "lr": 0.05,
+        "regrowth": False,
+        "out-dir": "/tmp/a dir/with 'quotes'",
+        "luar-lr-milestones": "100,150",
+    }
     assert parse_config_args([run_config_arg(run_config)]) == run_config
 
 
@@ -57,10 +62,18 @@ def test_traffic_report_sets_superlink_beside_ledger(tmp_path: Path) -> None:
         {"round": 1, "direction": "up", "partition_id": 1, "payload_bytes": 300, "wire_bytes": 390},
     ]
     pd.DataFrame(rows).to_csv(tmp_path / "messages.csv", index=False)
-    record = {"run-id": "42", "status": "finished:completed",
-              "network-traffic": {"inbound-bytes": 880, "outbound-bytes": 2310, "total-bytes": 3190}}
+    record = {
+        "run-id": "42",
+        "status": "finished:completed",
+        "network-traffic": {"inbound-bytes": 880, "outbound-bytes": 2310, "total-bytes": 3190},
+    }
     report = traffic_report(tmp_path, record)
-    assert (report["payload_down"], report["wire_down"], report["payload_up"], report["wire_up"]) == (2000, 2200, 700, 890)
+    assert (report["payload_down"], report["wire_down"], report["payload_up"], report["wire_up"]) == (
+        2000,
+        2200,
+        700,
+        890,
+    )
     assert report["superlink_sent_over_wire_down"] == pytest.approx(2310 / 2200)
     assert report["superlink_received_over_wire_up"] == pytest.approx(880 / 890)
     assert json.loads((tmp_path / "superlink_traffic.json").read_text()) == report
@@ -166,7 +179,9 @@ def test_stop_tree_reaches_orphans_through_the_extra_listing(tmp_path: Path) -> 
     assert orphan in signalled and not process_alive(orphan)
 
 
-def test_data_env_pins_the_data_root_a_recached_process_would_lose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_data_env_pins_the_data_root_a_recached_process_would_lose(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from fedsparse.data.paths import IDX_FILES, locate
 
     source = locate("mnist")  # the session's data (FEDSPARSE_DATA, pinned by conftest)

@@ -12,20 +12,20 @@ from __future__ import annotations
 import json
 import math
 import sys
-import tomllib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 import pytest
+import tomllib
+from deploy_harness import PROJECT_DIR, LocalDeployment, data_env, self_signed_tls  # tests/ is on sys.path
 from flwr.app import ArrayRecord
+from proctree import descendants, process_alive
 
 from fedsparse.config import resolve_config
 from fedsparse.server import initial_model
 from fedsparse.traffic import DeploymentError, traffic_report
-
-from deploy_harness import PROJECT_DIR, LocalDeployment, data_env, self_signed_tls  # tests/ is on sys.path
-from proctree import descendants, process_alive
 
 pytestmark = pytest.mark.deployment
 
@@ -175,8 +175,11 @@ def test_tls_deployment(tmp_path: Path) -> None:
         config = (dep.flwr_home / "config.toml").read_text()
         assert "insecure" not in config and str(tls.ca) in config
         out = tmp_path / "out"
-        record = dep.run(PROJECT_DIR, {**BASE, "num-clients": 1, "clients-per-round": 1, "rounds": 1,
-                                       "eval-every": 1, "out-dir": str(out)}, timeout=600)
+        record = dep.run(
+            PROJECT_DIR,
+            {**BASE, "num-clients": 1, "clients-per-round": 1, "rounds": 1, "eval-every": 1, "out-dir": str(out)},
+            timeout=600,
+        )
         assert record["status"] == "finished:completed"
         assert pd.read_csv(out / "rounds.csv")["replies"].tolist() == [1]
         superlink_log = dep.processes[0].tail(1 << 20)

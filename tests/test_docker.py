@@ -15,10 +15,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from flwr.common.config import parse_config_args
 from packaging.requirements import Requirement
@@ -136,7 +136,11 @@ def test_image_structure(kind: str) -> None:
     volumes = " ".join(rest for w, rest in final if w == "VOLUME")
     assert '"/data"' in volumes, "datasets come in through a volume"
     env = " ".join(rest for w, rest in final if w == "ENV")
-    for setting in ("FEDSPARSE_DATA=/data", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1", "FLWR_TELEMETRY_ENABLED=0"):
+    for setting in (
+        "FEDSPARSE_DATA=/data",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1",
+        "FLWR_TELEMETRY_ENABLED=0",
+    ):
         assert setting in env, setting
     assert not any(w == "ADD" for w, _ in _instructions(DOCKERFILES[kind])), "use COPY"
     assert not re.search(r":latest\b", DOCKERFILES[kind].read_text())
@@ -145,7 +149,8 @@ def test_image_structure(kind: str) -> None:
 @pytest.mark.parametrize("kind", list(DOCKERFILES))
 def test_copied_files_exist_and_are_not_ignored(kind: str) -> None:
     ignored = [
-        line.strip().removeprefix("**/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+        line.strip().removeprefix("**/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     for word, rest in _instructions(DOCKERFILES[kind]):
@@ -232,10 +237,17 @@ def test_compose_gpu_simulation() -> None:
 # --- the entry point, run for real ----------------------------------------------------------------
 @pytest.mark.parametrize(
     "extra, insecure, root_certificates",
-    [({"SUPERLINK_INSECURE": "true"}, True, None), ({"SUPERLINK_ROOT_CERTIFICATES": "/certs/ca.crt"}, False, "/certs/ca.crt")],
+    [
+        ({"SUPERLINK_INSECURE": "true"}, True, None),
+        ({"SUPERLINK_ROOT_CERTIFICATES": "/certs/ca.crt"}, False, "/certs/ca.crt"),
+    ],
 )
 def test_entrypoint_writes_flower_connection(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, str], insecure: bool, root_certificates: str | None
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    extra: dict[str, str],
+    insecure: bool,
+    root_certificates: str | None,
 ) -> None:
     home = tmp_path / "flwr-home"
     env = {**os.environ, "FLWR_HOME": str(home), "SUPERLINK_ADDRESS": "superlink:9093", **extra}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsparse.dev import errors_table as ce
 from fedsparse.config import ConfigError, resolve_config
+from fedsparse.dev import errors_table as ce
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("fedsparse", "strategies", "clients")
@@ -59,7 +59,15 @@ def _raise_sites() -> list[tuple[str, str, int, int, str]]:
                         target = node.exc.func
                         name = target.id if isinstance(target, ast.Name) else getattr(target, "attr", "")
                         if name in ERRORS:
-                            sites.append((rel, func.name, node.lineno, node.end_lineno or node.lineno, ast.get_source_segment(source, node) or ""))
+                            sites.append(
+                                (
+                                    rel,
+                                    func.name,
+                                    node.lineno,
+                                    node.end_lineno or node.lineno,
+                                    ast.get_source_segment(source, node) or "",
+                                )
+                            )
     # a raise inside a nested function is found twice (once per enclosing function): keep the innermost
     best: dict[tuple[str, int], tuple[str, str, int, int, str]] = {}
     for site in sites:
@@ -76,7 +84,10 @@ def test_every_raise_site_is_tabulated(outcomes: list[ce.Outcome]) -> None:
         if any(rel == f and func == fn and fragment in source for (f, fn, fragment) in ce.NOT_TABULATED):
             continue
         missing.append(f"{rel}:{first} in {func}(): {source.splitlines()[0].strip()}")
-    assert not missing, "configuration errors missing from docs/errors.md (add a case to fedsparse/dev/errors_table.py, or to the method's error_cases):\n" + "\n".join(missing)
+    assert not missing, (
+        "configuration errors missing from docs/errors.md (add a case to fedsparse/dev/errors_table.py, or to the method's error_cases):\n"
+        + "\n".join(missing)
+    )
 
 
 def test_not_tabulated_entries_still_exist() -> None:
@@ -102,5 +113,7 @@ def test_jobs_above_the_core_count() -> None:
     from fedsparse.bench import make_slots
 
     cores = len(os.sched_getaffinity(0))
-    with pytest.raises(ConfigError, match=rf"--jobs {cores + 1} exceeds the {cores} cores available; allowed: 1 \.\. {cores}"):
+    with pytest.raises(
+        ConfigError, match=rf"--jobs {cores + 1} exceeds the {cores} cores available; allowed: 1 \.\. {cores}"
+    ):
         make_slots(cores + 1)

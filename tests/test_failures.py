@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from loopback import EngineLikeGrid, set_task_identity
 
 from clients.app import make_client_app
 from fedsparse.config import ConfigError, resolve_config
 from fedsparse.failures import InjectedFailure, failure_for, inject, parse_fail_clients
-from fedsparse.server import RunResult, run_server
-from loopback import EngineLikeGrid, set_task_identity
 from fedsparse.methods import strategy_names
+from fedsparse.server import RunResult, run_server
 
 BASE = {
     "num-clients": 4,
@@ -162,7 +162,9 @@ def test_failures_are_counted_and_state_stays_consistent(name: str, tmp_path: Pa
 @pytest.mark.parametrize("name", ["fedavg", "fedluar", "partial-update"])
 def test_timeouts_are_failures(name: str, tmp_path: Path) -> None:
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # first use imports torch._dynamo (slow)
-    result = _run(tmp_path, strategy=name, rounds=3, **{"fail-clients": "2:1:timeout", "round-timeout": 2.0, "eval-every": 3})
+    result = _run(
+        tmp_path, strategy=name, rounds=3, **{"fail-clients": "2:1:timeout", "round-timeout": 2.0, "eval-every": 3}
+    )
     df = result.rounds.set_index("round")
     assert df["failures"].tolist() == [0, 1, 0]
     assert df["replies"].tolist() == [4, 3, 4]
@@ -248,9 +250,27 @@ def _inf_from_the_base(server_round: int) -> Any:
         # partial-update: its base's aggregate is inf, and so would be its deployed model
         ({"strategy": "partial-update"}, "inf-base"),
         # FedAvgM (LUAR with delta = 0 is exactly its base): a finite reply, but x - lr * momentum overflows
-        ({"strategy": "fedluar", "luar-base": "fedavgm", "recycled-layers": 0, "luar-server-lr": 10.0, "luar-server-momentum": 0.9}, "huge"),
+        (
+            {
+                "strategy": "fedluar",
+                "luar-base": "fedavgm",
+                "recycled-layers": 0,
+                "luar-server-lr": 10.0,
+                "luar-server-momentum": 0.9,
+            },
+            "huge",
+        ),
         # and with recycled layers: LUAR's own state (previous updates, scores, R_t) over FedAvgM's
-        ({"strategy": "fedluar", "luar-base": "fedavgm", "recycled-layers": 2, "luar-server-lr": 10.0, "luar-server-momentum": 0.9}, "huge"),
+        (
+            {
+                "strategy": "fedluar",
+                "luar-base": "fedavgm",
+                "recycled-layers": 2,
+                "luar-server-lr": 10.0,
+                "luar-server-momentum": 0.9,
+            },
+            "huge",
+        ),
     ],
     ids=["partial-update", "fedavgm", "fedluar-fedavgm"],
 )

@@ -16,17 +16,12 @@ PRUNABLE = ("0.weight", "4.weight")
 
 def _model(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
-    )
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
 
 
 def _batches(n: int = 3, size: int = 8, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(size, 1, 6, 6, generator=gen), torch.randint(0, 3, (size,), generator=gen))
-        for _ in range(n)
-    ]
+    return [(torch.randn(size, 1, 6, 6, generator=gen), torch.randint(0, 3, (size,), generator=gen)) for _ in range(n)]
 
 
 def _masks(model: nn.Module, keep: float = 0.5, seed: int = 2) -> dict[str, torch.Tensor]:
@@ -47,7 +42,7 @@ def _zeroed(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
 def test_forward_at_masked_weights_update_applied_to_dense_weights() -> None:
     model = _model()
     masks = _masks(model)
-    (x, y), = _batches(1)
+    ((x, y),) = _batches(1)
     reference = _zeroed(model, masks)  # the pruned model, explicitly zeroed
     before = copy.deepcopy(model.state_dict())
 
@@ -99,9 +94,7 @@ def test_penalty_adds_lambda_times_sum_of_masked_layer_norms() -> None:
     base, reg = _model(), _model()
     masks = _masks(base)
     batches = _batches(1)
-    penalty = sum(
-        torch.linalg.vector_norm(base.state_dict()[n] * masks[n]).item() for n in PRUNABLE
-    )
+    penalty = sum(torch.linalg.vector_norm(base.state_dict()[n] * masks[n]).item() for n in PRUNABLE)
     start = copy.deepcopy(base.state_dict())
     s0 = feddip_train(base, masks, batches, torch.optim.SGD(base.parameters(), lr=lr), lambda_t=0.0)
     s1 = feddip_train(reg, masks, batches, torch.optim.SGD(reg.parameters(), lr=lr), lambda_t=lam)
@@ -128,8 +121,13 @@ def test_proximal_term_zero_at_global_and_pulls_otherwise() -> None:
     global_params = copy.deepcopy(prox.state_dict())
     feddip_train(plain, masks, batches, torch.optim.SGD(plain.parameters(), lr=lr), lambda_t=0.0)
     feddip_train(
-        prox, masks, batches, torch.optim.SGD(prox.parameters(), lr=lr), lambda_t=0.0,
-        proximal_mu=mu, global_params=global_params,
+        prox,
+        masks,
+        batches,
+        torch.optim.SGD(prox.parameters(), lr=lr),
+        lambda_t=0.0,
+        proximal_mu=mu,
+        global_params=global_params,
     )
     a, b = plain.state_dict(), prox.state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)
@@ -147,8 +145,13 @@ def test_proximal_term_is_taken_at_the_dense_weights() -> None:
     plain, prox = copy.deepcopy(start_model), copy.deepcopy(start_model)
     s_plain = feddip_train(plain, masks, batches, torch.optim.SGD(plain.parameters(), lr=lr), lambda_t=0.0)
     s_prox = feddip_train(
-        prox, masks, batches, torch.optim.SGD(prox.parameters(), lr=lr), lambda_t=0.0,
-        proximal_mu=mu, global_params=global_params,
+        prox,
+        masks,
+        batches,
+        torch.optim.SGD(prox.parameters(), lr=lr),
+        lambda_t=0.0,
+        proximal_mu=mu,
+        global_params=global_params,
     )
     penalty = 0.0
     for name, _ in prox.named_parameters():

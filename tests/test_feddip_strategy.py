@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from loopback import LoopbackGrid, set_task_identity, train_reply
 
 from clients.feddip import decode_global, encode_update, feddip_client_round
 from fedsparse import codec
@@ -24,13 +25,11 @@ from fedsparse.accounting import payload_bytes
 from fedsparse.config import ConfigError, resolve_config
 from fedsparse.grid import seeded_sampling
 from fedsparse.masks import global_magnitude_masks, num_pruned, prunable_names
+from fedsparse.methods import build_strategy
 from fedsparse.models import build_model
 from fedsparse.schedules import cubic_sparsity, incremental_lambda
 from fedsparse.server import initial_model, run_server
 from strategies.feddip import FedDIP
-from fedsparse.methods import build_strategy
-
-from loopback import LoopbackGrid, set_task_identity, train_reply
 
 LENET_ERK_05 = [1.0, 0.525, 0.426, 0.796, 1.0]
 
@@ -84,7 +83,14 @@ def _drive(strategy: FedDIP, grid: LoopbackGrid, cfg: dict, rounds: int) -> tupl
         replies = list(grid.send_and_receive(msgs))
         new, _ = strategy.aggregate_train(t, replies)
         arrays = new if new is not None else arrays
-        history.append({"masks": {n: m.clone() for n, m in strategy.masks.items()}, "arrays": arrays, "msgs": msgs, "replies": replies})
+        history.append(
+            {
+                "masks": {n: m.clone() for n, m in strategy.masks.items()},
+                "arrays": arrays,
+                "msgs": msgs,
+                "replies": replies,
+            }
+        )
     return arrays, history
 
 
@@ -100,7 +106,13 @@ def test_round1_sends_erk_masked_model_from_the_seed_and_fewer_bytes() -> None:
     assert len(msgs) == 2 and set(msgs[0].content["arrays"].keys()) == {"index", "values"}
     config = msgs[0].content["config"]
     names = list(config["feddip-prunable"])
-    assert names == ["features.0.weight", "features.3.weight", "classifier.0.weight", "classifier.2.weight", "classifier.4.weight"]
+    assert names == [
+        "features.0.weight",
+        "features.3.weight",
+        "classifier.0.weight",
+        "classifier.2.weight",
+        "classifier.4.weight",
+    ]
     assert config["feddip-lambda"] == incremental_lambda(0, 6, 1e-3, 3) == 0.0  # round τ = 1 is eq. 9's t = 0
     assert config["feddip-sparse-uplink"] is True
     assert "proximal-mu" not in config  # FedDIP's proximal term is off unless feddip-prox = true
@@ -148,7 +160,9 @@ def test_nested_masks_schedule_and_exact_final_sparsity() -> None:
     final, history = _drive(strategy, grid, cfg, rounds=6)
     n_total = sum(m.numel() for m in history[0]["masks"].values())
     # eq. 9 with T = 6, Q = 3 at t = τ − 1: zero for exactly the first T/Q = 2 rounds
-    assert [strategy.round_report(t)["lambda"] for t in range(1, 7)] == pytest.approx([0, 0, 1e-3 / 3, 1e-3 / 3, 2e-3 / 3, 2e-3 / 3])
+    assert [strategy.round_report(t)["lambda"] for t in range(1, 7)] == pytest.approx(
+        [0, 0, 1e-3 / 3, 1e-3 / 3, 2e-3 / 3, 2e-3 / 3]
+    )
     for t, h in enumerate(history, start=1):
         report = strategy.round_report(t)
         assert report["lambda"] == incremental_lambda(t - 1, 6, 1e-3, 3)
@@ -327,7 +341,9 @@ def test_regrowth_error_feedback_lets_a_pruned_weight_back_into_the_mask() -> No
     mask could only be a subset of the old one."""
     # T = 100 so that s_1 is barely above s_0 = 0.5 and the weakest kept weights are small; a few
     # steps at lr 0.2 let pruned weights gain more than them (> 100 come back with seed 3)
-    cfg = _cfg(rounds=2, lr=0.2, **{"local-steps": 4, "reconfig-every": 1, "regrowth": True, "feddip-schedule-rounds": 100})
+    cfg = _cfg(
+        rounds=2, lr=0.2, **{"local-steps": 4, "reconfig-every": 1, "regrowth": True, "feddip-schedule-rounds": 100}
+    )
     grid = _grid(cfg)
     strategy = build_strategy(cfg)
     arrays = ArrayRecord(initial_model(cfg).state_dict())
@@ -391,7 +407,9 @@ def test_client_round_error_feedback_and_sparse_reply() -> None:
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(3)]
     config = ConfigRecord({"feddip-lambda": 1e-3, "feddip-prunable": names, "feddip-sparse-uplink": True})
-    update, stats = feddip_client_round(record, config, model, batches, lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    update, stats = feddip_client_round(
+        record, config, model, batches, lambda m: torch.optim.SGD(m.parameters(), lr=0.1)
+    )
     assert stats["num-steps"] == 3
     # error feedback: pruned positions of the local dense weights moved away from 0 ...
     dense = model.state_dict()
@@ -504,7 +522,11 @@ def test_nested_global_pruning_matches_masks_module() -> None:
     masked = {n: torch.from_numpy(a[n]) * old[n] for n in old}
     expected = global_magnitude_masks(masked, cubic_sparsity(1, 2, 0.5, 0.9), current_masks=old)
     assert all(torch.equal(expected[n], strategy.masks[n]) for n in old)
-    assert math.isclose(strategy.mask_sparsity(), num_pruned(sum(m.numel() for m in old.values()), cubic_sparsity(1, 2, 0.5, 0.9)) / sum(m.numel() for m in old.values()))
+    assert math.isclose(
+        strategy.mask_sparsity(),
+        num_pruned(sum(m.numel() for m in old.values()), cubic_sparsity(1, 2, 0.5, 0.9))
+        / sum(m.numel() for m in old.values()),
+    )
 
 
 # ----------------------------------------------------------------------------- reply screening, resume

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
-import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,16 +23,15 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from loopback import LoopbackGrid, node_context, set_task_identity, train_reply
 
 from clients.fedluar import MOMENTUM_STATE_KEY, fedluar_train, momentum_record, omit_arrays, restore_momentum
 from fedsparse.config import ConfigError, resolve_config
 from fedsparse.grid import seeded_sampling
 from fedsparse.layer_sampling import recycling_probabilities
+from fedsparse.methods import build_strategy
 from fedsparse.server import initial_model, run_server
 from strategies.fedluar import LUAR, RECYCLED_CONFIG_KEY, luar_round_lr, recyclable_groups
-from fedsparse.methods import build_strategy
-
-from loopback import LoopbackGrid, node_context, set_task_identity, train_reply
 
 TINY = {
     "dataset": "fashion-mnist",
@@ -73,7 +70,9 @@ def _sampling(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"fraction_train": k / n, "min_train_nodes": k, "min_available_nodes": n, "fraction_evaluate": 0.0}
 
 
-def _rounds(strategy: Strategy, grid: LoopbackGrid, arrays: ArrayRecord, rounds: int, seed: int = 0) -> list[ArrayRecord]:
+def _rounds(
+    strategy: Strategy, grid: LoopbackGrid, arrays: ArrayRecord, rounds: int, seed: int = 0
+) -> list[ArrayRecord]:
     """Flower's training loop (as in Strategy.start / run_server): the global arrays after each round."""
     out = [arrays]
     for t in range(1, rounds + 1):
@@ -132,7 +131,9 @@ def test_delta_zero_is_bitwise_the_wrapped_strategy(make_base) -> None:  # type:
 def test_delta_zero_run_equals_fedavg_run_including_bytes(tmp_path: Path) -> None:
     """The whole loop: fedluar with δ = 0 gives FedAvg's model, accuracy and byte counts."""
     fedavg = run_server(_grid(c := _cfg(strategy="fedavg")), c, tmp_path / "a", show_progress=False)
-    luar = run_server(_grid(c := _cfg(strategy="fedluar", **{"recycled-layers": 0})), c, tmp_path / "b", show_progress=False)
+    luar = run_server(
+        _grid(c := _cfg(strategy="fedluar", **{"recycled-layers": 0})), c, tmp_path / "b", show_progress=False
+    )
     _bitwise_equal(fedavg.arrays, luar.arrays)
     cols = ["test_accuracy", "test_loss", "bytes_up", "bytes_down", "comm_ratio_up"]
     pd.testing.assert_frame_equal(fedavg.rounds[cols], luar.rounds[cols])
@@ -276,8 +277,12 @@ def _synthetic_round(strategy: LUAR, grid: LoopbackGrid, t: int, x0: ArrayRecord
 
 @pytest.mark.parametrize("delta", [1, 2])
 def test_strategy_draws_layers_with_probability_inverse_to_score(delta: int) -> None:
-    x0 = ArrayRecord({k: Array(np.full((3, 2), 2.0, np.float32)) for k in SCORES} | {"bias": Array(np.ones(3, np.float32))})
-    strategy = LUAR(FedAvg(fraction_train=1.0, min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0), delta, seed=11)
+    x0 = ArrayRecord(
+        {k: Array(np.full((3, 2), 2.0, np.float32)) for k in SCORES} | {"bias": Array(np.ones(3, np.float32))}
+    )
+    strategy = LUAR(
+        FedAvg(fraction_train=1.0, min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0), delta, seed=11
+    )
     grid = LoopbackGrid(None, 2)
     assert _synthetic_round(strategy, grid, 1, x0) == []  # round 1 recycles nothing
     assert strategy.scores == pytest.approx(SCORES, rel=1e-6)
@@ -300,13 +305,18 @@ def test_strategy_draws_layers_with_probability_inverse_to_score(delta: int) -> 
     assert chi2 < CHI2_CRIT_001[len(expected) - 1], (chi2, counts)
     # and it is not the uniform law nor p ∝ s (the test has the power to tell them apart)
     uniform = {k: 1 / len(expected) for k in expected}
-    assert sum((counts.get(k, 0) - n * q) ** 2 / (n * q) for k, q in uniform.items()) > 10 * CHI2_CRIT_001[len(expected) - 1]
+    assert (
+        sum((counts.get(k, 0) - n * q) ** 2 / (n * q) for k, q in uniform.items())
+        > 10 * CHI2_CRIT_001[len(expected) - 1]
+    )
     # the recycle counts of the strategy agree with what was drawn
-    assert strategy.recycled_count == {l: sum(c for k, c in counts.items() if l in k) for l in SCORES}
+    assert strategy.recycled_count == {layer: sum(c for k, c in counts.items() if layer in k) for layer in SCORES}
 
 
 def test_same_seed_same_layers_and_state_roundtrip() -> None:
-    cfg = _cfg(strategy="fedluar", **{"recycled-layers": 2, "luar-base": "fedadam", "luar-server-lr": 0.01, "rounds": 4})
+    cfg = _cfg(
+        strategy="fedluar", **{"recycled-layers": 2, "luar-base": "fedadam", "luar-server-lr": 0.01, "rounds": 4}
+    )
     init = ArrayRecord(initial_model(cfg).state_dict())
     a = build_strategy(cfg)
     xs = _rounds(a, _grid(cfg), init, 4, seed=1)
@@ -369,12 +379,12 @@ def test_run_omits_recycled_arrays_and_meters_fewer_bytes(tmp_path: Path) -> Non
     table = pd.read_csv(tmp_path / "luar_layers.csv")
     assert (table["aggregated"] + table["recycled"] == 4).all()
     assert table["recycled"].sum() == 2 * 3
-    assert dict(zip(table["layer"], table["recycled"])) == {
-        g: sum(g in r for r in recycled) for g in table["layer"]
-    }
+    assert dict(zip(table["layer"], table["recycled"])) == {g: sum(g in r for r in recycled) for g in table["layer"]}
     assert (tmp_path / "luar_layers.png").stat().st_size > 1000
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["luar_layers"] == {r.layer: {"aggregated": r.aggregated, "recycled": r.recycled} for r in table.itertuples()}
+    assert summary["luar_layers"] == {
+        r.layer: {"aggregated": r.aggregated, "recycled": r.recycled} for r in table.itertuples()
+    }
     scores = pd.read_csv(tmp_path / "luar_scores.csv")
     assert len(scores) == 4 * 5
 
@@ -527,7 +537,12 @@ def test_validate_reply_rejects_what_cannot_be_aggregated() -> None:
 
 @pytest.mark.parametrize(
     ("name", "layers", "delta"),
-    [("fedluar-fmnist-cnn", 4, 2), ("fedluar-mnist-cnn", 4, 2), ("fedluar-fmnist-lenet5", 5, 2), ("fedluar-cifar10-resnet20", 23, 12)],
+    [
+        ("fedluar-fmnist-cnn", 4, 2),
+        ("fedluar-mnist-cnn", 4, 2),
+        ("fedluar-fmnist-lenet5", 5, 2),
+        ("fedluar-cifar10-resnet20", 23, 12),
+    ],
 )
 def test_experiment_configs(name: str, layers: int, delta: int) -> None:
     path = Path(__file__).resolve().parents[1] / "experiments" / "configs" / f"{name}.toml"

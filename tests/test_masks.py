@@ -81,8 +81,14 @@ def test_erk_densities_lenet_reference() -> None:
 def test_erk_densities_alexnet_reference() -> None:
     # CIFAR AlexNet with 3x3 convs (64, 192, 384, 256, 256) and fc 1024 -> 4096 -> 4096 -> 10
     shapes = [
-        (64, 3, 3, 3), (192, 64, 3, 3), (384, 192, 3, 3), (256, 384, 3, 3), (256, 256, 3, 3),
-        (4096, 1024), (4096, 4096), (10, 4096),
+        (64, 3, 3, 3),
+        (192, 64, 3, 3),
+        (384, 192, 3, 3),
+        (256, 384, 3, 3),
+        (256, 256, 3, 3),
+        (4096, 1024),
+        (4096, 4096),
+        (10, 4096),
     ]
     d = erk_densities({f"l{i}": s for i, s in enumerate(shapes)}, 0.5)
     assert list(d.values()) == pytest.approx([1, 1, 0.669, 0.557, 0.669, 0.931, 0.372, 1], abs=0.005)

@@ -34,24 +34,43 @@ EXPECTED_PARAMS = {
     ("lenet5", 10, 3, 32): conv(3, 6, 5) + conv(6, 16, 5) + fc(400, 120) + fc(120, 84) + fc(84, 10),
     ("mlp", 10, 1, 28): fc(784, 512) + fc(512, 512) + fc(512, 10),
     ("cnn", 62, 1, 28): conv(1, 32, 5) + conv(32, 64, 5) + fc(64 * 7 * 7, 2048) + fc(2048, 62),
-    ("alexnet", 10, 3, 32): conv(3, 64, 3) + conv(64, 192, 3) + conv(192, 384, 3)
-    + conv(384, 256, 3) + conv(256, 256, 3) + fc(1024, 4096) + fc(4096, 4096) + fc(4096, 10),
-    ("resnet18", 100, 3, 32): conv(3, 64, 3, False) + bn(64)
+    ("alexnet", 10, 3, 32): conv(3, 64, 3)
+    + conv(64, 192, 3)
+    + conv(192, 384, 3)
+    + conv(384, 256, 3)
+    + conv(256, 256, 3)
+    + fc(1024, 4096)
+    + fc(4096, 4096)
+    + fc(4096, 10),
+    ("resnet18", 100, 3, 32): conv(3, 64, 3, False)
+    + bn(64)
     + 2 * basic_block(64, 64, False)
-    + basic_block(64, 128, True) + basic_block(128, 128, False)
-    + basic_block(128, 256, True) + basic_block(256, 256, False)
-    + basic_block(256, 512, True) + basic_block(512, 512, False)
+    + basic_block(64, 128, True)
+    + basic_block(128, 128, False)
+    + basic_block(128, 256, True)
+    + basic_block(256, 256, False)
+    + basic_block(256, 512, True)
+    + basic_block(512, 512, False)
     + fc(512, 100),
-    ("resnet20", 10, 3, 32): conv(3, 16, 3, False) + bn(16)
-    + basic_block(16, 16, True) + 2 * basic_block(16, 16, False)
-    + basic_block(16, 32, True) + 2 * basic_block(32, 32, False)
-    + basic_block(32, 64, True) + 2 * basic_block(64, 64, False)
+    ("resnet20", 10, 3, 32): conv(3, 16, 3, False)
+    + bn(16)
+    + basic_block(16, 16, True)
+    + 2 * basic_block(16, 16, False)
+    + basic_block(16, 32, True)
+    + 2 * basic_block(32, 32, False)
+    + basic_block(32, 64, True)
+    + 2 * basic_block(64, 64, False)
     + fc(64, 10),
-    ("vgg", 10, 3, 32): conv(3, 128, 3, False) + conv(128, 128, 3, False)
-    + conv(128, 256, 3, False) + conv(256, 256, 3, False)
-    + conv(256, 512, 3, False) + conv(512, 512, 3, False)
+    ("vgg", 10, 3, 32): conv(3, 128, 3, False)
+    + conv(128, 128, 3, False)
+    + conv(128, 256, 3, False)
+    + conv(256, 256, 3, False)
+    + conv(256, 512, 3, False)
+    + conv(512, 512, 3, False)
     + 2 * (bn(128) + bn(256) + bn(512))
-    + fc(512 * 4 * 4, 1024) + fc(1024, 1024) + fc(1024, 10),
+    + fc(512 * 4 * 4, 1024)
+    + fc(1024, 1024)
+    + fc(1024, 10),
 }
 
 
@@ -156,9 +175,7 @@ def erk_densities(shapes: list[tuple[int, ...]], density: float) -> np.ndarray:
         (("alexnet", 10, 3, 32), [1.0, 1.0, 0.669, 0.557, 0.669, 0.931, 0.372, 1.0]),
     ],
 )
-def test_erk_densities_match_feddip_reference(
-    key: tuple[str, int, int, int], reference: list[float]
-) -> None:
+def test_erk_densities_match_feddip_reference(key: tuple[str, int, int, int], reference: list[float]) -> None:
     shapes = [tuple(p.shape) for _, p in _weight_tensors(_model(key))]
     d = erk_densities(shapes, 0.5)
     np.testing.assert_allclose(d, reference, atol=0.005)

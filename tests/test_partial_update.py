@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -72,7 +73,9 @@ class LocalGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
         raise NotImplementedError
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:  # pragma: no cover
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -130,7 +133,12 @@ class Client:
             {
                 "arrays": record(trained),
                 "metrics": MetricRecord(
-                    {"num-examples": int(rng.integers(5, 50)), "train-loss": 1.0, "partition-id": self.pid, "pu-version": version}
+                    {
+                        "num-examples": int(rng.integers(5, 50)),
+                        "train-loss": 1.0,
+                        "partition-id": self.pid,
+                        "pu-version": version,
+                    }
                 ),
             }
         )
@@ -210,7 +218,7 @@ def test_every_patched_copy_equals_the_deployed_model_bit_for_bit(case: dict[str
     kinds_seen: set[str] = set()
     patched_total = advanced = 0
     version = 0
-    for t, msgs, patched, before, after in run_rounds(strat, clients, 40, seed, fail_rate=0.1):
+    for t, _msgs, patched, before, after in run_rounds(strat, clients, 40, seed, fail_rate=0.1):
         want = as_numpy(before)
         for client, arrays in patched:
             assert bit_equal(arrays, want), f"round {t}: client {client.pid}'s copy differs from the deployed model"
@@ -393,7 +401,10 @@ def test_combined_score_mixes_normalised_global_and_local() -> None:
     partial = strat.partial
     weights = np.array([r.content["metrics"]["num-examples"] for r in replies], dtype=np.float64)
     weights /= weights.sum()
-    c_l = {n: sum(w * r.content["contribution"][n].numpy().astype(np.float64) for w, r in zip(weights, replies)) for n in partial}
+    c_l = {
+        n: sum(w * r.content["contribution"][n].numpy().astype(np.float64) for w, r in zip(weights, replies))
+        for n in partial
+    }
     c_g = {n: (avg[n].astype(np.float32) - initial[n]).astype(np.float64) ** 2 for n in partial}
     gs, ls = sum(v.sum() for v in c_g.values()), sum(v.sum() for v in c_l.values())
     scores = {n: 0.3 * c_g[n] / gs + 0.7 * c_l[n] / ls for n in partial}
@@ -449,7 +460,7 @@ def test_index_encoding_and_patch_are_the_smaller_measured_choice() -> None:
     clients = make_clients(10, initial)
     strat = strategy(update_ratio=0.02, contribution="global", initial_sync="seed")
     checked_kinds: set[str] = set()
-    for t, msgs, _, _, _ in run_rounds(strat, clients, 25, 6):
+    for _t, msgs, _, _, _ in run_rounds(strat, clients, 25, 6):
         for msg in msgs:
             cfg = msg.content["config"]
             parts = unpack_parts(msg.content["arrays"], len(cfg.get("pu-parts", [])))
@@ -550,7 +561,14 @@ def test_the_real_client_step_patches_trains_and_reports(tmp_path: Any) -> None:
     from fedsparse.server import initial_model
 
     cfg = resolve_config(
-        {"strategy": "partial-update", "dataset": "mnist", "model": "mlp", "num-clients": 20, "local-steps": 3, "seed": 3}
+        {
+            "strategy": "partial-update",
+            "dataset": "mnist",
+            "model": "mlp",
+            "num-clients": 20,
+            "local-steps": 3,
+            "seed": 3,
+        }
     )
     init = {k: v.numpy() for k, v in initial_model(cfg).state_dict().items()}
     strat = strategy(update_ratio=0.01, contribution="combined", initial_sync="seed")
@@ -576,7 +594,7 @@ def test_the_real_client_step_patches_trains_and_reports(tmp_path: Any) -> None:
     sent = sum(array_record_bytes(msgs[0].content["arrays"]).values())
     dense = sum(array_record_bytes(record(init)).values())
     assert sent < 0.05 * dense
-    out2 = step(msgs[0], context, cfg)
+    step(msgs[0], context, cfg)
     held, version = load_held(context)
     assert version == 1 and bit_equal(held, as_numpy(new))
 
@@ -641,8 +659,12 @@ def test_validate_reply_accepts_the_protocol_and_names_what_is_wrong() -> None:
     contrib = as_numpy(good.content["contribution"])
     contrib["fc2.weight"] = contrib["fc2.weight"].copy()
     contrib["fc2.weight"][0, 0] = np.nan
-    nan = RecordDict({"arrays": good.content["arrays"], "metrics": good.content["metrics"], "contribution": record(contrib)})
-    assert "contribution 'fc2.weight' contains NaN" in strat.validate_reply(1, Message(content=nan, reply_to=_instruction()))
+    nan = RecordDict(
+        {"arrays": good.content["arrays"], "metrics": good.content["metrics"], "contribution": record(contrib)}
+    )
+    assert "contribution 'fc2.weight' contains NaN" in strat.validate_reply(
+        1, Message(content=nan, reply_to=_instruction())
+    )
     missing = RecordDict({"arrays": good.content["arrays"], "metrics": good.content["metrics"]})
     assert "expected ArrayRecords" in strat.validate_reply(1, Message(content=missing, reply_to=_instruction()))
     # a well-formed reply from a node that was not sent this round's version
@@ -763,9 +785,11 @@ def test_runs_in_flowers_own_strategy_start_loop() -> None:
     result = strat.start(grid, record(initial), num_rounds=6, evaluate_fn=evaluate_fn)
     assert bit_equal(as_numpy(result.arrays), deployed[6])
     assert len(grid.patched) == 6 * 4  # fraction 0.5 of 8 clients per round
-    for pid, arrays, version in grid.patched:
+    for _pid, arrays, version in grid.patched:
         assert bit_equal(arrays, deployed[version])
-    assert set(strat.client_versions) == {f"p:{c.pid}" for c in clients.values() if any(p == c.pid for p, _, _ in grid.patched)}
+    assert set(strat.client_versions) == {
+        f"p:{c.pid}" for c in clients.values() if any(p == c.pid for p, _, _ in grid.patched)
+    }
     assert strat.version == 6
 
 
@@ -792,7 +816,9 @@ def test_residual_keeps_the_local_contribution_pending_like_the_residual() -> No
     plus the pending c_l of the weights not sent yet; what was sent starts afresh."""
     initial = tiny_model(21)
     clients = make_clients(5, initial)
-    strat = strategy(update_ratio=0.05, contribution="combined", after_broadcast="residual", initial_sync="dense", seed=21)
+    strat = strategy(
+        update_ratio=0.05, contribution="combined", after_broadcast="residual", initial_sync="dense", seed=21
+    )
     strat.base.fraction_train = 1.0
     random.seed(21)
     rng = np.random.default_rng(21)
@@ -817,11 +843,12 @@ def test_residual_keeps_the_local_contribution_pending_like_the_residual() -> No
         c_g = {n: (w_new[n] - dep[n]).astype(np.float32).astype(np.float64) ** 2 for n in strat.partial}
         c_l = {n: pending[n] + c_round[n] for n in strat.partial}
 
-        def ranked(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        k = num_updated(0.05, strat.partial_size)
+
+        def ranked(local: dict[str, np.ndarray], c_g: dict[str, np.ndarray] = c_g, k: int = k) -> dict[str, np.ndarray]:
             gs, ls = sum(v.sum() for v in c_g.values()), sum(v.sum() for v in local.values())
             return _expected_mask({n: 0.5 * c_g[n] / gs + 0.5 * local[n] / ls for n in strat.partial}, k)
 
-        k = num_updated(0.05, strat.partial_size)
         want = ranked(c_l)
         if t > 1 and any((ranked(c_round)[n] != want[n]).any() for n in strat.partial):
             differs_from_round_only = True
@@ -855,7 +882,10 @@ def test_only_weights_whose_bits_changed_are_marked_changed() -> None:
     trained["fc1.weight"] = trained["fc1.weight"] + np.float32(0.01)  # only fc1.weight is trained
     reply = Message(
         content=RecordDict(
-            {"arrays": record(trained), "metrics": MetricRecord({"num-examples": 10, "partition-id": 0, "pu-version": version})}
+            {
+                "arrays": record(trained),
+                "metrics": MetricRecord({"num-examples": 10, "partition-id": 0, "pu-version": version}),
+            }
         ),
         reply_to=msg,
     )

@@ -8,7 +8,13 @@ from fedsparse.progress import Progress
 
 
 def _row(rnd: int, acc: float) -> dict:
-    return {"round": rnd, "test_accuracy": acc, "cum_bytes_up": 2e6 * rnd, "cum_bytes_down": 1e6 * rnd, "round_seconds": 1.5}
+    return {
+        "round": rnd,
+        "test_accuracy": acc,
+        "cum_bytes_up": 2e6 * rnd,
+        "cum_bytes_down": 1e6 * rnd,
+        "round_seconds": 1.5,
+    }
 
 
 def test_accuracy_text_keeps_the_last_evaluation() -> None:

@@ -15,18 +15,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import pytest
+from deploy_harness import free_port  # tests/ is on sys.path under pytest
+from proctree import descendants, process_alive, signal_pid, spawn, stop_tree
 
 from fedsparse.cli import build_parser
 from fedsparse.config import resolve_config
 from fedsparse.simulation import backend_config
-
-from deploy_harness import free_port  # tests/ is on sys.path under pytest
-from proctree import descendants, process_alive, signal_pid, spawn, stop_tree
 
 BIN = Path(sys.executable).parent
 
@@ -56,11 +55,23 @@ def ray_head() -> Iterator[tuple[str, Path]]:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}  # FEDSPARSE_DATA etc. reach the workers from here
     # spawn(): stopped by the kernel too if this test process is killed before its cleanup
     head = spawn(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
-         # fixed defaults (10001, 8265) would clash with another Ray head on the machine
-         f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}"],
-        temp / "head.log", env,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+            # fixed defaults (10001, 8265) would clash with another Ray head on the machine
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-port={free_port()}",
+        ],
+        temp / "head.log",
+        env,
     )
     try:
         deadline = time.monotonic() + 120
@@ -87,8 +98,15 @@ def ray_head() -> Iterator[tuple[str, Path]]:
 def test_simulation_runs_on_an_existing_cluster(ray_head: tuple[str, Path], tmp_path: Path) -> None:
     address, temp = ray_head
     out = tmp_path / "out"
-    sets = {"num-clients": 2, "clients-per-round": 2, "rounds": 1, "local-steps": 3, "batch-size": 32,
-            "eval-batch-size": 2500, "client-cpus": 1}
+    sets = {
+        "num-clients": 2,
+        "clients-per-round": 2,
+        "rounds": 1,
+        "local-steps": 3,
+        "batch-size": 32,
+        "eval-batch-size": 2500,
+        "client-cpus": 1,
+    }
     argv = [str(BIN / "fedsparse"), "run", "--ray-address", address, "--out", str(out), "--quiet"]
     for key, value in sets.items():
         argv += ["--set", f"{key}={value}"]

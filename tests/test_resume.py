@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,18 +30,25 @@ import pandas as pd
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
+from loopback import EngineLikeGrid, SimulatedCrash, set_task_identity, train_round
 
 from clients.app import make_client_app
 from fedsparse import checkpoint as ckpt
 from fedsparse.accounting import Ledger
 from fedsparse.config import ConfigError, resolve_config
-from fedsparse.server import RunResult, run_server
-from loopback import EngineLikeGrid, SimulatedCrash, set_task_identity, train_round
 from fedsparse.methods import strategy_names
+from fedsparse.server import RunResult, run_server
 
 ROOT = Path(__file__).resolve().parents[1]
 # Timings differ between runs, and wire sizes by a few bytes (Flower's metadata carries random ids).
-NOT_REPRODUCIBLE = ["round_seconds", "elapsed_seconds", "wire_bytes_up", "wire_bytes_down", "cum_wire_bytes_up", "cum_wire_bytes_down"]
+NOT_REPRODUCIBLE = [
+    "round_seconds",
+    "elapsed_seconds",
+    "wire_bytes_up",
+    "wire_bytes_down",
+    "cum_wire_bytes_up",
+    "cum_wire_bytes_down",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -103,8 +109,17 @@ def test_nested_state_round_trips_exactly() -> None:
 
 def _checkpoint(server_round: int, value: float) -> ckpt.Checkpoint:
     ledger = Ledger()
-    ledger.rows.append({"round": 1, "direction": "up", "partition_id": 0, "node_id": 2**63 + 5, "message_type": "train",
-                        "payload_bytes": 10, "wire_bytes": None})
+    ledger.rows.append(
+        {
+            "round": 1,
+            "direction": "up",
+            "partition_id": 0,
+            "node_id": 2**63 + 5,
+            "message_type": "train",
+            "payload_bytes": 10,
+            "wire_bytes": None,
+        }
+    )
     ledger.layer_bytes[(1, "up", "w")] += 7
     return ckpt.Checkpoint(
         server_round=server_round,
@@ -179,7 +194,14 @@ def test_every_output_is_written_atomically_and_summary_last(tmp_path: Path, mon
     grid.send_and_receive = checking  # type: ignore[method-assign]
     run_server(grid, cfg, out, show_progress=False)
     assert written[0] == "config.toml" and written[-1] == "summary.json"
-    for name in ("rounds.csv", ckpt.CHECKPOINT_FILE, "messages.csv", "layer_bytes.csv", "accuracy_vs_round.png", "accuracy_vs_mb.png"):
+    for name in (
+        "rounds.csv",
+        ckpt.CHECKPOINT_FILE,
+        "messages.csv",
+        "layer_bytes.csv",
+        "accuracy_vs_round.png",
+        "accuracy_vs_mb.png",
+    ):
         assert name in written, name
     assert any(n.endswith(".rd") for n in written) and ckpt.CLIENT_STATE_DIR in synced
     assert written.index("accuracy_vs_mb.png") < written.index("summary.json")
@@ -233,7 +255,8 @@ def _compare(a: RunResult, b: RunResult) -> None:
         x, y = a.arrays[k].numpy(), b.arrays[k].numpy()
         assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), f"{k} differs"
     pd.testing.assert_frame_equal(
-        a.rounds.drop(columns=NOT_REPRODUCIBLE, errors="ignore"), b.rounds.drop(columns=NOT_REPRODUCIBLE, errors="ignore")
+        a.rounds.drop(columns=NOT_REPRODUCIBLE, errors="ignore"),
+        b.rounds.drop(columns=NOT_REPRODUCIBLE, errors="ignore"),
     )
 
 
@@ -287,7 +310,9 @@ def test_crash_and_resume_in_process_is_bitwise_identical(case: tuple[str, dict[
     assert not any(m.has_error() for replies in fresh.received for m in replies)
     on_disk = pd.read_csv(out / "rounds.csv")
     assert on_disk["round"].tolist() == [1, 2, 3]
-    messages = [pd.read_csv(d / "messages.csv").drop(columns=["node_id", "wire_bytes"]) for d in (tmp_path / "straight", out)]
+    messages = [
+        pd.read_csv(d / "messages.csv").drop(columns=["node_id", "wire_bytes"]) for d in (tmp_path / "straight", out)
+    ]
     pd.testing.assert_frame_equal(*messages)
 
 
@@ -308,7 +333,9 @@ def test_resume_without_the_client_state_mirror_differs(name: str, tmp_path: Pat
     import shutil
 
     shutil.rmtree(out / ckpt.CLIENT_STATE_DIR)
-    resumed = run_server(EngineLikeGrid(make_client_app(cfg), 4, first_node_id=9000), cfg, out, show_progress=False, resume=True)
+    resumed = run_server(
+        EngineLikeGrid(make_client_app(cfg), 4, first_node_id=9000), cfg, out, show_progress=False, resume=True
+    )
     assert _differs(straight, resumed)
     if name == "partial-update":
         assert resumed.rounds["failures"].iloc[-1] > 0 and straight.rounds["failures"].sum() == 0
@@ -321,7 +348,7 @@ def test_resume_with_checkpoint_every_0_keeps_the_client_state(name: str, tmp_pa
     Nothing more is mirrored (no checkpoint will be written that could use it)."""
     straight = _straight(tmp_path, name, {})
     out = tmp_path / "resumed"
-    cfg = _crash_after_round_2(out, name, {})
+    _crash_after_round_2(out, name, {})
     before = sorted(p.name for p in (out / ckpt.CLIENT_STATE_DIR).iterdir())
     again = ckpt.resume_config(out, overrides={"checkpoint-every": 0})
     assert again["checkpoint-every"] == 0
@@ -329,15 +356,17 @@ def test_resume_with_checkpoint_every_0_keeps_the_client_state(name: str, tmp_pa
     resumed = run_server(fresh, again, out, show_progress=False, resume=True)
     _compare(straight, resumed)
     assert not any(m.has_error() for replies in fresh.received for m in replies)
-    assert sorted(p.name for p in (out / ckpt.CLIENT_STATE_DIR).iterdir()) == [n for n in before if int(n.split("-r")[1][:-3]) <= 2]
+    assert sorted(p.name for p in (out / ckpt.CLIENT_STATE_DIR).iterdir()) == [
+        n for n in before if int(n.split("-r")[1][:-3]) <= 2
+    ]
     assert ckpt.read_checkpoint_config(out)[0] == 2  # no checkpoint after the resume
 
 
 def test_feddip_luar_state_round_trips_the_feddip_base(tmp_path: Path) -> None:
     """LUAR over FedDIP (feddip-luar) saves the base's own state_dict(): masks, schedule position,
     reconfiguration rounds come back exactly (LUAR used to save only Flower's per-array state)."""
-    from fedsparse.server import initial_model
     from fedsparse.methods import build_strategy
+    from fedsparse.server import initial_model
 
     cfg = _cfg(tmp_path, strategy="feddip-luar", **{"reconfig-every": 1})
     strategy = build_strategy(cfg)
@@ -378,7 +407,10 @@ def test_resume_refuses_a_conflicting_configuration(tmp_path: Path) -> None:
         ckpt.resume_config(tmp_path)
     text = (out / "config.toml").read_text().replace("seed = 4", "seed = 5")
     (out / "config.toml").write_text(text)
-    with pytest.raises(ConfigError, match=r"config\.toml does not match the checkpoint \(seed = 4 in the checkpoint, 5 in config\.toml\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config\.toml does not match the checkpoint \(seed = 4 in the checkpoint, 5 in config\.toml\)",
+    ):
         ckpt.resume_config(out)
     # and the loop itself refuses a checkpoint of another configuration
     other = _cfg(out, rounds=2, seed=5, **{"checkpoint-every": 1})
@@ -466,7 +498,9 @@ def _kill_after_checkpoint(args: list[str], out: Path, at_round: int, timeout: f
             if (out / ckpt.CHECKPOINT_FILE).is_file() and ckpt.read_checkpoint_config(out)[0] >= at_round:
                 break
             if proc.poll() is not None:
-                raise AssertionError(f"the run ended before its round-{at_round} checkpoint: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+                raise AssertionError(
+                    f"the run ended before its round-{at_round} checkpoint: {proc.stderr.read().decode()[-2000:]}"
+                )  # type: ignore[union-attr]
             if time.monotonic() > deadline:
                 raise AssertionError("no checkpoint in time")
             time.sleep(0.05)

@@ -21,7 +21,11 @@ TINY = [
 
 def _fedsparse(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fedsparse.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "fedsparse.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
@@ -45,7 +49,9 @@ def test_an_empty_or_new_directory_is_ready(tmp_path: Path) -> None:
 
 def test_a_directory_holding_a_run_is_refused_unless_overwrite(tmp_path: Path) -> None:
     files = _finished_run(tmp_path / "run")
-    with pytest.raises(RunExistsError, match=r"holds a run \(config.toml, rounds.csv, summary.json\).*--resume.*--overwrite"):
+    with pytest.raises(
+        RunExistsError, match=r"holds a run \(config.toml, rounds.csv, summary.json\).*--resume.*--overwrite"
+    ):
         prepare_out_dir(tmp_path / "run")
     assert {n: (tmp_path / "run" / n).read_bytes() for n in files} == files  # nothing touched
     assert prepare_out_dir(tmp_path / "run", overwrite=True) == ["config.toml", "rounds.csv", "summary.json"]

@@ -27,7 +27,14 @@ TINY = {
 }
 # Timings differ between runs, and wire sizes by a few bytes: Flower's message metadata carries
 # random node/message ids and timestamps whose varint encodings vary in length.
-NOT_REPRODUCIBLE = ["round_seconds", "elapsed_seconds", "wire_bytes_up", "wire_bytes_down", "cum_wire_bytes_up", "cum_wire_bytes_down"]
+NOT_REPRODUCIBLE = [
+    "round_seconds",
+    "elapsed_seconds",
+    "wire_bytes_up",
+    "wire_bytes_down",
+    "cum_wire_bytes_up",
+    "cum_wire_bytes_down",
+]
 
 
 @pytest.mark.ray

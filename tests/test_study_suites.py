@@ -18,12 +18,11 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from loopback import set_task_identity  # tests/ is on sys.path under pytest
+from test_bench import TINY_BASE, LoopbackRunner
 
 from fedsparse import bench
 from fedsparse.config import ConfigError, resolve_config
-
-from loopback import set_task_identity  # tests/ is on sys.path under pytest
-from test_bench import TINY_BASE, LoopbackRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = ROOT / "experiments" / "suites"
@@ -58,7 +57,9 @@ def fedluar_runner_grid(config: str, common: dict[str, Any]) -> Grid:
     for base in ("fedadam", "fedprox"):
         for d in (0, 1):
             runs[f"{base}-d{d}"] = {**base_settings[base], "luar-base": base, "recycled-layers": d}
-    return {f"{label}--dir0.1--s0": (config, {"checkpoint-every": 10, **common, **over}) for label, over in runs.items()}
+    return {
+        f"{label}--dir0.1--s0": (config, {"checkpoint-every": 10, **common, **over}) for label, over in runs.items()
+    }
 
 
 def partial_update_runner_grid() -> Grid:
@@ -90,7 +91,9 @@ def _assert_same_runs(suite: bench.Suite, grid: Grid) -> None:
         want = resolve_config(CONFIGS / config, overrides)
         have = configs[name]
         assert have == want, f"{name}: " + ", ".join(
-            f"{k}: suite {have.get(k)!r}, runner {want.get(k)!r}" for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)
+            f"{k}: suite {have.get(k)!r}, runner {want.get(k)!r}"
+            for k in sorted(set(have) | set(want))
+            if have.get(k) != want.get(k)
         )
 
 
@@ -120,21 +123,27 @@ def test_partial_update_suite_is_the_runners_grids() -> None:
     suite = bench.load_suite(SUITES / "partial-update.toml")
     runs = suite.runs()
     assert len(runs) == 26 and {r.split: 0 for r in runs}.keys() == {"mnist-mlp", "fmnist-lenet5", "mnist-mlp-adam"}
-    assert len(suite.runs(splits=["mnist-mlp", "fmnist-lenet5"])) == 21 and len(suite.runs(splits=["mnist-mlp-adam"])) == 5
+    assert (
+        len(suite.runs(splits=["mnist-mlp", "fmnist-lenet5"])) == 21 and len(suite.runs(splits=["mnist-mlp-adam"])) == 5
+    )
     _assert_same_runs(suite, partial_update_runner_grid())
 
 
 def test_a_method_may_run_in_some_splits_only() -> None:
-    suite = bench.parse_suite({
-        "splits": {"a": {}, "b": {}},
-        "methods": [{"name": "m", "strategy": "fedavg"}, {"name": "n", "strategy": "fedprox", "splits": ["b"]}],
-    })
+    suite = bench.parse_suite(
+        {
+            "splits": {"a": {}, "b": {}},
+            "methods": [{"name": "m", "strategy": "fedavg"}, {"name": "n", "strategy": "fedprox", "splits": ["b"]}],
+        }
+    )
     assert [r.name for r in suite.runs()] == ["m--a--s0", "m--b--s0", "n--b--s0"]
     assert "splits" not in suite.methods["n"]  # not a configuration key
     assert suite.runs(splits=["a"], methods=["n"]) == []
     for bad in (["c"], [], "b", ["b", "b"], [1]):
         with pytest.raises(ConfigError, match="splits = "):
-            bench.parse_suite({"splits": {"a": {}, "b": {}}, "methods": [{"name": "n", "strategy": "fedavg", "splits": bad}]})
+            bench.parse_suite(
+                {"splits": {"a": {}, "b": {}}, "methods": [{"name": "n", "strategy": "fedavg", "splits": bad}]}
+            )
 
 
 # ------------------------------------------------------------------ the reports read the bench's runs
@@ -156,8 +165,9 @@ def _script(name: str) -> ModuleType:
         ("partial-update", {"methods": ["fedavg", "global-k0.01"], "splits": ["mnist-mlp"]}, {}),
     ],
 )
-def test_study_report_reads_tiny_runs(study: str, select: dict[str, Any], extra: dict[str, Any], tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_study_report_reads_tiny_runs(
+    study: str, select: dict[str, Any], extra: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     set_task_identity(node_id=0)
     suite = bench.load_suite(SUITES / f"{study}.toml", {**TINY_BASE, **extra})
     result = bench.run_suite(suite, tmp_path, runner=LoopbackRunner(), report=lambda line: None, **select)

@@ -23,7 +23,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import tomllib
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
+from loopback import LoopbackGrid, set_task_identity, train_reply
 
 from fedsparse.accounting import array_record_bytes
 from fedsparse.checkpoint import pack_state, unpack_state
@@ -41,7 +42,6 @@ from fedsparse.config import resolve_config
 from fedsparse.global_model import initial_model
 from fedsparse.methods import strategy_names
 from fedsparse.validation import spec_of
-from loopback import LoopbackGrid, set_task_identity, train_reply
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "third_party_method"
@@ -49,8 +49,14 @@ NAME = "fedavg-signs"
 BIN = Path(sys.executable).parent  # the venv's bin: fedsparse, flwr, flower-superlink
 #: The run of the CLI test (the brief's tiny configuration).
 TINY = {
-    "dataset": "fashion-mnist", "model": "lenet5", "num-clients": 4, "clients-per-round": 2, "rounds": 2,
-    "local-steps": 5, "eval-batch-size": 5000, "wire-bytes": False,
+    "dataset": "fashion-mnist",
+    "model": "lenet5",
+    "num-clients": 4,
+    "clients-per-round": 2,
+    "rounds": 2,
+    "local-steps": 5,
+    "eval-batch-size": 5000,
+    "wire-bytes": False,
 }
 
 
@@ -66,7 +72,18 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("third_party_method")
     src, site = work / "src", work / "site"
     shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "--target", str(site), str(src)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--target",
+        str(site),
+        str(src),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert (site / "fedsparse_example_method" / "client.py").is_file()  # the wheel carries both sides
@@ -133,7 +150,9 @@ def test_payload_round_trip_and_size(example: Any) -> None:
     tensors = decoded.tensors(spec)
     assert spec_of(tensors) == spec  # shapes and dtypes of the model, 0-d buffer included
     assert tensors["bn.num_batches_tracked"] == 7
-    np.testing.assert_allclose(tensors["conv.bias"], 2.75 / 6 * np.array([1, -1, 1, 1, -1, 1], np.float32), rtol=1e-6)  # mean |Δ| · ±1
+    np.testing.assert_allclose(
+        tensors["conv.bias"], 2.75 / 6 * np.array([1, -1, 1, 1, -1, 1], np.float32), rtol=1e-6
+    )  # mean |Δ| · ±1
 
     # a dense float32 LeNet-5 update is ~32x bigger than its scaled signs, Flower's .npy headers included
     model = ArrayRecord(initial_model(resolve_config({**TINY, "strategy": "fedavg"})).state_dict())
@@ -178,18 +197,23 @@ def test_strategy_and_client_step_in_process(example: Any, tmp_path: Path) -> No
 
     grid = LoopbackGrid(app, 2)
     eta = 2.0
-    strategy = example.strategy.FedAvgSigns(eta, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0)
+    strategy = example.strategy.FedAvgSigns(
+        eta, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0
+    )
     arrays = ArrayRecord(initial_model(cfg).state_dict())
     spec = spec_of(arrays)
     replies = grid.send_and_receive(strategy.configure_train(1, arrays, ConfigRecord({"server-round": 1}), grid))
     assert len(replies) == 2 and all(strategy.validate_reply(1, r) is None for r in replies)
     for r in replies:  # nothing but the scaled signs goes up
         assert {k: a.numpy().nbytes for k, a in r.content.array_records["arrays"].items()} == {
-            "sign:bits": math.ceil(sum(math.prod(s) for s, _ in spec.values()) / 8), "sign:scales": 4 * len(spec)
+            "sign:bits": math.ceil(sum(math.prod(s) for s, _ in spec.values()) / 8),
+            "sign:scales": 4 * len(spec),
         }
     # the reply screen rejects what does not decode, and a trained tensor sent raw
     short = {"sign:bits": Array(np.zeros(3, np.uint8)), "sign:scales": Array(np.zeros(len(spec), np.float32))}
-    assert "does not decode (3 bytes of signs" in str(strategy.validate_reply(1, train_reply(replies[0], ArrayRecord(short), 10)))
+    assert "does not decode (3 bytes of signs" in str(
+        strategy.validate_reply(1, train_reply(replies[0], ArrayRecord(short), 10))
+    )
     first = next(iter(spec))
     tensors = example.protocol.decode(replies[0].content.array_records["arrays"], spec).tensors(spec)
     one_raw = train_reply(replies[0], example.protocol.encode(tensors, raw=[first]), 10)
@@ -253,13 +277,20 @@ def test_config_knows_the_plugin_key(plugin_site: Path, tmp_path: Path) -> None:
     env = _env(plugin_site)
     probe = subprocess.run(
         [sys.executable, "-c", _CONFIG_PROBE, str(EXAMPLE / "pyproject.toml")],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert probe.returncode == 0, probe.stderr[-3000:]
     got = json.loads(probe.stdout.strip().splitlines()[-1])
     assert got["listing"].startswith("sign-server-lr") and "[fedavg-signs]" in got["listing"]
     assert got["default"] == 1.0 and got["below_bound"] is None
-    assert got["zero"].startswith("sign-server-lr = 0.0 is out of range; allowed: ") and got["zero"].endswith("float > 0.0")
+    assert got["zero"].startswith("sign-server-lr = 0.0 is out of range; allowed: ") and got["zero"].endswith(
+        "float > 0.0"
+    )
     assert len(got["cases"]) == 1 and "sign-server-lr = 10.0 exceeds √6" in got["cases"][0]
     # flwr run accepts a --run-config key only if the app's table lists it: every key, none unknown
     assert got["missing_from_table"] == [] and got["unknown_in_table"] == []
@@ -269,10 +300,18 @@ def test_config_knows_the_plugin_key(plugin_site: Path, tmp_path: Path) -> None:
     out = tmp_path / "never"
     run = subprocess.run(
         [_fedsparse(), "run", "--set", f"strategy={NAME}", "--set", "sign-server-lr=10", "--out", str(out)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert run.returncode == 2, run.stderr[-3000:]
-    assert "fedsparse: error: sign-server-lr = 10.0 exceeds √6" in run.stderr and "allowed: 0 < sign-server-lr <=" in run.stderr
+    assert (
+        "fedsparse: error: sign-server-lr = 10.0 exceeds √6" in run.stderr
+        and "allowed: 0 < sign-server-lr <=" in run.stderr
+    )
     assert not out.exists()
 
 
@@ -285,7 +324,12 @@ def test_cli_run_with_the_plugin(plugin_site: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
         [_fedsparse(), "run", str(config), "--set", f"strategy={NAME}", "--out", str(out), "--quiet"],
-        env=_env(plugin_site), cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+        env=_env(plugin_site),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rounds = pd.read_csv(out / "rounds.csv")
@@ -302,9 +346,14 @@ def test_cli_run_with_the_plugin(plugin_site: Path, tmp_path: Path) -> None:
     layers = pd.read_csv(out / "layer_bytes.csv")
     up = layers[layers["direction"] == "up"].groupby(["round", "array"])["bytes"].sum().unstack()
     assert sorted(up.columns) == ["sign:bits", "sign:scales"]
-    expected = array_record_bytes(ArrayRecord({
-        "sign:bits": Array(np.zeros(math.ceil(d / 8), np.uint8)), "sign:scales": Array(np.zeros(tensors, np.float32)),
-    }))
+    expected = array_record_bytes(
+        ArrayRecord(
+            {
+                "sign:bits": Array(np.zeros(math.ceil(d / 8), np.uint8)),
+                "sign:scales": Array(np.zeros(tensors, np.float32)),
+            }
+        )
+    )
     assert up["sign:bits"].tolist() == [2 * expected["sign:bits"]] * 2
     assert up["sign:scales"].tolist() == [2 * expected["sign:scales"]] * 2
     summary = json.loads((out / "summary.json").read_text())

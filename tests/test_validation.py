@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import copy
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
+from loopback import EngineLikeGrid, set_task_identity
 
 from clients.app import make_client_app
 from fedsparse import checkpoint as ckpt
@@ -24,6 +26,7 @@ from fedsparse.accounting import Ledger
 from fedsparse.config import resolve_config
 from fedsparse.grid import MeteredGrid, seeded_sampling
 from fedsparse.hooks import MethodHooks
+from fedsparse.methods import build_strategy, strategy_names
 from fedsparse.server import _aggregate, _screen_for, initial_model
 from fedsparse.validation import (
     ReplyScreen,
@@ -34,8 +37,6 @@ from fedsparse.validation import (
     spec_of,
     universal_check,
 )
-from loopback import EngineLikeGrid, set_task_identity
-from fedsparse.methods import build_strategy, strategy_names
 
 TINY = {
     "num-clients": 4,
@@ -113,8 +114,15 @@ def test_check_arrays_omit_and_finite() -> None:
 
 @pytest.mark.parametrize(
     ("value", "bound", "fragment"),
-    [(0, 10, "not > 0"), (-3, 10, "not > 0"), (float("nan"), 10, "not > 0"), (float("inf"), None, "not > 0"),
-     (11, 10, "exceeds this client's 10"), ([1, 2], 10, "not a number"), ("5", 10, "not a number")],
+    [
+        (0, 10, "not > 0"),
+        (-3, 10, "not > 0"),
+        (float("nan"), 10, "not > 0"),
+        (float("inf"), None, "not > 0"),
+        (11, 10, "exceeds this client's 10"),
+        ([1, 2], 10, "not a number"),
+        ("5", 10, "not a number"),
+    ],
 )
 def test_num_examples_bounds(value: Any, bound: int | None, fragment: str) -> None:
     assert fragment in str(check_num_examples(value, bound))
@@ -142,12 +150,18 @@ def model(model_cfg: dict[str, Any]) -> ArrayRecord:
 
 
 def _reply(content: RecordDict, node: int = 7) -> Message:
-    out = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node, message_type=MessageType.TRAIN)
+    out = Message(
+        content=RecordDict({"config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=node,
+        message_type=MessageType.TRAIN,
+    )
     return Message(content=content, reply_to=out)
 
 
 def _content(arrays: dict[str, Any], metrics: dict[str, Any]) -> RecordDict:
-    return RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}), "metrics": MetricRecord(metrics)})
+    return RecordDict(
+        {"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}), "metrics": MetricRecord(metrics)}
+    )
 
 
 def _np(rec: ArrayRecord) -> dict[str, np.ndarray]:
@@ -175,18 +189,67 @@ def _with(content: RecordDict, **records: Any) -> RecordDict:
 
 
 BAD_CASES: dict[str, tuple[Callable[[dict, RecordDict], RecordDict], str]] = {
-    "nan": (lambda a, c: _content({**a, "classifier.4.bias": np.full_like(a["classifier.4.bias"], np.nan)}, {"num-examples": 50}), "contains NaN"),
-    "inf": (lambda a, c: _content({**a, "features.0.weight": np.full_like(a["features.0.weight"], np.inf)}, {"num-examples": 50}), "contains inf"),
-    "wrong shape": (lambda a, c: _content({**a, "classifier.4.bias": a["classifier.4.bias"][:-1]}, {"num-examples": 50}), "has shape"),
-    "wrong dtype": (lambda a, c: _content({**a, "classifier.4.bias": a["classifier.4.bias"].astype(np.float64)}, {"num-examples": 50}), "has dtype float64"),
-    "missing array": (lambda a, c: _content({k: v for k, v in a.items() if k != "classifier.4.bias"}, {"num-examples": 50}), "missing arrays: classifier.4.bias"),
-    "unexpected array": (lambda a, c: _content({**a, "backdoor": np.ones(3, np.float32)}, {"num-examples": 50}), "unexpected arrays: backdoor"),
-    "arrays out of order": (lambda a, c: _content(dict(reversed(list(a.items()))), {"num-examples": 50}), "is out of order"),
-    "second ArrayRecord": (lambda a, c: _with(c, extra=ArrayRecord({"x": Array(np.ones(2, np.float32))})), "exactly one ArrayRecord"),
-    "renamed ArrayRecord": (lambda a, c: _with(c, arrays=None, weights=c["arrays"]), "exactly one ArrayRecord named 'arrays'"),
+    "nan": (
+        lambda a, c: _content(
+            {**a, "classifier.4.bias": np.full_like(a["classifier.4.bias"], np.nan)}, {"num-examples": 50}
+        ),
+        "contains NaN",
+    ),
+    "inf": (
+        lambda a, c: _content(
+            {**a, "features.0.weight": np.full_like(a["features.0.weight"], np.inf)}, {"num-examples": 50}
+        ),
+        "contains inf",
+    ),
+    "wrong shape": (
+        lambda a, c: _content({**a, "classifier.4.bias": a["classifier.4.bias"][:-1]}, {"num-examples": 50}),
+        "has shape",
+    ),
+    "wrong dtype": (
+        lambda a, c: _content(
+            {**a, "classifier.4.bias": a["classifier.4.bias"].astype(np.float64)}, {"num-examples": 50}
+        ),
+        "has dtype float64",
+    ),
+    "missing array": (
+        lambda a, c: _content({k: v for k, v in a.items() if k != "classifier.4.bias"}, {"num-examples": 50}),
+        "missing arrays: classifier.4.bias",
+    ),
+    "unexpected array": (
+        lambda a, c: _content({**a, "backdoor": np.ones(3, np.float32)}, {"num-examples": 50}),
+        "unexpected arrays: backdoor",
+    ),
+    "arrays out of order": (
+        lambda a, c: _content(dict(reversed(list(a.items()))), {"num-examples": 50}),
+        "is out of order",
+    ),
+    "second ArrayRecord": (
+        lambda a, c: _with(c, extra=ArrayRecord({"x": Array(np.ones(2, np.float32))})),
+        "exactly one ArrayRecord",
+    ),
+    "renamed ArrayRecord": (
+        lambda a, c: _with(c, arrays=None, weights=c["arrays"]),
+        "exactly one ArrayRecord named 'arrays'",
+    ),
     "no arrays": (lambda a, c: _with(c, arrays=None), "exactly one ArrayRecord"),
-    "undecodable array": (lambda a, c: _with(c, arrays=ArrayRecord({**{k: Array(v) for k, v in a.items()}, "classifier.4.bias": _garbage_array(a["classifier.4.bias"])})), "does not decode"),
-    "array lying about its shape": (lambda a, c: _with(c, arrays=ArrayRecord({**{k: Array(v) for k, v in a.items()}, "classifier.4.bias": _lying_array(a["classifier.4.bias"])})), "declares shape"),
+    "undecodable array": (
+        lambda a, c: _with(
+            c,
+            arrays=ArrayRecord(
+                {**{k: Array(v) for k, v in a.items()}, "classifier.4.bias": _garbage_array(a["classifier.4.bias"])}
+            ),
+        ),
+        "does not decode",
+    ),
+    "array lying about its shape": (
+        lambda a, c: _with(
+            c,
+            arrays=ArrayRecord(
+                {**{k: Array(v) for k, v in a.items()}, "classifier.4.bias": _lying_array(a["classifier.4.bias"])}
+            ),
+        ),
+        "declares shape",
+    ),
     "num-examples 0": (lambda a, c: _content(a, {"num-examples": 0}), "num-examples = 0 is not > 0"),
     "num-examples negative": (lambda a, c: _content(a, {"num-examples": -40}), "is not > 0"),
     "num-examples nan": (lambda a, c: _content(a, {"num-examples": float("nan")}), "is not > 0"),
@@ -206,7 +269,10 @@ def test_each_bad_reply_is_rejected_with_its_reason(case: str, model: ArrayRecor
     make, fragment = BAD_CASES[case]
     screen = ReplyScreen(FedAvg(), spec_of(model), lambda msg: 100)
     bad = _reply(make(arrays, good), node=8)
-    err = Message(Error(code=2, reason="boom"), reply_to=Message(content=RecordDict(), dst_node_id=9, message_type=MessageType.TRAIN))
+    err = Message(
+        Error(code=2, reason="boom"),
+        reply_to=Message(content=RecordDict(), dst_node_id=9, message_type=MessageType.TRAIN),
+    )
     result = screen.screen(1, [_reply(good), bad, err])
     assert [m.metadata.src_node_id for m in result.valid] == [7]
     assert len(result.errors) == 1
@@ -234,7 +300,9 @@ def test_metric_keys_follow_the_majority(model: ArrayRecord) -> None:
 
 def test_all_replies_bad_keeps_the_model(model: ArrayRecord) -> None:
     arrays = _np(model)
-    bad = [_reply(BAD_CASES[c][0](arrays, _content(arrays, {"num-examples": 5})), node=i) for i, c in enumerate(BAD_CASES)]
+    bad = [
+        _reply(BAD_CASES[c][0](arrays, _content(arrays, {"num-examples": 5})), node=i) for i, c in enumerate(BAD_CASES)
+    ]
     result = ReplyScreen(FedAvg(), spec_of(model), lambda msg: 100).screen(1, bad)
     assert result.valid == [] and len(result.rejected) == len(BAD_CASES)
     new, aggregated = _aggregate(FedAvg(), 1, result, 1, model)
@@ -305,7 +373,9 @@ def _mutate(msg: Message, kind: str, rng: np.random.Generator) -> Message:
         flat[int(rng.integers(flat.size))] = np.nan if kind == "nan" else (np.inf if rng.random() < 0.5 else -np.inf)
         set_array(rn, key, Array(x))
     elif kind == "num-examples":
-        content["metrics"] = MetricRecord({**metrics, "num-examples": pick([0, -7, 10**9, float("nan"), float("inf"), [3, 4]])})
+        content["metrics"] = MetricRecord(
+            {**metrics, "num-examples": pick([0, -7, 10**9, float("nan"), float("inf"), [3, 4]])}
+        )
     elif kind == "metric-nan":
         content["metrics"] = MetricRecord({**metrics, "train-loss": float("nan")})
     elif kind == "no-metrics":
@@ -366,7 +436,9 @@ class _Round:
         self.state = ckpt.pack_state(ckpt.strategy_state(strategy))
         probe = self.fresh()
         self.replies = self.grid.in_partition_order(self.grid.send_and_receive(self.messages(probe)))
-        assert self.replies and not any(m.has_error() for m in self.replies), [m.error for m in self.replies if m.has_error()]
+        assert self.replies and not any(m.has_error() for m in self.replies), [
+            m.error for m in self.replies if m.has_error()
+        ]
 
     def _round(self, strategy: Any, t: int, arrays: ArrayRecord) -> tuple[ArrayRecord, Any]:
         with seeded_sampling(int(self.cfg["seed"]), t):
@@ -422,9 +494,7 @@ def _checks_structure(strategy: Any) -> bool:
 
 
 @pytest.mark.parametrize("name", strategy_names())
-def test_fuzz_malformed_replies_never_reach_the_model(
-    name: str, rounds_cache: dict, tmp_path: Path
-) -> None:
+def test_fuzz_malformed_replies_never_reach_the_model(name: str, rounds_cache: dict, tmp_path: Path) -> None:
     r = _setup(name, rounds_cache, tmp_path)
     strategy = r.fresh()
     kinds = UNIVERSAL + (STRUCTURAL if _checks_structure(strategy) else [])
@@ -436,7 +506,7 @@ def test_fuzz_malformed_replies_never_reach_the_model(
     good_only, _ = r.aggregate(r.replies[:1])
     nothing, _ = r.aggregate([])
 
-    for trial in range(6):
+    for _trial in range(6):
         chosen = [_applicable(m, kinds) for m in r.replies]
         chosen = [ks[int(rng.integers(len(ks)))] for ks in chosen]
         bad = [_mutate(m, kind, rng) for m, kind in zip(r.replies, chosen)]
@@ -455,9 +525,7 @@ def test_fuzz_malformed_replies_never_reach_the_model(
 
 
 @pytest.mark.parametrize("name", strategy_names())
-def test_fuzz_structural_damage_needs_a_validate_reply_hook(
-    name: str, rounds_cache: dict, tmp_path: Path
-) -> None:
+def test_fuzz_structural_damage_needs_a_validate_reply_hook(name: str, rounds_cache: dict, tmp_path: Path) -> None:
     """Wrong shapes / dtypes / missing or extra arrays: checked by the strategy's hook (or the generic
     check for Flower's strategies). A strategy without the hook is reported here, not hidden."""
     r = _setup(name, rounds_cache, tmp_path)
@@ -476,7 +544,10 @@ def test_magnitude_bound_rejects_finite_but_huge_values(model: ArrayRecord) -> N
     0 / None turns it off; integer arrays are not bounded."""
     arrays = _np(model)
     name = next(iter(arrays))
-    huge = {k: (np.where(np.arange(x.size).reshape(x.shape) == 0, 3.0e38, x).astype(x.dtype) if k == name else x) for k, x in arrays.items()}
+    huge = {
+        k: (np.where(np.arange(x.size).reshape(x.shape) == 0, 3.0e38, x).astype(x.dtype) if k == name else x)
+        for k, x in arrays.items()
+    }
     good, bad = _reply(_content(arrays, {"num-examples": 5})), _reply(_content(huge, {"num-examples": 5}))
     screened = ReplyScreen(FedAvg(), spec_of(model), max_abs=1e6).screen(1, [good, bad])
     assert screened.valid == [good]

@@ -71,7 +71,6 @@ from fedsparse.bench.report import (
     summarize_runs,
     write_reports,
 )
-from fedsparse.bench.status import DONE_FILE, USAGE_FILE, FinishedRun, finished_run, resume_point, run_status
 from fedsparse.bench.runner import (
     BenchResult,
     Runner,
@@ -84,6 +83,7 @@ from fedsparse.bench.runner import (
     slot_env,
     subprocess_runner,
 )
+from fedsparse.bench.status import DONE_FILE, USAGE_FILE, FinishedRun, finished_run, resume_point, run_status
 from fedsparse.bench.suite import (
     RUN_SEP,
     SUITE_KEYS,
@@ -96,12 +96,40 @@ from fedsparse.bench.suite import (
 )
 
 __all__ = [
-    "Suite", "RunSpec", "FinishedRun", "load_suite", "parse_suite", "resolve_runs", "run_suite", "run_status",
-    "finished_run", "collect", "summarize_runs", "pareto_front", "write_reports", "report_dir", "make_slots",
-    "slot_env", "add_bench_command",
+    "Suite",
+    "RunSpec",
+    "FinishedRun",
+    "load_suite",
+    "parse_suite",
+    "resolve_runs",
+    "run_suite",
+    "run_status",
+    "finished_run",
+    "collect",
+    "summarize_runs",
+    "pareto_front",
+    "write_reports",
+    "report_dir",
+    "make_slots",
+    "slot_env",
+    "add_bench_command",
     # also public before the split into modules, and used by tests
-    "MB", "RUN_SEP", "SUITE_KEYS", "DONE_FILE", "USAGE_FILE", "available_methods", "Slot", "slot_config", "Runner",
-    "subprocess_runner", "TreeCPU", "BenchResult", "markdown_table", "describe_pareto", "plot_suite",
+    "MB",
+    "RUN_SEP",
+    "SUITE_KEYS",
+    "DONE_FILE",
+    "USAGE_FILE",
+    "available_methods",
+    "Slot",
+    "slot_config",
+    "Runner",
+    "subprocess_runner",
+    "TreeCPU",
+    "BenchResult",
+    "markdown_table",
+    "describe_pareto",
+    "plot_suite",
     # resuming from a checkpoint
-    "resume_point", "run_command",
+    "resume_point",
+    "run_command",
 ]

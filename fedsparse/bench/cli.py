@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from fedsparse.bench.report import fmt_seconds, markdown_table
-from fedsparse.bench.status import RESTART_QUIETLY, finished_run, resume_point, run_status
 from fedsparse.bench.runner import run_suite
+from fedsparse.bench.status import RESTART_QUIETLY, finished_run, resume_point, run_status
 from fedsparse.bench.suite import Suite, load_suite, resolve_runs
 from fedsparse.config import parse_overrides
 
@@ -38,7 +38,11 @@ def _dry_run(
             elif why_not not in RESTART_QUIETLY:
                 why += f"; {why_not}, starts over"
         print(f"{spec.name:40s} {'done' if done else why}")
-    est = f"; about {fmt_seconds(sum(walls) / len(walls) * todo / jobs)} at the finished runs' mean" if walls and todo else ""
+    est = (
+        f"; about {fmt_seconds(sum(walls) / len(walls) * todo / jobs)} at the finished runs' mean"
+        if walls and todo
+        else ""
+    )
     print(f"{len(specs)} runs, {todo} to run{est}")
     return 0
 
@@ -53,8 +57,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _dry_run(suite, out, args.jobs, methods, splits, seeds)
     command = "fedsparse bench " + " ".join(a for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else ""
     result = run_suite(
-        suite, out, jobs=args.jobs, methods=methods, splits=splits, seeds=seeds,
-        skip_unavailable=args.skip_unavailable, command=command,
+        suite,
+        out,
+        jobs=args.jobs,
+        methods=methods,
+        splits=splits,
+        seeds=seeds,
+        skip_unavailable=args.skip_unavailable,
+        command=command,
     )
     if not result.summary.empty:
         print(markdown_table(result.summary))
@@ -64,19 +74,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def add_bench_command(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001 (argparse's type)
     """Register ``fedsparse bench`` on the CLI's subparsers."""
     bench = subparsers.add_parser(
-        "bench", help="run a benchmark suite (methods × seeds × splits) and write tables and plots",
+        "bench",
+        help="run a benchmark suite (methods × seeds × splits) and write tables and plots",
         description=DESCRIPTION,
     )
     bench.add_argument("suite", help="suite TOML file (see docs/benchmarks.md)")
-    bench.add_argument("--jobs", type=int, default=1, help="runs at once, each on its own share of the cores (default 1)")
     bench.add_argument(
-        "--out", help="results directory (default: runs/bench-<suite name>): runs in DIR/<run>/ (finished ones are "
+        "--jobs", type=int, default=1, help="runs at once, each on its own share of the cores (default 1)"
+    )
+    bench.add_argument(
+        "--out",
+        help="results directory (default: runs/bench-<suite name>): runs in DIR/<run>/ (finished ones are "
         "skipped, and shared with other suites run there), this suite's reports in DIR/<suite name>/",
     )
     bench.add_argument("--only", help="comma-separated methods to run (default: all)")
     bench.add_argument("--splits", help="comma-separated splits to run (default: all)")
     bench.add_argument("--seeds", help="comma-separated seeds to run (default: the suite's)")
     bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every run (repeatable)")
-    bench.add_argument("--skip-unavailable", action="store_true", help="leave out methods whose strategy is not registered")
+    bench.add_argument(
+        "--skip-unavailable", action="store_true", help="leave out methods whose strategy is not registered"
+    )
     bench.add_argument("--dry-run", action="store_true", help="list the runs and which are done; run nothing")
     bench.set_defaults(func=_cmd_bench)

@@ -46,12 +46,30 @@ def plot_suite(all_rounds: Any, summary: Any, out_dir: Path, title: str = "") ->
         part = summary[summary["split"] == split]
         for r in part.to_dict("records"):
             err = r["final_acc_std"] if math.isfinite(r["final_acc_std"]) else 0.0
-            ax.errorbar(r["mb_total"], r["final_acc_mean"], yerr=err, fmt="o" if r["pareto"] else "s",
-                        ms=7 if r["pareto"] else 5, color=colors[r["method"]], capsize=3, label=r["method"])
-            ax.annotate(r["method"], (r["mb_total"], r["final_acc_mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.errorbar(
+                r["mb_total"],
+                r["final_acc_mean"],
+                yerr=err,
+                fmt="o" if r["pareto"] else "s",
+                ms=7 if r["pareto"] else 5,
+                color=colors[r["method"]],
+                capsize=3,
+                label=r["method"],
+            )
+            ax.annotate(
+                r["method"], (r["mb_total"], r["final_acc_mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
         front = part[part["pareto"]].sort_values("mb_total")
         if len(front):
-            ax.step(front["mb_total"], front["final_acc_mean"], where="post", color="black", lw=1, alpha=0.6, label="Pareto front")
+            ax.step(
+                front["mb_total"],
+                front["final_acc_mean"],
+                where="post",
+                color="black",
+                lw=1,
+                alpha=0.6,
+                label="Pareto front",
+            )
         ax.set_xscale("log")
         ax.set_xlabel("total MB moved per run (up + down, payload; log scale)")
         ax.set_ylabel("final test accuracy (mean ± std over seeds)")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from fedsparse.bench.plots import plot_suite
 from fedsparse.bench.status import finished_run
@@ -62,9 +63,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
     """For (cost, accuracy) points: True where no other point has cost ≤ and accuracy ≥, one strictly."""
     out = []
     for i, (c, a) in enumerate(points):
-        dominated = any(
-            (c2 <= c and a2 >= a and (c2 < c or a2 > a)) for j, (c2, a2) in enumerate(points) if j != i
-        )
+        dominated = any((c2 <= c and a2 >= a and (c2 < c or a2 > a)) for j, (c2, a2) in enumerate(points) if j != i)
         out.append(not dominated and math.isfinite(c) and math.isfinite(a))
     return out
 
@@ -148,7 +147,10 @@ def describe_pareto(summary: Any) -> str:
     lines = []
     for split in dict.fromkeys(summary["split"]):
         part = summary[(summary["split"] == split) & summary["pareto"]].sort_values("mb_total")
-        items = [f"{r['method']} ({r['mb_total']:.2f} MB, {100 * r['final_acc_mean']:.2f} %)" for r in part.to_dict("records")]
+        items = [
+            f"{r['method']} ({r['mb_total']:.2f} MB, {100 * r['final_acc_mean']:.2f} %)"
+            for r in part.to_dict("records")
+        ]
         lines.append(f"- {split}: " + (" → ".join(items) if items else "none"))
     return "\n".join(lines)
 

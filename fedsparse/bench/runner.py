@@ -22,10 +22,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from fedsparse.bench.report import fmt_seconds, report_dir, write_reports
 from fedsparse.bench.status import (
@@ -246,7 +247,9 @@ def run_suite(
         todo.append((spec, why, resume_from))
     report(
         f"[bench] {suite.name}: {len(specs)} runs ({len(skipped)} already done, {len(todo)} to run), "
-        f"jobs={jobs}" + (f" ({len(slots[0].cores)} core(s) each)" if slots[0].cores else "") + f", results in {out_dir}"
+        f"jobs={jobs}"
+        + (f" ({len(slots[0].cores)} core(s) each)" if slots[0].cores else "")
+        + f", results in {out_dir}"
     )
     free: queue.Queue[Slot] = queue.Queue()
     for slot in slots:
@@ -322,5 +325,8 @@ def run_suite(
     finished = [s for s in specs if s.name not in failed and finished_run(out_dir / s.name)[0] is not None]
     summary, files = write_reports(suite, out_dir, finished, command=command, failed=failed)
     where = files[0].parent if files else report_dir(out_dir, suite)
-    report(f"[bench] wrote {', '.join(str(p.name) for p in files)} in {where}" + (f"; {len(failed)} run(s) failed" if failed else ""))
+    report(
+        f"[bench] wrote {', '.join(str(p.name) for p in files)} in {where}"
+        + (f"; {len(failed)} run(s) failed" if failed else "")
+    )
     return BenchResult(out_dir, ran, skipped, failed, summary, files)

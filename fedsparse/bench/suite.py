@@ -8,13 +8,15 @@ through :func:`fedsparse.config.resolve_config`, so a bad value fails before the
 from __future__ import annotations
 
 import re
-import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from fedsparse.methods import strategy_names
+import tomllib
+
 from fedsparse.config import Config, ConfigError, resolve_config
+from fedsparse.methods import strategy_names
 
 #: Joins method, split and seed into a run's directory name; no suite, method or split name holds it.
 RUN_SEP = "--"
@@ -106,14 +108,18 @@ def _check_name(kind: str, name: Any, where: str) -> str:
     return name
 
 
-def _method_splits(entry: Mapping[str, Any], name: str, splits: Mapping[str, Any], where: str) -> tuple[str, ...] | None:
+def _method_splits(
+    entry: Mapping[str, Any], name: str, splits: Mapping[str, Any], where: str
+) -> tuple[str, ...] | None:
     """The ``splits = [...]`` of a method entry (None when absent: the method runs in every split)."""
     if "splits" not in entry:
         return None
     only = entry["splits"]
     if (
-        not isinstance(only, list) or not only
-        or not all(isinstance(s, str) and s in splits for s in only) or len(set(only)) != len(only)
+        not isinstance(only, list)
+        or not only
+        or not all(isinstance(s, str) and s in splits for s in only)
+        or len(set(only)) != len(only)
     ):
         raise ConfigError(
             f"{where}: method {name!r}: splits = {only!r}; allowed: a non-empty list of this suite's splits "
@@ -129,7 +135,11 @@ def parse_suite(data: Mapping[str, Any], *, where: str = "suite", path: Path | N
         raise ConfigError(f"{where}: unknown top-level entries {unknown}; allowed: {', '.join(sorted(SUITE_KEYS))}")
     base = _table(data, "base", where)
     seeds = data.get("seeds", [int(base.get("seed", 0))])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
         raise ConfigError(f"{where}: seeds = {seeds!r}; allowed: a non-empty list of integers >= 0")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{where}: seeds = {seeds!r} repeats a seed")
@@ -165,7 +175,14 @@ def parse_suite(data: Mapping[str, Any], *, where: str = "suite", path: Path | N
     # "--", so it never collides with a run directory (method--split--sSEED)
     name = _check_name("suite", str(data.get("name", path.stem if path else "suite")), where)
     return Suite(
-        name, str(data.get("description", "")), base, methods, splits, list(seeds), baseline, path,
+        name,
+        str(data.get("description", "")),
+        base,
+        methods,
+        splits,
+        list(seeds),
+        baseline,
+        path,
         method_splits=method_splits,
     )
 

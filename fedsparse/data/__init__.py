@@ -15,8 +15,8 @@ from fedsparse.data.fetch import ROUTES, ChecksumError, FetchError, fetch_datase
 from fedsparse.data.idx import IdxFormatError, read_idx
 from fedsparse.data.info import DATASET_INFO, DatasetInfo, dataset_info
 from fedsparse.data.inmemory import InMemoryDataset, load_dataset
-from fedsparse.data.paths import DATASETS, DatasetNotFoundError, locate, search_roots, user_data_dir
 from fedsparse.data.partition import SCHEMES, PartitionError, partition_indices
+from fedsparse.data.paths import DATASETS, DatasetNotFoundError, locate, search_roots, user_data_dir
 from fedsparse.data.report import format_split_report, label_histogram, plot_split
 
 __all__ = [

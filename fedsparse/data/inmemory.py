@@ -57,9 +57,7 @@ class InMemoryDataset:
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """float32 ``(x / 255 - mean) / std`` of a uint8 batch [B, C, H, W] (or one [C, H, W])."""
         if images_uint8.dtype != torch.uint8:
-            raise TypeError(
-                f"normalize expects uint8 images straight from the dataset, got {images_uint8.dtype}"
-            )
+            raise TypeError(f"normalize expects uint8 images straight from the dataset, got {images_uint8.dtype}")
         if images_uint8.dim() not in (3, 4) or images_uint8.shape[-3] != len(self.mean):
             raise ValueError(
                 f"normalize expects [B, {len(self.mean)}, H, W] or [{len(self.mean)}, H, W], "

@@ -76,7 +76,11 @@ def partition_indices(
     if scheme == "dirichlet":
         if not (isinstance(alpha, (int, float, np.floating)) and np.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha={alpha!r} is out of range; the Dirichlet concentration must be > 0")
-        if isinstance(min_partition_size, bool) or not isinstance(min_partition_size, (int, np.integer)) or min_partition_size < 0:
+        if (
+            isinstance(min_partition_size, bool)
+            or not isinstance(min_partition_size, (int, np.integer))
+            or min_partition_size < 0
+        ):
             raise ValueError(f"min_partition_size={min_partition_size!r} is out of range; allowed: an int >= 0")
         if num_partitions * min_partition_size > n:
             raise PartitionError(
@@ -87,8 +91,10 @@ def partition_indices(
         params.update(alpha=float(alpha), min_partition_size=int(min_partition_size))
     elif scheme == "pathological":
         num_classes = len(np.unique(labels))
-        if isinstance(classes_per_client, bool) or not isinstance(classes_per_client, (int, np.integer)) or not (
-            1 <= classes_per_client <= num_classes
+        if (
+            isinstance(classes_per_client, bool)
+            or not isinstance(classes_per_client, (int, np.integer))
+            or not (1 <= classes_per_client <= num_classes)
         ):
             raise ValueError(
                 f"classes_per_client={classes_per_client!r} is out of range; the labels hold "
@@ -183,9 +189,7 @@ def _explain(exc: ValueError, params: dict[str, object], n: int) -> str:
             "Use a larger alpha, fewer clients, or a smaller min_partition_size."
         )
     if scheme == "pathological":
-        return (
-            f"{what}: {exc} Use fewer clients or fewer classes per client."
-        )
+        return f"{what}: {exc} Use fewer clients or fewer classes per client."
     return f"{what}: {exc}"
 
 

@@ -17,9 +17,11 @@ def label_histogram(labels: np.ndarray, partitions: Sequence[np.ndarray], num_cl
         raise ValueError(f"num_classes={num_classes} is out of range; allowed: >= 1")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels span {labels.min()}..{labels.max()}, outside 0..{num_classes - 1}")
-    counts = np.stack(
-        [np.bincount(labels[np.asarray(p, dtype=np.int64)], minlength=num_classes) for p in partitions]
-    ) if len(partitions) else np.zeros((0, num_classes), dtype=np.int64)
+    counts = (
+        np.stack([np.bincount(labels[np.asarray(p, dtype=np.int64)], minlength=num_classes) for p in partitions])
+        if len(partitions)
+        else np.zeros((0, num_classes), dtype=np.int64)
+    )
     df = pd.DataFrame(counts, columns=list(range(num_classes)))
     df.insert(0, "size", counts.sum(axis=1))
     df.insert(0, "client", np.arange(len(partitions)))
@@ -107,8 +109,14 @@ def plot_split(df: pd.DataFrame, path: str | os.PathLike[str], title: str | None
     if title:
         ax.set_title(title)
     if len(cols) <= 20:
-        ax.legend(title="class", fontsize=7, title_fontsize=8, ncol=1 if len(cols) <= 10 else 2,
-                  loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.legend(
+            title="class",
+            fontsize=7,
+            title_fontsize=8,
+            ncol=1 if len(cols) <= 10 else 2,
+            loc="upper left",
+            bbox_to_anchor=(1.0, 1.0),
+        )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")

@@ -16,10 +16,14 @@ def add_dev_commands(subparsers: argparse._SubParsersAction) -> None:  # noqa: S
 
     dev = subparsers.add_parser("dev", help="developer commands: regenerate docs/errors.md and pyproject's flwr config")
     sub = dev.add_subparsers(dest="dev_command", required=True)
-    table = sub.add_parser("errors-table", help="the table of configuration errors (docs/errors.md), from the real messages")
+    table = sub.add_parser(
+        "errors-table", help="the table of configuration errors (docs/errors.md), from the real messages"
+    )
     errors_table.add_arguments(table)
     table.set_defaults(func=errors_table.command)
-    sync = sub.add_parser("pyproject-sync", help="write [tool.flwr.app.config] from the schema (core + installed methods)")
+    sync = sub.add_parser(
+        "pyproject-sync", help="write [tool.flwr.app.config] from the schema (core + installed methods)"
+    )
     pyproject_sync.add_arguments(sync)
     sync.set_defaults(func=pyproject_sync.command)
 

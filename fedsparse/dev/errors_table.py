@@ -20,9 +20,10 @@ import os
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from fedsparse.methods import BUILTIN, methods, origin
 
@@ -37,9 +38,26 @@ MAX_MESSAGE = 400  # longer messages (e.g. the list of every key) are cut in the
 
 #: Raise sites no case reaches, as (file, function, a fragment of the raise statement): why.
 NOT_TABULATED: dict[tuple[str, str, str], str] = {
-    ("fedsparse/simulation.py", "preflight", "no CUDA device"): "`client-gpus > 0` without CUDA: only on a machine without a GPU (see below the table)",
-    ("fedsparse/bench/runner.py", "make_slots", "cores available"): "`--jobs N` above the core count: the message names this machine's cores (see below the table)",
-    ("fedsparse/config.py", "_check_dataset_fits", "cannot take"): "a model that cannot take the dataset's input size: no registered model/dataset pair triggers it today",
+    (
+        "fedsparse/simulation.py",
+        "preflight",
+        "no CUDA device",
+    ): "`client-gpus > 0` without CUDA: only on a machine without a GPU (see below the table)",
+    (
+        "fedsparse/bench/runner.py",
+        "make_slots",
+        "cores available",
+    ): "`--jobs N` above the core count: the message names this machine's cores (see below the table)",
+    (
+        "fedsparse/config.py",
+        "_check_dataset_fits",
+        "cannot take",
+    ): "a model that cannot take the dataset's input size: no registered model/dataset pair triggers it today",
+    (
+        "fedsparse/rundir.py",
+        "prepare_out_dir",
+        "is not writable",
+    ): "an `--out` the user may not write: depends on who runs it (root writes anywhere), so no fixed case shows it",
 }
 
 
@@ -82,9 +100,8 @@ def _write(path: str, text: str) -> Path:
 
 def _run_dir(name: str, **over: Any) -> Path:
     """A run directory as a checkpointed run leaves it: config.toml and checkpoint.npz (round 1)."""
-    from flwr.app import Array, ArrayRecord
-
     import numpy as np
+    from flwr.app import Array, ArrayRecord
 
     from fedsparse import checkpoint as ckpt
     from fedsparse.accounting import Ledger
@@ -95,8 +112,16 @@ def _run_dir(name: str, **over: Any) -> Path:
     _write(str(out / "config.toml"), to_toml(cfg))
     ckpt.save_checkpoint(
         out,
-        ckpt.Checkpoint(1, dict(cfg), ArrayRecord({"w": Array(np.zeros(1, np.float32))}),
-                        {"kind": "attributes", "state": {}}, [], Ledger(), ckpt.capture_rng(), 0.0),
+        ckpt.Checkpoint(
+            1,
+            dict(cfg),
+            ArrayRecord({"w": Array(np.zeros(1, np.float32))}),
+            {"kind": "attributes", "state": {}},
+            [],
+            Ledger(),
+            ckpt.capture_rng(),
+            0.0,
+        ),
     )
     return out
 
@@ -193,7 +218,9 @@ def value_cases() -> list[Case]:
             if key.maximum is not None:
                 bad.append(key.kind(key.maximum) + (1 if key.kind is int else 0.5))
         for value in bad:
-            out.append(_flat("value", f"`{name}` [{key.section}]", f"{name} = {_toml_value(value)}", _resolve(**{name: value})))
+            out.append(
+                _flat("value", f"`{name}` [{key.section}]", f"{name} = {_toml_value(value)}", _resolve(**{name: value}))
+            )
     return out
 
 
@@ -233,14 +260,28 @@ def other_cases() -> list[Case]:
     add("a key that does not exist (a close one is suggested)", "num-client = 5", _resolve(**{"num-client": 5}))
     add("`--set` without `=`", "--set lr", lambda: parse_overrides(["lr"]))
     add("a config file that does not exist", "fedsparse run missing.toml", lambda: load_toml("missing.toml"))
-    add("a config file that is not TOML", "fedsparse run bad.toml (holding: lr = )", lambda: load_toml(_write("bad.toml", "lr = \n")))
-    add("a config file with sub-tables", "fedsparse run nested.toml (holding: [run])", lambda: load_toml(_write("nested.toml", "[run]\nlr = 0.1\n")))
+    add(
+        "a config file that is not TOML",
+        "fedsparse run bad.toml (holding: lr = )",
+        lambda: load_toml(_write("bad.toml", "lr = \n")),
+    )
+    add(
+        "a config file with sub-tables",
+        "fedsparse run nested.toml (holding: [run])",
+        lambda: load_toml(_write("nested.toml", "[run]\nlr = 0.1\n")),
+    )
     # the federation
-    add("more clients per round than clients", _set({"num-clients": 10, "clients-per-round": 11}),
-        _resolve(**{"num-clients": 10, "clients-per-round": 11}))
+    add(
+        "more clients per round than clients",
+        _set({"num-clients": 10, "clients-per-round": 11}),
+        _resolve(**{"num-clients": 10, "clients-per-round": 11}),
+    )
     add("no local work", _set({"local-epochs": 0, "local-steps": 0}), _resolve(**{"local-epochs": 0, "local-steps": 0}))
-    add("more classes per client than the dataset has", _set({"partition": "pathological", "classes-per-client": 11}),
-        _resolve(partition="pathological", **{"classes-per-client": 11}))
+    add(
+        "more classes per client than the dataset has",
+        _set({"partition": "pathological", "classes-per-client": 11}),
+        _resolve(partition="pathological", **{"classes-per-client": 11}),
+    )
 
     def impossible_split() -> Any:
         from fedsparse.config import resolve_config
@@ -248,8 +289,11 @@ def other_cases() -> list[Case]:
 
         return preflight(resolve_config({"partition": "dirichlet", "num-clients": 50000, "clients-per-round": 2}))
 
-    add("a split that leaves a client too small (checked before Ray starts)",
-        _set({"partition": "dirichlet", "num-clients": 50000, "clients-per-round": 2}), impossible_split)
+    add(
+        "a split that leaves a client too small (checked before Ray starts)",
+        _set({"partition": "dirichlet", "num-clients": 50000, "clients-per-round": 2}),
+        impossible_split,
+    )
 
     def no_data() -> Any:
         from fedsparse.config import resolve_config
@@ -264,22 +308,59 @@ def other_cases() -> list[Case]:
     add("`fail-clients`: not ROUND:PARTITION", 'fail-clients = "2-0"', _resolve(**{"fail-clients": "2-0"}))
     add("`fail-clients`: a bad round", 'fail-clients = "0:1"', _resolve(**{"fail-clients": "0:1"}))
     add("`fail-clients`: an unknown mode", 'fail-clients = "1:1:explode"', _resolve(**{"fail-clients": "1:1:explode"}))
-    add("`fail-clients`: a partition that does not exist", 'fail-clients = "1:99"', _resolve(**{"fail-clients": "1:99"}))
+    add(
+        "`fail-clients`: a partition that does not exist", 'fail-clients = "1:99"', _resolve(**{"fail-clients": "1:99"})
+    )
     add("`fail-clients`: a round after the last", 'fail-clients = "500:1"', _resolve(**{"fail-clients": "500:1"}))
+    # non-finite settings and the output directory
+    add("a float setting that is NaN or infinite (any float key)", "lr = nan", _resolve(lr=float("nan")))
+    add("`--out` is a file", "fedsparse run --out afile", _out_dir("afile", make_file=True))
+    add("`--out` cannot be created", "fedsparse run --out afile/below", _out_dir("afile/below", make_file=True))
+    add(
+        "`--out` holds a run (neither --resume nor --overwrite)",
+        "fedsparse run --out run (a finished run)",
+        _out_dir("run", make_run=True),
+    )
     # resume
     add("`--resume` of a directory that does not exist", "fedsparse run --resume nowhere", _resume_missing)
     add("`--resume` of a directory without config.toml", "fedsparse run --resume notarun", _resume_not_a_run)
-    add("`--resume` of a run without a checkpoint", "fedsparse run --resume run (checkpoint-every = 0)",
-        _resume("run", edit=lambda d: (d / "checkpoint.npz").unlink()))
-    add("`--resume` of a damaged checkpoint", "fedsparse run --resume run (checkpoint.npz truncated)",
-        _resume("run", edit=lambda d: (d / "checkpoint.npz").write_bytes(b"PK\x03\x04")))
-    add("`--resume` with a setting that differs from the run's", "fedsparse run --resume run --set lr=0.1", _resume("run", lr=0.1))
-    add("`--resume` after config.toml was edited", "fedsparse run --resume run (config.toml: seed = 1)",
-        _resume("run", edit=lambda d: _write(str(d / "config.toml"), (d / "config.toml").read_text().replace("seed = 0", "seed = 1"))))
+    add(
+        "`--resume` of a run without a checkpoint",
+        "fedsparse run --resume run (checkpoint-every = 0)",
+        _resume("run", edit=lambda d: (d / "checkpoint.npz").unlink()),
+    )
+    add(
+        "`--resume` of a damaged checkpoint",
+        "fedsparse run --resume run (checkpoint.npz truncated)",
+        _resume("run", edit=lambda d: (d / "checkpoint.npz").write_bytes(b"PK\x03\x04")),
+    )
+    add(
+        "`--resume` with a setting that differs from the run's",
+        "fedsparse run --resume run --set lr=0.1",
+        _resume("run", lr=0.1),
+    )
+    add(
+        "`--resume` after config.toml was edited",
+        "fedsparse run --resume run (config.toml: seed = 1)",
+        _resume(
+            "run",
+            edit=lambda d: _write(
+                str(d / "config.toml"), (d / "config.toml").read_text().replace("seed = 0", "seed = 1")
+            ),
+        ),
+    )
     add("`--resume` with `--out` elsewhere", "fedsparse run --resume run --out other", _resume_out_elsewhere)
-    add("a checkpoint of another configuration, met by the round loop", "(flwr run with a foreign checkpoint)", _loop_resume)
+    add(
+        "a checkpoint of another configuration, met by the round loop",
+        "(flwr run with a foreign checkpoint)",
+        _loop_resume,
+    )
     add("resuming without an output directory", "run_server(..., out_dir=None, resume=True)", _loop_resume_no_dir)
-    add("a checkpoint the strategy cannot load", "(a state_dict() saved, a strategy without load_state_dict())", _strategy_cannot_load)
+    add(
+        "a checkpoint the strategy cannot load",
+        "(a state_dict() saved, a strategy without load_state_dict())",
+        _strategy_cannot_load,
+    )
     add("a checkpoint written by another format version", "fedsparse run --resume run (older fedsparse)", _old_format)
     # methods: each declares its own bad inputs (fedsparse.methods.Method.error_cases)
     c.extend(method_cases())
@@ -290,26 +371,50 @@ def other_cases() -> list[Case]:
     add("bench: bad seeds", "suite: seeds = [-1]", _suite({"seeds": [-1]}))
     add("bench: a repeated seed", "suite: seeds = [0, 0]", _suite({"seeds": [0, 0]}))
     add("bench: splits is not a table of tables", "suite: splits = 3", _suite({"splits": 3}))
-    add("bench: a split name with a path separator", "suite: [splits.\"a/b\"]", _suite({"splits": {"a/b": {}}}))
-    add("bench: a suite name with a path separator", "suite: name = \"a/b\"",
-        _suite({"name": "a/b", "methods": [{"name": "x", "strategy": "fedavg"}]}))
+    add("bench: a split name with a path separator", 'suite: [splits."a/b"]', _suite({"splits": {"a/b": {}}}))
+    add(
+        "bench: a suite name with a path separator",
+        'suite: name = "a/b"',
+        _suite({"name": "a/b", "methods": [{"name": "x", "strategy": "fedavg"}]}),
+    )
     add("bench: no methods", "suite without [[methods]]", _suite({}))
     add("bench: a method that is not a table", "suite: methods = [3]", _suite({"methods": [3]}))
-    add("bench: a method defined twice", "suite: two [[methods]] named fedavg",
-        _suite({"methods": [{"name": "fedavg", "strategy": "fedavg"}, {"name": "fedavg", "strategy": "fedprox"}]}))
-    add("bench: a method without a strategy", "suite: [[methods]] name = \"x\"", _suite({"methods": [{"name": "x"}]}))
-    add("bench: a list inside a method", "suite: [[methods]] lr = [0.1]", _suite({"methods": [{"name": "x", "strategy": "fedavg", "lr": [0.1]}]}))
-    add("bench: a method limited to splits the suite lacks", "suite: [[methods]] splits = [\"noniid\"]",
-        _suite({"methods": [{"name": "x", "strategy": "fedavg", "splits": ["noniid"]}]}))
-    add("bench: a baseline that is not a method", "suite: baseline = \"fedprox\"",
-        _suite({"baseline": "fedprox", "methods": [{"name": "x", "strategy": "fedavg"}]}))
+    add(
+        "bench: a method defined twice",
+        "suite: two [[methods]] named fedavg",
+        _suite({"methods": [{"name": "fedavg", "strategy": "fedavg"}, {"name": "fedavg", "strategy": "fedprox"}]}),
+    )
+    add("bench: a method without a strategy", 'suite: [[methods]] name = "x"', _suite({"methods": [{"name": "x"}]}))
+    add(
+        "bench: a list inside a method",
+        "suite: [[methods]] lr = [0.1]",
+        _suite({"methods": [{"name": "x", "strategy": "fedavg", "lr": [0.1]}]}),
+    )
+    add(
+        "bench: a method limited to splits the suite lacks",
+        'suite: [[methods]] splits = ["noniid"]',
+        _suite({"methods": [{"name": "x", "strategy": "fedavg", "splits": ["noniid"]}]}),
+    )
+    add(
+        "bench: a baseline that is not a method",
+        'suite: baseline = "fedprox"',
+        _suite({"baseline": "fedprox", "methods": [{"name": "x", "strategy": "fedavg"}]}),
+    )
     add("bench: a suite file that does not exist", "fedsparse bench missing.toml", _suite_file_missing)
     add("bench: a suite file that is not TOML", "fedsparse bench bad.toml", _suite_file_bad)
-    add("bench: `--only` a method the suite lacks", "fedsparse bench s.toml --only fedsgd", _suite_runs(methods=["fedsgd"]))
+    add(
+        "bench: `--only` a method the suite lacks",
+        "fedsparse bench s.toml --only fedsgd",
+        _suite_runs(methods=["fedsgd"]),
+    )
     add("bench: `--seeds` the suite lacks", "fedsparse bench s.toml --seeds 9", _suite_runs(seeds=[9]))
     add("bench: a bad value in one run", "suite: [[methods]] lr = -1.0", _suite_resolve)
     add("bench: `--jobs 0`", "fedsparse bench s.toml --jobs 0", _jobs_zero)
-    add("bench: no method with a registered strategy", "suite: only strategies not written yet", _bench_nothing_registered)
+    add(
+        "bench: no method with a registered strategy",
+        "suite: only strategies not written yet",
+        _bench_nothing_registered,
+    )
     return c
 
 
@@ -357,6 +462,20 @@ def _old_format() -> Any:
     out.mkdir(exist_ok=True)
     np.savez(out / "checkpoint.npz", meta=np.frombuffer(b'{"format": 0}', dtype=np.uint8))
     return load_checkpoint(out)
+
+
+def _out_dir(path: str, *, make_file: bool = False, make_run: bool = False) -> Callable[[], Any]:
+    def run() -> Any:
+        from fedsparse.rundir import prepare_out_dir
+
+        if make_file:
+            _write("afile", "x")
+        if make_run:
+            _write(f"{path}/config.toml", "seed = 0\n")
+            _write(f"{path}/summary.json", "{}\n")
+        return prepare_out_dir(path)
+
+    return run
 
 
 def _suite_file_missing() -> Any:
@@ -480,14 +599,19 @@ def write(doc: Path = DOC) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--doc", type=Path, default=DOC, help=f"the document holding the table (default: {DOC})")
-    parser.add_argument("--write", action="store_true", help="rewrite the document's generated block (else print the table)")
+    parser.add_argument(
+        "--write", action="store_true", help="rewrite the document's generated block (else print the table)"
+    )
 
 
 def command(args: argparse.Namespace) -> int:
     """``fedsparse dev errors-table``."""
     if args.write:
         if not args.doc.is_file():
-            print(f"fedsparse dev errors-table: {args.doc} not found; run it from the checkout's root or pass --doc", file=sys.stderr)
+            print(
+                f"fedsparse dev errors-table: {args.doc} not found; run it from the checkout's root or pass --doc",
+                file=sys.stderr,
+            )
             return 2
         write(args.doc)
         print(f"updated {args.doc}")

@@ -41,10 +41,20 @@ def sync(path: Path, distributions: Collection[str] | None = None) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pyproject", nargs="?", type=Path, default=Path("pyproject.toml"), help="the file to update (default: ./pyproject.toml)")
-    parser.add_argument("--check", action="store_true", help="only report whether the file is in sync (exit 1 when not)")
     parser.add_argument(
-        "--methods-from", action="append", metavar="DIST",
+        "pyproject",
+        nargs="?",
+        type=Path,
+        default=Path("pyproject.toml"),
+        help="the file to update (default: ./pyproject.toml)",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="only report whether the file is in sync (exit 1 when not)"
+    )
+    parser.add_argument(
+        "--methods-from",
+        action="append",
+        metavar="DIST",
         help="only the methods of this installed distribution (repeatable; default: every installed method). "
         "fedsparse's own pyproject uses --methods-from fedsparse; a plug-in app names fedsparse and itself",
     )

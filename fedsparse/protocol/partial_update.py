@@ -27,7 +27,8 @@ tensors stored ``raw`` (biases and other small dense tensors, kept float32) are 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -185,14 +186,14 @@ def patch_held_model(
         if initial_model_fn is None:
             raise PatchError(
                 f"the server asks {who} to rebuild the initial model from the run's seed, but no "
-                "initial_model_fn was given; run the strategy with initial-sync = \"dense\""
+                'initial_model_fn was given; run the strategy with initial-sync = "dense"'
             )
         start: Mapping[str, np.ndarray] = dict(initial_model_fn())
         want, got = str(config.get("pu-init-hash", "")), model_digest(start)
         if want and want != got:
             raise PatchError(
                 f"the model {who} rebuilt from the seed (digest {got}) differs from the server's initial "
-                f"model (digest {want}); run with initial-sync = \"dense\""
+                f'model (digest {want}); run with initial-sync = "dense"'
             )
         if base != 0:
             raise PatchError(f"a seed rebuild gives version 0, but the patch starts from version {base}")

@@ -32,15 +32,23 @@ def make_strategy(run: dict, num_rounds: int) -> Strategy:
         return FedAvg(**sampling)
     if name == "feddip":
         return FedDIP(
-            total_rounds=num_rounds, target_sparsity=float(run["target-sparsity"]),
-            lambda_max=float(run["lambda-max"]), seed=int(run["seed"]), **sampling,
+            total_rounds=num_rounds,
+            target_sparsity=float(run["target-sparsity"]),
+            lambda_max=float(run["lambda-max"]),
+            seed=int(run["seed"]),
+            **sampling,
         )
     if name == "fedluar":
         return LUAR(FedAvg(**sampling), int(run["recycled-layers"]), seed=int(run["seed"]))
     if name == "partial-update":
         # the first round sends the dense model (our clients cannot rebuild it from a seed)
-        return PartialUpdate(FedAvg(**sampling), update_ratio=float(run["update-ratio"]),
-                             contribution="global", initial_sync="dense", seed=int(run["seed"]))
+        return PartialUpdate(
+            FedAvg(**sampling),
+            update_ratio=float(run["update-ratio"]),
+            contribution="global",
+            initial_sync="dense",
+            seed=int(run["seed"]),
+        )
     raise ValueError(f"unknown strategy {name!r}; choose one of: fedavg, feddip, fedluar, partial-update")
 
 

@@ -6,7 +6,7 @@ clients by ``partition-id`` — replace both with your own.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -61,7 +61,9 @@ def batches(
         yield images[idx], labels[idx]
 
 
-def train(model: nn.Module, data: Iterator[tuple[torch.Tensor, torch.Tensor]], optimizer: torch.optim.Optimizer) -> float:
+def train(
+    model: nn.Module, data: Iterator[tuple[torch.Tensor, torch.Tensor]], optimizer: torch.optim.Optimizer
+) -> float:
     """Plain SGD steps; the mean training loss."""
     model.train()
     losses = []

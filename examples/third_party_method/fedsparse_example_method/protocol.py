@@ -48,7 +48,9 @@ def encode(update: Mapping[str, np.ndarray], raw: Iterable[str] = ()) -> ArrayRe
     flat = np.concatenate(coded) if coded else np.zeros(0, np.float32)
     scales = np.array([float(np.abs(x, dtype=np.float64).mean()) if x.size else 0.0 for x in coded], np.float32)
     out = {SIGNS_KEY: Array(np.packbits(flat >= 0)), SCALES_KEY: Array(scales)}
-    out.update({n: Array(np.array(update[n], order="C")) for n in update if n in raw})  # ascontiguousarray makes 0-d 1-d
+    out.update(
+        {n: Array(np.array(update[n], order="C")) for n in update if n in raw}
+    )  # ascontiguousarray makes 0-d 1-d
     return ArrayRecord(out)
 
 
@@ -96,7 +98,9 @@ def decode(record: ArrayRecord, spec: Spec) -> SignUpdate:
     packed, scales = record[SIGNS_KEY].numpy(), record[SCALES_KEY].numpy()
     total = sum(sizes)
     if packed.size != math.ceil(total / 8):
-        raise ValueError(f"{packed.size} bytes of signs for {total} sign-coded weights; expected {math.ceil(total / 8)}")
+        raise ValueError(
+            f"{packed.size} bytes of signs for {total} sign-coded weights; expected {math.ceil(total / 8)}"
+        )
     if scales.size != len(coded):
         raise ValueError(f"{scales.size} scales for {len(coded)} sign-coded tensors")
     if not np.isfinite(scales).all() or (scales < 0).any():

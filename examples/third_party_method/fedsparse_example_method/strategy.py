@@ -204,7 +204,9 @@ METHOD = Method(
     client_step="fedsparse_example_method.client:sign_train",
     keys=KEYS,
     checks=(check_server_lr,),
-    error_cases=(ErrorCase("fedavg-signs: server step above √d of the smallest trained tensor", {"sign-server-lr": 10.0}),),
+    error_cases=(
+        ErrorCase("fedavg-signs: server step above √d of the smallest trained tensor", {"sign-server-lr": 10.0}),
+    ),
 )
 
 __all__ = ["KEYS", "METHOD", "NAME", "FedAvgSigns", "build", "check_server_lr", "model_layout"]
