@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test lint test-deployment test-slow data clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -35,6 +35,7 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # Real Flower deployments only: SuperLink + 2 SuperNodes on 127.0.0.1 through `flwr run`.
 test-deployment: $(STAMP)

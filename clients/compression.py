@@ -38,7 +38,7 @@ def _residual_from_state(context: Context) -> dict[str, np.ndarray]:
     if RESIDUAL_STATE_KEY not in context.state:
         return {}
     record = context.state[RESIDUAL_STATE_KEY]
-    return {k: a.numpy() for k, a in record.items()}  # type: ignore[union-attr]
+    return {k: a.numpy() for k, a in record.items()}  # type: ignore[union-attr]  # the residual is an ArrayRecord
 
 
 def _client_lr(cfg: Mapping[str, Any], server_round: int, local: LocalRound) -> float:
@@ -57,7 +57,7 @@ def compressed_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> 
     optimizer = optimizer_from_config(model, _client_lr(cfg, local.server_round, local), cfg)
     stats = train_steps(model, local.batches(), optimizer, proximal_mu=float(config.get("proximal-mu", 0.0)))
     trained = state_dict_cpu(model)
-    omit = set(config.get(OMITTED_ARRAYS, []))  # type: ignore[arg-type]
+    omit = set(config.get(OMITTED_ARRAYS, []))  # type: ignore[arg-type]  # a list entry
     update: dict[str, np.ndarray] = {}
     for name, value in trained.items():
         if name in omit:
@@ -98,7 +98,7 @@ def snip_saliency(
         seen += 1
     if seen == 0:
         raise ValueError("SNIP: no batches to compute the saliency on")
-    sal = {n: (params[n].grad.detach() * params[n].detach()).abs().cpu() for n in names}  # type: ignore[union-attr]
+    sal = {n: (params[n].grad.detach() * params[n].detach()).abs().cpu() for n in names}  # type: ignore[union-attr]  # backward() set .grad
     model.zero_grad(set_to_none=True)
     total = float(sum(float(s.sum()) for s in sal.values()))
     return {n: (s / total if total > 0 else s) for n, s in sal.items()}
@@ -128,16 +128,16 @@ class masked_training:  # noqa: N801 - used as a context manager, reads like a f
 def snip_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
     """SNIP's client: the saliency round at the initial weights, then masked local training."""
     local = LocalRound.from_message(msg, context, cfg)
-    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
-    prunable = [str(n) for n in config[CFG_SNIP_PRUNABLE]]  # type: ignore[union-attr]
+    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]  # "config" is a ConfigRecord
+    prunable = [str(n) for n in config[CFG_SNIP_PRUNABLE]]  # type: ignore[union-attr]  # a list entry
     if str(config.get(CFG_SNIP_PHASE, "train")) == "saliency":
         model = local.model(msg.content["arrays"].to_torch_state_dict())
-        batches = itertools.islice(local.batches(), max(1, int(config.get(CFG_SNIP_BATCHES, 1))))  # type: ignore[arg-type]
+        batches = itertools.islice(local.batches(), max(1, int(config.get(CFG_SNIP_BATCHES, 1))))  # type: ignore[arg-type]  # an int entry
         sal = snip_saliency(model, batches, prunable)
         return reply(
             msg, ArrayRecord({n: Array(s.numpy()) for n, s in sal.items()}), {"num-examples": local.num_examples}
         )
-    tensors, masks = codec.decode(codec.from_array_record(msg.content["arrays"]))  # type: ignore[arg-type]
+    tensors, masks = codec.decode(codec.from_array_record(msg.content["arrays"]))  # type: ignore[arg-type]  # "arrays" is an ArrayRecord
     state = {n: torch.from_numpy(np.array(x, copy=True)) for n, x in tensors.items()}
     model = local.model(state)
     keep = {n: torch.from_numpy(np.asarray(masks[n], dtype=bool)) for n in prunable}

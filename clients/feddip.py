@@ -115,26 +115,26 @@ def feddip_luar_train(msg: Message, context: Context, cfg: Mapping[str, Any]) ->
     public pieces), except that the tensors named in ``luar-recycled`` are left out of the reply."""
     local = LocalRound.from_message(msg, context, cfg)
     config = msg.content["config"]
-    prunable = [str(n) for n in config[CONFIG_PRUNABLE]]  # type: ignore[union-attr]
-    state, masks = decode_global(msg.content["arrays"], prunable)  # type: ignore[arg-type]
+    prunable = [str(n) for n in config[CONFIG_PRUNABLE]]  # type: ignore[union-attr]  # a list entry
+    state, masks = decode_global(msg.content["arrays"], prunable)  # type: ignore[arg-type]  # "arrays" is an ArrayRecord
     model = local.model(state)
-    mu = float(config.get(CONFIG_PROXIMAL_MU, 0.0))  # type: ignore[union-attr]
+    mu = float(config.get(CONFIG_PROXIMAL_MU, 0.0))
     stats = feddip_train(
         model,
         masks,
         local.batches(),
         local.optimizer(model),
-        lambda_t=float(config[CONFIG_LAMBDA]),  # type: ignore[index]
+        lambda_t=float(config[CONFIG_LAMBDA]),
         proximal_mu=mu,
         global_params=state if mu > 0 else None,
         device=local.device,
     )
-    omit = set(config.get(OMITTED_ARRAYS, []))  # type: ignore[union-attr]
+    omit = set(config.get(OMITTED_ARRAYS, []))
     unknown = sorted(omit - set(state))
     if unknown:
         raise ValueError(f"the server recycles arrays this model does not have: {', '.join(unknown)}")
     trained = {k: v for k, v in state_dict_cpu(model).items() if k not in omit}
-    sparse_up = bool(config.get(CONFIG_SPARSE_UPLINK, True))  # type: ignore[union-attr]
+    sparse_up = bool(config.get(CONFIG_SPARSE_UPLINK, True))
     update = encode_update(trained, {n: m for n, m in masks.items() if n not in omit} if sparse_up else None)
     metrics = {"num-examples": local.num_examples, "train-loss": stats["loss"], "ce-loss": stats["ce-loss"]}
     return reply(msg, update, metrics)

@@ -79,11 +79,11 @@ def fedluar_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Mes
     optimizer = optimizer_from_config(model, luar_round_lr(cfg, local.server_round), cfg)
     persist = bool(cfg["persist-momentum"])
     if persist and MOMENTUM_STATE_KEY in context.state:
-        restore_momentum(model, optimizer, context.state[MOMENTUM_STATE_KEY])  # type: ignore[arg-type]
+        restore_momentum(model, optimizer, context.state[MOMENTUM_STATE_KEY])  # type: ignore[arg-type]  # momentum_record() stores an ArrayRecord
     stats = train_steps(model, local.batches(), optimizer, proximal_mu=float(config.get("proximal-mu", 0.0)))
     if persist:
         context.state[MOMENTUM_STATE_KEY] = momentum_record(model, optimizer)
-    recycled: list[str] = list(config.get(RECYCLED_CONFIG_KEY, []))  # type: ignore[arg-type]
+    recycled: list[str] = list(config.get(RECYCLED_CONFIG_KEY, []))  # type: ignore[arg-type]  # a list entry
     arrays = omit_arrays(state_dict_cpu(model), recycled)
     metrics = {"num-examples": local.num_examples, "train-loss": stats["train-loss"]}
     return reply(msg, arrays, metrics)

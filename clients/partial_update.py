@@ -118,7 +118,7 @@ def train_with_local_contribution(
         optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(x), y)
         if proximal_mu > 0:
-            loss = loss + proximal_term(model, global_params, proximal_mu)  # type: ignore[arg-type]
+            loss = loss + proximal_term(model, global_params, proximal_mu)  # type: ignore[arg-type]  # set when proximal_mu > 0
         loss.backward()
         before = [p.detach().clone() for _, p in tracked]
         optimizer.step()

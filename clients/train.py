@@ -73,7 +73,7 @@ def optimizer_from_config(model: nn.Module, lr: float, cfg: Mapping[str, object]
         lr,
         float(cfg["momentum"]),
         float(cfg["weight-decay"]),
-        str(cfg.get("optimizer", "sgd")),  # type: ignore[arg-type]
+        str(cfg.get("optimizer", "sgd")),
     )
 
 
@@ -107,7 +107,7 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(x), y)
         if proximal_mu > 0:
-            loss = loss + proximal_term(model, global_params, proximal_mu)  # type: ignore[arg-type]
+            loss = loss + proximal_term(model, global_params, proximal_mu)  # type: ignore[arg-type]  # set above when proximal_mu > 0
         loss.backward()
         optimizer.step()
         loss_sum += float(loss.detach())

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import tomllib
 
 from fedsparse.bench import collect, load_suite, report_dir
 

@@ -60,7 +60,7 @@ VALUE_BITS: tuple[int, ...] = (32, 16, 8)
 INDEX_KEY = "index"
 VALUES_KEY = "values"
 
-_VALUE_DTYPE = {32: np.dtype(np.float32), 16: np.dtype(np.float16), 8: np.dtype(np.uint8)}
+_VALUE_DTYPE: dict[int, np.dtype[Any]] = {32: np.dtype(np.float32), 16: np.dtype(np.float16), 8: np.dtype(np.uint8)}
 _F16_MAX = float(np.finfo(np.float16).max)
 _MAX_VARINT_BYTES = 10  # ⌈64 / 7⌉
 

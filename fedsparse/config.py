@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import difflib
 import math
+import tomllib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from fedsparse import methods
 
@@ -263,7 +262,7 @@ def cross_check(fn: CrossCheck) -> CrossCheck:
 
 @cross_check
 def _check_federation(cfg: Config) -> None:
-    if cfg["clients-per-round"] > cfg["num-clients"]:
+    if int(cfg["clients-per-round"]) > int(cfg["num-clients"]):
         raise ConfigError(
             f"clients-per-round = {cfg['clients-per-round']} exceeds num-clients = {cfg['num-clients']}; "
             "allowed: 1 .. num-clients"
@@ -274,7 +273,7 @@ def _check_federation(cfg: Config) -> None:
 
 @cross_check
 def _check_reliability(cfg: Config) -> None:
-    if cfg["min-replies"] > cfg["clients-per-round"]:
+    if int(cfg["min-replies"]) > int(cfg["clients-per-round"]):
         raise ConfigError(
             f"min-replies = {cfg['min-replies']} exceeds clients-per-round = {cfg['clients-per-round']}: no round "
             "could aggregate; allowed: 1 .. clients-per-round"

@@ -15,12 +15,16 @@ import contextlib
 import random
 import time
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedsparse import stopping
 from fedsparse.accounting import DOWN, UP, Ledger, payload_bytes, wire_bytes
+
+if TYPE_CHECKING:
+    from flwr.supercore.run import Run
 
 PARTITION_QUERY = "fedsparse.partition-id"
 METERED_TYPES = (MessageType.TRAIN, MessageType.EVALUATE)
@@ -39,11 +43,11 @@ class MeteredGrid(Grid):
         self.current_round = 0
 
     # --- Grid interface -------------------------------------------------------------------------
-    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
+    def set_run(self, run: Run) -> None:
         self._inner.set_run(run)
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]
+    def run(self) -> Run:
         return self._inner.run
 
     def create_message(  # noqa: PLR0913 - mirrors Grid.create_message
@@ -74,12 +78,12 @@ class MeteredGrid(Grid):
         if not stopping.watching():
             messages = list(messages)
             self._meter(messages, DOWN)
-            replies = list(self._inner.send_and_receive(messages, timeout=timeout))
+            replies: list[Message] = list(self._inner.send_and_receive(messages, timeout=timeout))
             self._meter(replies, UP)
             return replies
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
+        replies = []
         while pending:
             got = list(self.pull_messages(pending))
             replies.extend(got)
@@ -139,7 +143,7 @@ class MeteredGrid(Grid):
         for reply in self._inner.send_and_receive(msgs, timeout=timeout):
             if reply.has_error() or "partition" not in reply.content.metric_records:
                 continue
-            self.partition_of[reply.metadata.src_node_id] = int(reply.content["partition"]["partition-id"])
+            self.partition_of[reply.metadata.src_node_id] = int(reply.content["partition"]["partition-id"])  # type: ignore[arg-type]  # a scalar by protocol; int() refuses a list
         return dict(self.partition_of)
 
 

@@ -193,7 +193,7 @@ def client_app_factory() -> Callable[..., ClientApp]:
         raise MethodError(
             f"no 'client-app' entry point in group {RUNTIME_GROUP!r}: is fedsparse installed (pip install -e .)?"
         )
-    return eps[0].load()  # type: ignore[no-any-return]  # entry points are untyped
+    return eps[0].load()
 
 
 def _load_object(ref: str, what: str) -> Any:

@@ -22,6 +22,7 @@ import pandas as pd
 
 from fedsparse.checkpoint import atomic_write
 from fedsparse.config import to_toml
+from fedsparse.environment import describe, toml_header
 
 BASE_COLUMNS = [
     "run_id",
@@ -153,14 +154,19 @@ def plot_run(df: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
     return _accuracy_plots([(title, df)], out_dir)
 
 
+def config_text(cfg: Mapping[str, Any]) -> str:
+    """``config.toml``: what the run ran on (comments), then the resolved configuration."""
+    return "# written by fedsparse; what this run ran on:\n" + toml_header(cfg) + to_toml(cfg)
+
+
 def write_outputs(
     out_dir: Path, cfg: Mapping[str, Any], df: pd.DataFrame, extra: Mapping[str, Any] | None = None
 ) -> dict:
     """config.toml, the plots, then summary.json — last, so that it marks a finished run (rounds.csv
     is already there). Each file is written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "config.toml", to_toml(cfg))
-    summary = summarize(df, cfg) | dict(extra or {})
+    atomic_write(out_dir / "config.toml", config_text(cfg))
+    summary = summarize(df, cfg) | dict(extra or {}) | {"environment": describe(cfg)}
     text = json.dumps(summary, indent=2, default=str) + "\n"  # before the plots: a bad value fails early
     plot_run(df, out_dir, f"{cfg['strategy']} / {cfg['model']} / {cfg['dataset']}")
     atomic_write(out_dir / "summary.json", text)

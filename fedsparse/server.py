@@ -34,13 +34,13 @@ from fedsparse import checkpoint as ckpt
 from fedsparse import stopping
 from fedsparse.accounting import Ledger, dense_model_bytes
 from fedsparse.clientdata import dataset_for, partitions_for
-from fedsparse.config import ConfigError, round_lr, to_toml
+from fedsparse.config import ConfigError, round_lr
 from fedsparse.global_model import CentralEvaluator, initial_model
 from fedsparse.grid import MeteredGrid, seeded_sampling
 from fedsparse.hooks import MethodHooks
 from fedsparse.methods import build_strategy
 from fedsparse.progress import Progress
-from fedsparse.results import RoundsTable, write_outputs
+from fedsparse.results import RoundsTable, config_text, write_outputs
 from fedsparse.validation import ReplyScreen, Screened, spec_of
 
 log = logging.getLogger("fedsparse")
@@ -82,7 +82,7 @@ def _round_report(strategy: Strategy, server_round: int) -> dict[str, Any]:
 
 def _mean_train_loss(replies: list[Message]) -> float:
     losses = [
-        float(m.content["metrics"]["train-loss"])
+        float(m.content["metrics"]["train-loss"])  # type: ignore[arg-type]  # a scalar by protocol; float() refuses a list
         for m in replies
         if "metrics" in m.content and "train-loss" in m.content["metrics"]
     ]
@@ -218,7 +218,7 @@ def _fresh_start(out_dir: Path | None, cfg: Mapping[str, Any]) -> None:
     if out_dir is None:
         return
     (out_dir / "summary.json").unlink(missing_ok=True)
-    ckpt.atomic_write(out_dir / "config.toml", to_toml(cfg))  # resume reads it: never a torn file
+    ckpt.atomic_write(out_dir / "config.toml", config_text(cfg))  # resume reads it: never a torn file
     ckpt.checkpoint_path(out_dir).unlink(missing_ok=True)
     state_dir = out_dir / ckpt.CLIENT_STATE_DIR
     if state_dir.is_dir():

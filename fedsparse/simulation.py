@@ -148,7 +148,7 @@ def simulate(
                 ),
                 client_app=make_client_app(cfg),
                 num_supernodes=int(cfg["num-clients"]),
-                backend_config=backend_config(cfg, ray_address),  # type: ignore[arg-type]  # Flower's TypedDict
+                backend_config=backend_config(cfg, ray_address),
                 verbose_logging=verbose,
             )
         except KeyboardInterrupt:

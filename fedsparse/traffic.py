@@ -117,7 +117,7 @@ def format_traffic(report: Mapping[str, Any]) -> str:
 
 
 # --- command line -------------------------------------------------------------------------------
-def add_traffic_command(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001 (argparse's type)
+def add_traffic_command(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type, it has no public name
     """Register ``fedsparse traffic`` on the main parser's subcommands."""
     traffic = subparsers.add_parser(
         "traffic",

@@ -120,7 +120,7 @@ def self_signed_tls(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1"
 
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     valid = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=2))
 
     def name(cn: str) -> x509.Name:

@@ -75,7 +75,7 @@ class LoopbackRunner:
         return 0
 
 
-def _never(spec, cfg, run_dir, slot) -> int:  # noqa: ANN001
+def _never(spec, cfg, run_dir, slot) -> int:
     raise AssertionError(f"{spec.name} should have been skipped")
 
 
@@ -224,7 +224,7 @@ def test_resume_skips_finished_runs_and_summary_is_computed_from_the_runs(tmp_pa
 def test_failed_run_is_reported_and_the_suite_goes_on(tmp_path: Path) -> None:
     suite = _suite(seeds=[0])
 
-    def flaky(spec, cfg, run_dir, slot):  # noqa: ANN001
+    def flaky(spec, cfg, run_dir, slot):
         if spec.method == "topk":
             raise RuntimeError("boom")
         return LoopbackRunner()(spec, cfg, run_dir, slot)
@@ -246,7 +246,7 @@ def test_a_run_is_finished_only_with_the_bench_marker_and_a_readable_summary(tmp
     names = ["fedavg--iid--s0", "topk--iid--s0"]
     calls: list[str] = []
 
-    def fails_after_summary(spec, cfg, run_dir, slot):  # noqa: ANN001
+    def fails_after_summary(spec, cfg, run_dir, slot):
         calls.append(spec.name)
         LoopbackRunner()(spec, cfg, run_dir, slot)  # summary.json, rounds.csv, config.toml all written
         return 1 if spec.method == "topk" else 0  # ... and then the process failed (plots, exit)
@@ -292,7 +292,7 @@ def test_a_run_cut_short_after_a_checkpoint_is_resumed_not_restarted(tmp_path: P
     suite.extra = {"checkpoint-every": 1}
     names = ["fedavg--iid--s0", "fedavg--iid--s1"]
 
-    def crashing(spec, cfg, run_dir, slot):  # noqa: ANN001 - the process dies in round 2, after the round-1 checkpoint
+    def crashing(spec, cfg, run_dir, slot):  # the process dies in round 2, after the round-1 checkpoint
         grid = LoopbackGrid.for_config(cfg, first_node_id=2000, node_id_step=11, crash_in_round=2, crash_after=1)
         run_server(grid, cfg, run_dir, show_progress=False)
         return 0
@@ -304,7 +304,7 @@ def test_a_run_cut_short_after_a_checkpoint_is_resumed_not_restarted(tmp_path: P
 
     seen: list[tuple[str, bool]] = []
 
-    def resuming(spec, cfg, run_dir, slot):  # noqa: ANN001 - what the default runner does: --resume when a checkpoint is there
+    def resuming(spec, cfg, run_dir, slot):  # what the default runner does: --resume when a checkpoint is there
         resume = (run_dir / "checkpoint.npz").is_file()
         seen.append((spec.name, resume))
         run_server(loopback_grid(cfg, int(cfg["num-clients"])), cfg, run_dir, show_progress=False, resume=resume)

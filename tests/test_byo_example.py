@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
-import tomllib
 from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from loopback import LoopbackGrid, set_task_identity

@@ -240,7 +240,7 @@ def test_8bit_rejects_nan() -> None:
 @pytest.mark.parametrize("bits", [0, 4, 24, 64, "32"])
 def test_invalid_value_bits_lists_choices(bits: object) -> None:
     with pytest.raises(ValueError, match="32, 16, 8"):
-        encode({"w": np.zeros(3, np.float32)}, {}, value_bits=bits)  # type: ignore[arg-type]
+        encode({"w": np.zeros(3, np.float32)}, {}, value_bits=bits)  # type: ignore[arg-type]  # invalid on purpose
 
 
 def test_bad_masks_are_clear_errors() -> None:

@@ -480,7 +480,7 @@ def test_snip_run_static_mask_exact_sparsity_and_sparse_both_ways(tmp_path: Path
     assert (tmp_path / "snip_layer_sparsity.csv").is_file()
 
 
-def _snip_round_one(cfg: dict, tamper=None, reverse: bool = False):  # noqa: ANN001, ANN202
+def _snip_round_one(cfg: dict, tamper=None, reverse: bool = False):
     """Build a SNIP strategy and run its round-1 configure_train (the saliency exchange) on a
     loopback grid whose saliency replies can be tampered with (``tamper(i, msg, reply)``, i in
     node order) and arrive in reverse order."""
@@ -488,7 +488,7 @@ def _snip_round_one(cfg: dict, tamper=None, reverse: bool = False):  # noqa: ANN
     inner = grid.send_and_receive
     seen: dict[str, list] = {}
 
-    def send_and_receive(messages, *, timeout=None):  # noqa: ANN001, ANN202
+    def send_and_receive(messages, *, timeout=None):
         messages = list(messages)
         replies = list(inner(messages, timeout=timeout))
         if messages[0].content["config"][snip_protocol.CFG_SNIP_PHASE] != "saliency":
@@ -500,7 +500,7 @@ def _snip_round_one(cfg: dict, tamper=None, reverse: bool = False):  # noqa: ANN
         seen["replies"] = replies
         return replies[::-1] if reverse else replies
 
-    grid.send_and_receive = send_and_receive  # type: ignore[method-assign]
+    grid.send_and_receive = send_and_receive  # type: ignore[method-assign]  # wraps the real one to tamper
     strat = build_strategy(cfg)
     arrays = ArrayRecord(initial_model(cfg).state_dict())
     with seeded_sampling(int(cfg["seed"]), 1):
@@ -539,7 +539,7 @@ def test_snip_saliency_replies_are_aggregated_in_partition_order_and_screened(
         np.testing.assert_array_equal(strat.masks[n], expected[n])
 
     # bad saliencies are dropped with a logged reason, counted, and the mask is built from the rest
-    def tamper(i, msg, reply):  # noqa: ANN001, ANN202
+    def tamper(i, msg, reply):
         tensors = {n: a.numpy().copy() for n, a in reply.content["arrays"].items()}
         count = int(reply.content["metrics"]["num-examples"])
         if i == 1:
@@ -575,7 +575,7 @@ def test_snip_saliency_replies_are_aggregated_in_partition_order_and_screened(
     spec = {n: (tuple(good.content["arrays"][n].shape), "<f4") for n in prunable}
     assert strat.check_saliency(good, spec) is None
 
-    def variant(change) -> str | None:  # noqa: ANN001
+    def variant(change) -> str | None:
         tensors = {n: a.numpy().copy() for n, a in good.content["arrays"].items()}
         change(tensors)
         return strat.check_saliency(train_reply(good, ArrayRecord({n: Array(x) for n, x in tensors.items()}), 10), spec)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from fedsparse.config import SCHEMA, ConfigError, defaults, parse_overrides, resolve_config, round_lr
 

@@ -152,3 +152,32 @@ def test_cifar100_uses_fine_labels(tmp_path: Path) -> None:
             )
     ds = load_dataset("cifar100", tmp_path)
     assert ds.num_classes == 100 and ds.train_labels.tolist() == [99, 0, 57]
+
+
+class _Payload:
+    """A pickle that runs code when loaded (what a hostile data folder could hold)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar_batches_cannot_run_code(tmp_path: Path) -> None:
+    """CIFAR batches are read with an unpickler that admits numpy arrays, lists, dicts and strings
+    only: a batch whose pickle would call os.system is refused, and nothing runs."""
+    from fedsparse.data import inmemory
+
+    inmemory.clear_cache()
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    good = {"data": np.zeros((1, 3072), np.uint8), "fine_labels": [1], "coarse_labels": [0]}
+    with open(folder / "train", "wb") as fh:
+        pickle.dump({**good, "extra": _Payload(marker)}, fh)
+    with open(folder / "test", "wb") as fh:
+        pickle.dump(good, fh)
+    with pytest.raises(ValueError, match=r"not a readable cifar100 pickle batch.*refusing to load posix\.system"):
+        load_dataset("cifar100", tmp_path)
+    assert not marker.exists()

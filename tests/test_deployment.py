@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import math
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
-import tomllib
 from deploy_harness import PROJECT_DIR, LocalDeployment, data_env, self_signed_tls  # tests/ is on sys.path
 from flwr.app import ArrayRecord
 from proctree import descendants, process_alive

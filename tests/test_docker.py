@@ -15,10 +15,10 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import yaml
 from flwr.common.config import parse_config_args
 from packaging.requirements import Requirement

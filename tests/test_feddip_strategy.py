@@ -434,7 +434,10 @@ def test_feddip_prox_sends_mu_and_changes_the_update() -> None:
     assert config["proximal-mu"] == 0.5
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(3)]
-    opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)  # noqa: E731
+
+    def opt(m: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(m.parameters(), lr=0.1)
+
     with_mu, _ = feddip_client_round(msgs[0].content["arrays"], config, build_model("lenet5", 10, 1, 28), batches, opt)
     plain = ConfigRecord({k: v for k, v in config.items() if k != "proximal-mu"})
     without, _ = feddip_client_round(msgs[0].content["arrays"], plain, build_model("lenet5", 10, 1, 28), batches, opt)

@@ -113,7 +113,7 @@ def _bitwise_equal(a: ArrayRecord, b: ArrayRecord) -> None:
     ],
     ids=["fedavg", "fedadam", "fedyogi", "fedavgm"],
 )
-def test_delta_zero_is_bitwise_the_wrapped_strategy(make_base) -> None:  # type: ignore[no-untyped-def]
+def test_delta_zero_is_bitwise_the_wrapped_strategy(make_base) -> None:
     cfg = _cfg(strategy="fedavg")
     init = ArrayRecord(initial_model(cfg).state_dict())
     plain = _rounds(make_base(_sampling(cfg)), _grid(cfg), init, 3)

@@ -61,7 +61,7 @@ class LocalGrid(Grid):
         raise NotImplementedError
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]  # pragma: no cover
+    def run(self):  # pragma: no cover
         raise NotImplementedError
 
     def create_message(self, *args: Any, **kwargs: Any) -> Message:  # pragma: no cover

@@ -191,7 +191,7 @@ def test_every_output_is_written_atomically_and_summary_last(tmp_path: Path, mon
             assert not (out / "summary.json").exists()
         return original(messages, **kw)
 
-    grid.send_and_receive = checking  # type: ignore[method-assign]
+    grid.send_and_receive = checking  # type: ignore[method-assign]  # a spy around the real method
     run_server(grid, cfg, out, show_progress=False)
     assert written[0] == "config.toml" and written[-1] == "summary.json"
     for name in (
@@ -500,7 +500,7 @@ def _kill_after_checkpoint(args: list[str], out: Path, at_round: int, timeout: f
             if proc.poll() is not None:
                 raise AssertionError(
                     f"the run ended before its round-{at_round} checkpoint: {proc.stderr.read().decode()[-2000:]}"
-                )  # type: ignore[union-attr]
+                )
             if time.monotonic() > deadline:
                 raise AssertionError("no checkpoint in time")
             time.sleep(0.05)

@@ -23,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import tomllib
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
@@ -221,7 +221,7 @@ def test_strategy_and_client_step_in_process(example: Any, tmp_path: Path) -> No
 
     new, metrics = strategy.aggregate_train(1, replies)
     assert new is not None and metrics is not None
-    n = [float(r.content.metric_records["metrics"]["num-examples"]) for r in replies]  # type: ignore[arg-type]
+    n = [float(r.content.metric_records["metrics"]["num-examples"]) for r in replies]  # type: ignore[arg-type]  # a scalar metric
     decoded = [example.protocol.decode(r.content.array_records["arrays"], spec) for r in replies]
     for name, x in arrays.items():
         expected = x.numpy().astype(np.float64) + eta * sum(

@@ -359,7 +359,9 @@ def _applicable(msg: Message, kinds: list[str]) -> list[str]:
 def _mutate(msg: Message, kind: str, rng: np.random.Generator) -> Message:
     """A copy of a well-formed reply, broken in one way."""
     content = RecordDict({name: rec for name, rec in msg.content.items()})
-    pick = lambda items: items[int(rng.integers(len(items)))]  # noqa: E731
+
+    def pick(items: list[Any]) -> Any:
+        return items[int(rng.integers(len(items)))]
 
     def set_array(rn: str, key: str, value: Any) -> None:
         rec = content[rn]

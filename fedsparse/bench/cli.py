@@ -71,7 +71,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
-def add_bench_command(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001 (argparse's type)
+def add_bench_command(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type, it has no public name
     """Register ``fedsparse bench`` on the CLI's subparsers."""
     bench = subparsers.add_parser(
         "bench",

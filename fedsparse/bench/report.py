@@ -49,11 +49,13 @@ def collect(out_dir: Path, specs: Iterable[RunSpec]) -> tuple[Any, Any]:
         summary, usage = finished.summary, finished.record
         row = {"run": spec.name, "method": spec.method, "split": spec.split, "seed": spec.seed}
         row.update({k: v for k, v in summary.items() if not isinstance(v, (dict, list)) and k not in row})
+        # what the run ran on (fedsparse.environment): versions, commit, threads, device
+        row.update({f"env_{k}": v for k, v in dict(summary.get("environment", {})).items()})
         row["run_wall_seconds"] = usage.get("wall_seconds", summary.get("wall_seconds"))
         row["run_cpu_seconds"] = usage.get("cpu_seconds", math.nan)
-        later = df[df["round"] >= 2]["round_seconds"] if "round_seconds" in df else []
+        later = df[df["round"] >= 2]["round_seconds"] if "round_seconds" in df else None
         # a round's typical cost; round 1 carries the Ray actors' start-up (torch import, data)
-        row["round_seconds_median"] = float(later.median()) if len(later) else math.nan
+        row["round_seconds_median"] = float(later.median()) if later is not None and len(later) else math.nan
         rows.append(row)
     all_rounds = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return all_rounds, pd.DataFrame(rows)
@@ -131,7 +133,10 @@ def markdown_table(summary: Any) -> str:
         )
         out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|")
         for r in part.to_dict("records"):
-            ratio = lambda v: f"{v:.3f}" if math.isfinite(v) else "–"  # noqa: E731
+
+            def ratio(v: float) -> str:
+                return f"{v:.3f}" if math.isfinite(v) else "–"
+
             out.append(
                 f"| {r['method']} | {r['strategy']} | {r['seeds']} | {_pm(r['final_acc_mean'], r['final_acc_std'])} | "
                 f"{_pm(r['best_acc_mean'], r['best_acc_std'])} | {r['mb_up']:.2f} | {r['mb_down']:.2f} | {r['mb_total']:.2f} | "

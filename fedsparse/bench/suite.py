@@ -8,12 +8,11 @@ through :func:`fedsparse.config.resolve_config`, so a bad value fails before the
 from __future__ import annotations
 
 import re
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from fedsparse.config import Config, ConfigError, resolve_config
 from fedsparse.methods import strategy_names

@@ -17,7 +17,7 @@ EXIT_USAGE = 2
 EXIT_NO_DATA = 1
 
 
-def add_data_commands(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001 (argparse's type)
+def add_data_commands(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type, it has no public name
     """Register ``data fetch`` and ``data split`` on an argparse subparsers object."""
     from fedsparse.data.fetch import ROUTES
 

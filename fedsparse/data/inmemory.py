@@ -11,6 +11,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,6 +131,29 @@ def _read_idx_split(name: str, folder: Path) -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
+#: The only globals a CIFAR batch may name: numpy's array reconstruction. Lists, dicts, strings,
+#: bytes and numbers need no global.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches without running code: a data folder someone else controls could
+    otherwise hold a pickle whose ``__reduce__`` calls ``os.system``. Anything but numpy's array
+    reconstruction is refused (:class:`pickle.UnpicklingError`)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: a CIFAR batch holds only arrays, lists and dicts"
+        )
+
+
 def _read_cifar(name: str, folder: Path) -> tuple[np.ndarray, ...]:
     """torchvision's python-pickle layout; CIFAR-100 uses the fine (100-class) labels."""
     if name == "cifar10":
@@ -143,7 +167,7 @@ def _read_cifar(name: str, folder: Path) -> tuple[np.ndarray, ...]:
             path = folder / fname
             try:
                 with open(path, "rb") as fh:
-                    entry = pickle.load(fh, encoding="latin1")
+                    entry = _ArraysOnlyUnpickler(fh, encoding="latin1").load()
                 data = np.asarray(entry["data"], dtype=np.uint8)
                 labels = np.asarray(entry[label_key], dtype=np.int64)
             except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:

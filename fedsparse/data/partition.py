@@ -27,6 +27,8 @@ SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "pathological")
 _CACHE_VERSION = 1
 _MEMORY_CACHE: dict[str, tuple[np.ndarray, ...]] = {}
 _MEMORY_CACHE_MAX = 32
+#: A split's arguments (scheme name, ints and floats): the cache key and what _compute reads.
+_Params = dict[str, str | int | float]
 
 
 class PartitionError(ValueError):
@@ -72,7 +74,7 @@ def partition_indices(
         raise ValueError(f"num_partitions={num_partitions} is out of range; allowed 1..{n} (the number of labels)")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    params: dict[str, object] = {"scheme": scheme, "num_partitions": int(num_partitions), "seed": int(seed)}
+    params: _Params = {"scheme": scheme, "num_partitions": int(num_partitions), "seed": int(seed)}
     if scheme == "dirichlet":
         if not (isinstance(alpha, (int, float, np.floating)) and np.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha={alpha!r} is out of range; the Dirichlet concentration must be > 0")
@@ -133,14 +135,14 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
-def _compute(labels: np.ndarray, params: dict[str, object]) -> tuple[np.ndarray, ...]:
+def _compute(labels: np.ndarray, params: _Params) -> tuple[np.ndarray, ...]:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
-    num_partitions = int(params["num_partitions"])  # type: ignore[arg-type]
-    seed = int(params["seed"])  # type: ignore[arg-type]
+    num_partitions = int(params["num_partitions"])
+    seed = int(params["seed"])
     ds = datasets.Dataset.from_dict({"idx": np.arange(len(labels), dtype=np.int64), "label": labels})
     scheme = params["scheme"]
     if scheme == "iid":
@@ -151,8 +153,8 @@ def _compute(labels: np.ndarray, params: dict[str, object]) -> tuple[np.ndarray,
         partitioner = DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by="label",
-            alpha=float(params["alpha"]),  # type: ignore[arg-type]
-            min_partition_size=int(params["min_partition_size"]),  # type: ignore[arg-type]
+            alpha=float(params["alpha"]),
+            min_partition_size=int(params["min_partition_size"]),
             shuffle=False,  # order within a client is irrelevant: we return sorted indices
             seed=seed,
         )
@@ -160,7 +162,7 @@ def _compute(labels: np.ndarray, params: dict[str, object]) -> tuple[np.ndarray,
         partitioner = PathologicalPartitioner(
             num_partitions=num_partitions,
             partition_by="label",
-            num_classes_per_partition=int(params["classes_per_client"]),  # type: ignore[arg-type]
+            num_classes_per_partition=int(params["classes_per_client"]),
             class_assignment_mode="first-deterministic",
             shuffle=False,
             seed=seed,
@@ -179,7 +181,7 @@ def _compute(labels: np.ndarray, params: dict[str, object]) -> tuple[np.ndarray,
     return parts
 
 
-def _explain(exc: ValueError, params: dict[str, object], n: int) -> str:
+def _explain(exc: ValueError, params: _Params, n: int) -> str:
     scheme = params["scheme"]
     what = _describe(params, n)
     if scheme == "dirichlet":
@@ -193,13 +195,13 @@ def _explain(exc: ValueError, params: dict[str, object], n: int) -> str:
     return f"{what}: {exc}"
 
 
-def _describe(params: dict[str, object], n: int) -> str:
+def _describe(params: _Params, n: int) -> str:
     extra = {k: v for k, v in params.items() if k not in ("scheme", "num_partitions")}
     args = ", ".join(f"{k}={v}" for k, v in extra.items())
     return f"{params['scheme']} split of {n} labels into {params['num_partitions']} clients ({args})"
 
 
-def _check_not_empty(parts: tuple[np.ndarray, ...], params: dict[str, object], n: int) -> None:
+def _check_not_empty(parts: tuple[np.ndarray, ...], params: _Params, n: int) -> None:
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
     if empty:
         shown = ", ".join(map(str, empty[:20])) + (f", ... ({len(empty)} in all)" if len(empty) > 20 else "")
@@ -218,7 +220,7 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- caching
 
 
-def _cache_key(labels: np.ndarray, params: dict[str, object]) -> str:
+def _cache_key(labels: np.ndarray, params: _Params) -> str:
     digest = hashlib.sha256(labels.tobytes()).hexdigest()
     payload = json.dumps(
         {"v": _CACHE_VERSION, "flwr_datasets": _flwr_datasets_version(), "labels": digest, **params},
@@ -257,7 +259,7 @@ def _store_disk(key: str, parts: tuple[np.ndarray, ...]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".npz", dir=folder)
         try:
             with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, count=np.int64(len(parts)), **{f"p{i}": p for i, p in enumerate(parts)})
+                np.savez(fh, count=np.int64(len(parts)), **{f"p{i}": p for i, p in enumerate(parts)})  # type: ignore[arg-type]  # keys p0, p1, ... never hit savez's allow_pickle
             os.replace(tmp, folder / f"{key}.npz")
         finally:
             if os.path.exists(tmp):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 
-def add_dev_commands(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type
+def add_dev_commands(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type, it has no public name
     """``fedsparse dev errors-table`` and ``fedsparse dev pyproject-sync``."""
     from fedsparse.dev import errors_table, pyproject_sync
 

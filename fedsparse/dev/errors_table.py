@@ -126,7 +126,7 @@ def _run_dir(name: str, **over: Any) -> Path:
     return out
 
 
-def _resume(name: str, *, edit: Callable[[Path], None] | None = None, **over: Any) -> Callable[[], Any]:
+def _resume(name: str, *, edit: Callable[[Path], object] | None = None, **over: Any) -> Callable[[], Any]:
     def run() -> Any:
         from fedsparse.checkpoint import resume_config
 
@@ -143,7 +143,7 @@ def _loop_resume() -> Any:
     from fedsparse.server import _resume as loop_resume
 
     out = _run_dir("run")
-    return loop_resume(out, resolve_config({"checkpoint-every": 1, "seed": 1}), None, None)  # type: ignore[arg-type]
+    return loop_resume(out, resolve_config({"checkpoint-every": 1, "seed": 1}), None, None)  # type: ignore[arg-type]  # the config conflict is raised before strategy and grid are used
 
 
 def _suite(data: dict[str, Any]) -> Callable[[], Any]:
@@ -254,7 +254,9 @@ def other_cases() -> list[Case]:
     from fedsparse.config import load_toml, parse_overrides
 
     c: list[Case] = []
-    add = lambda what, given, run: c.append(_flat("other", what, given, run))  # noqa: E731
+
+    def add(what: str, given: str, run: Callable[[], Any]) -> None:
+        c.append(_flat("other", what, given, run))
 
     # keys, files, --set
     add("a key that does not exist (a close one is suggested)", "num-client = 5", _resolve(**{"num-client": 5}))
@@ -442,7 +444,7 @@ def _loop_resume_no_dir() -> Any:
     from fedsparse.config import resolve_config
     from fedsparse.server import _resume as loop_resume
 
-    return loop_resume(None, resolve_config({}), None, None)  # type: ignore[arg-type]
+    return loop_resume(None, resolve_config({}), None, None)  # type: ignore[arg-type]  # no directory: raised before strategy and grid are used
 
 
 def _strategy_cannot_load() -> Any:

@@ -126,7 +126,7 @@ class FedAvgSigns(FedAvg, MethodHooks):
         if self._global is None or self._spec is None:
             raise AggregationError("aggregate_train called before configure_train: the round's global model is unknown")
         # num-examples: a number (fedsparse's reply screen and Flower's checks above made sure)
-        weights = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in valid]  # type: ignore[arg-type]
+        weights = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in valid]  # type: ignore[arg-type]  # a number, see above
         total = sum(weights)
         if not total > 0:
             raise AggregationError(f"replies' {self.weighted_by_key!r} sum to {total}; cannot weight the average")
