@@ -11,9 +11,11 @@ better) and back, exactly:
 
         {"codec": "fedsparse-sparse", "version": 1, "value_bits": 32,
          "names": [...], "shapes": [[...], ...], "dtypes": ["<f4", ...],  # numpy dtype.str
-         "kinds": ["bitmap" | "coords" | "dense" | "raw", ...],
+         "kinds": ["bitmap" | "coords" | "golomb" | "dense" | "raw", ...],
          "nnz": [...],      # number of values stored for the tensor (n for dense)
          "ilen": [...],     # bytes of the tensor's index (or raw) encoding in the index blob
+         "rice": [...],     # only if some tensor is golomb-coded: the Rice parameter b of
+                            # each golomb-coded tensor, in order (no entry for other kinds)
          "qmin": [...], "qscale": [...]}   # only for value_bits == 8 (null where not quantised)
 
     followed by the per-tensor index encodings concatenated in the same order.
@@ -21,11 +23,26 @@ better) and back, exactly:
     The kept values of every floating-point tensor, concatenated in the same order, each tensor's
     values in C (row-major) order of its kept positions.
 
-Index kinds, chosen per tensor by **measured** byte length (ties → bitmap):
+Index kinds, chosen per tensor by **measured** byte length (ties → bitmap, then coords, then
+golomb):
 
 - ``bitmap``: ``np.packbits`` of the flattened mask, ⌈n/8⌉ bytes.
-- ``coords``: sorted flat positions as gaps ``p[0], p[1]-p[0]-1, ...`` in unsigned LEB128 varints
-  (7 bits per byte, high bit = continuation). An all-False mask is ``coords`` with an empty index.
+- ``coords``: sorted flat positions as gaps ``g = p[0], p[1]-p[0]-1, ...`` in unsigned LEB128
+  varints (7 bits per byte, high bit = continuation). An all-False mask is ``coords`` with an empty
+  index.
+- ``golomb``: the same gaps Golomb–Rice coded with parameter ``b`` (divisor 2^b, stored in the
+  header's ``rice`` list): gap ``g`` is the quotient ``q = g >> b`` in unary and the remainder
+  ``g mod 2^b`` in b bits. The k remainders come first, each b bits MSB-first, then the k unary
+  quotients, each q zero bits and a one bit; the bit stream is packed MSB-first
+  (``np.packbits``) and zero-padded to a whole byte, so the index is
+  ⌈Σ(q_i + 1 + b) / 8⌉ bytes. Remainders and quotients are kept apart so that both directions are
+  vectorised: the decoder reads the remainders as fixed-width fields and the quotients as the
+  distances between the set bits of the unary part. ``b`` starts from
+  ``max(0, round(log2(ln 2 · n/k)))`` (the Rice parameter of a geometric gap distribution with
+  density k/n) and is moved to b − 1 or b + 1 where that is shorter on the actual gaps. For
+  i.i.d. masks this is within a few per cent of the entropy bound n·H(k/n)/8
+  (:func:`shannon_bound_bytes`) for densities from about 0.001 to 0.5; the varint list is up to
+  ~1.7× above it.
 - ``dense``: mask ``None`` or all True; all n values, no index bytes.
 - ``raw``: a non-floating tensor (integer/bool, e.g. BN's ``num_batches_tracked``) sent dense as its
   native bytes inside the index blob, so it round-trips exactly whatever ``value_bits`` is. Masks
@@ -39,17 +56,27 @@ must fit its range); 8 uses per-tensor affine quantisation ``q = round((x - min)
 ``scale = (max - min) / 255`` over the tensor's kept values, decoded as ``min + q·scale`` (error at
 most scale/2). Decoded tensors have the input's dtype and shape, zeros where not kept.
 
-The ``coords`` length is ``Σ bytes-per-varint``, exactly what the encoder writes (the tests compare
-it with the materialised encoding). When k ≥ ⌈n/8⌉ a coordinate list cannot be shorter than the
-bitmap (each varint is ≥ 1 byte), so it is not built.
+The ``coords`` length is ``Σ bytes-per-varint`` and the ``golomb`` length ⌈Σ(q_i + 1 + b) / 8⌉,
+exactly what the encoder writes (the tests compare them with the materialised encodings); only the
+chosen encoding is built. When k ≥ ⌈n/8⌉ a coordinate list cannot be shorter than the bitmap (each
+varint is ≥ 1 byte), so its length is not counted.
+
+The ``rice`` list is header bytes, and they are counted: a tensor's golomb length in the choice
+is its index plus its list entry (the digits of b and a separator), and if the golomb-coded
+tensors together save less than the whole list costs (its key and brackets included), they fall
+back to their best other kind. A payload with no golomb-coded tensor is byte for byte what this
+codec wrote before the ``golomb`` kind existed (same version, 1), so the change never makes a
+payload larger, and every earlier payload still decodes. A decoder that predates ``golomb``
+rejects a payload that uses it with "unknown index kind 'golomb'". ``encode(...,
+allowed_kinds=...)`` restricts the choice (benchmarks, comparisons with the older format).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Collection, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -57,6 +84,7 @@ from flwr.app import Array, ArrayRecord
 CODEC_NAME = "fedsparse-sparse"
 CODEC_VERSION = 1
 VALUE_BITS: tuple[int, ...] = (32, 16, 8)
+INDEX_KINDS: tuple[str, ...] = ("bitmap", "coords", "golomb")  # sparse index kinds, tie order
 INDEX_KEY = "index"
 VALUES_KEY = "values"
 
@@ -155,6 +183,137 @@ def coords_decode(data: np.ndarray, count: int) -> np.ndarray:
     return _positions(varint_decode(data, count))
 
 
+# --------------------------------------------------------------------------- Golomb–Rice
+
+_MAX_GOLOMB_BITS = 63
+
+
+def rice_parameter(n: int, k: int) -> int:
+    """Rice parameter ``max(0, round(log2(ln 2 · n/k)))`` for k of n positions (0 for k = 0): the
+    divisor 2^b nearest the optimal Golomb divisor ≈ ln 2 / p of geometric gaps with p = k/n."""
+    if k <= 0 or n <= 0:
+        return 0
+    return min(_MAX_GOLOMB_BITS, max(0, round(math.log2(math.log(2) * n / k))))
+
+
+def _golomb_bits_total(gaps: np.ndarray, b: int) -> int:
+    """Σ(q_i + 1 + b) bits with q_i = g_i >> b: the length of the Golomb–Rice stream."""
+    return int(gaps.size) * (b + 1) + int((gaps >> np.uint64(b)).sum())
+
+
+def _golomb_choose_gaps(gaps: np.ndarray, n: int) -> tuple[int, int]:
+    """(b, bytes) for gaps: the Rice parameter of k/n, or its neighbour where that is shorter on
+    these gaps (ties keep the first of b, b − 1, b + 1)."""
+    k, n = int(gaps.size), int(n)
+    if k == 0:
+        return 0, 0
+    b0 = rice_parameter(n, k)
+    best_b, best_len = -1, -1
+    for b in (b0, b0 - 1, b0 + 1):  # (b ≤ n's bit length: the decoder refuses larger ones)
+        if 0 <= b <= min(_MAX_GOLOMB_BITS, max(1, n.bit_length())):
+            length = (_golomb_bits_total(gaps, b) + 7) // 8
+            if best_b < 0 or length < best_len:
+                best_b, best_len = b, length
+    return best_b, best_len
+
+
+def golomb_choose(positions: np.ndarray, n: int) -> tuple[int, int]:
+    """(Rice parameter b, index bytes) the codec would use for sorted distinct flat ``positions``
+    in a tensor of ``n`` entries (see the module docstring)."""
+    return _golomb_choose_gaps(_gaps(np.asarray(positions, dtype=np.int64)), n)
+
+
+def golomb_nbytes(positions: np.ndarray, b: int) -> int:
+    """⌈Σ(q_i + 1 + b) / 8⌉: bytes of the Golomb–Rice index of ``positions`` with parameter b."""
+    _check_golomb_bits(b)
+    return (_golomb_bits_total(_gaps(np.asarray(positions, dtype=np.int64)), b) + 7) // 8
+
+
+def _check_golomb_bits(b: Any) -> int:
+    if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 0 <= b <= _MAX_GOLOMB_BITS:
+        raise ValueError(f"Golomb–Rice parameter must be an integer in 0..{_MAX_GOLOMB_BITS}, got {b!r}")
+    return int(b)
+
+
+def _golomb_encode_gaps(gaps: np.ndarray, b: int) -> np.ndarray:
+    k = int(gaps.size)
+    if k == 0:
+        return np.empty(0, dtype=np.uint8)
+    ends = (gaps >> np.uint64(b)).astype(np.int64)
+    ends += 1
+    np.cumsum(ends, out=ends)  # unary part: q zeros then a one per gap; ends[i] is after the one
+    rem_bits = k * b
+    bits = np.zeros(rem_bits + int(ends[-1]), dtype=np.uint8)  # one byte per bit, then packed
+    if b:
+        # k rows of b bits, MSB first: one vectorised pass per bit position (b passes, ≤ 63)
+        rem = (gaps & np.uint64((1 << b) - 1)).astype(_uint_for_bits(b))
+        rows = bits[:rem_bits].reshape(k, b)
+        for j in range(b):
+            np.right_shift(rem, b - 1 - j, out=rows[:, j], casting="unsafe")  # low byte kept
+        rows &= 1
+    ends += rem_bits - 1
+    bits[ends] = 1
+    return np.packbits(bits)
+
+
+def _uint_for_bits(b: int) -> type[np.unsignedinteger]:
+    return np.uint8 if b <= 8 else np.uint16 if b <= 16 else np.uint32 if b <= 32 else np.uint64
+
+
+def golomb_encode(positions: np.ndarray, b: int) -> np.ndarray:
+    """Golomb–Rice index of sorted distinct flat ``positions`` with parameter ``b`` (the module
+    docstring gives the layout), vectorised: no per-element Python loop."""
+    b = _check_golomb_bits(b)
+    return _golomb_encode_gaps(_gaps(np.asarray(positions, dtype=np.int64)), b)
+
+
+def golomb_decode(data: np.ndarray, count: int, b: int, n: int | None = None) -> np.ndarray:
+    """Flat positions (int64, increasing) from a Golomb–Rice index holding ``count`` gaps.
+
+    Raises ValueError for a stream that is cut short, holds more codewords than ``count``, or has
+    anything but zero padding (less than a byte) after the last one; with ``n`` (the tensor size)
+    also for a position ≥ n or a parameter the encoder would never use for n (b above n's bit
+    length).
+    """
+    b = _check_golomb_bits(b)
+    data = np.asarray(data, dtype=np.uint8)
+    if n is not None and b > max(1, int(n).bit_length()):
+        raise ValueError(f"corrupt golomb index: parameter b={b} is too large for {n} entries")
+    if count == 0:
+        if data.size:
+            raise ValueError(f"corrupt golomb index: {data.size} bytes for 0 positions")
+        return np.empty(0, dtype=np.int64)
+    bits = np.unpackbits(data)
+    rem_bits = count * b
+    if bits.size < rem_bits + count:
+        raise ValueError(f"truncated golomb index: {data.size} bytes cannot hold {count} codewords with b={b}")
+    ones = np.flatnonzero(bits[rem_bits:].view(np.bool_))
+    if ones.size < count:
+        raise ValueError(f"truncated golomb index: {ones.size} unary codewords, header says {count}")
+    if ones.size > count or bits.size - (rem_bits + int(ones[-1]) + 1) >= 8:
+        raise ValueError("corrupt golomb index: bits or bytes after the last codeword")
+    q = np.diff(ones, prepend=-1)
+    q -= 1  # unary quotients: zeros before each one
+    rem = np.zeros(count, dtype=np.uint64)
+    if b:
+        rows = bits[:rem_bits].reshape(count, b)
+        for j in range(b):  # one vectorised pass per bit position, MSB first
+            rem <<= np.uint64(1)
+            rem |= rows[:, j]
+    if n is not None:
+        # the last position, in Python integers, before any fixed-width arithmetic can wrap
+        last = (int(q.sum()) << b) + int(rem.sum()) + count - 1
+        if last >= n:
+            raise ValueError(f"corrupt golomb index: position {last} out of range for {n} entries")
+    # positions = cumsum(q·2^b + r + 1) − 1, in place in q (int64)
+    q <<= b
+    q += rem.astype(np.int64)
+    q += 1
+    np.cumsum(q, out=q)
+    q -= 1
+    return q
+
+
 # --------------------------------------------------------------------------- encode / decode
 
 
@@ -165,20 +324,61 @@ def _check_value_bits(value_bits: int) -> None:
         )
 
 
-def _choose_index(mask_flat: np.ndarray, n: int) -> tuple[str, np.ndarray, int, np.ndarray | None]:
-    """Return (kind, index bytes, nnz, positions or None) for a boolean flat mask."""
+class _Choice(NamedTuple):
+    kind: str
+    encoded: np.ndarray  # the index bytes
+    k: int
+    positions: np.ndarray | None  # None for dense
+    b: int | None  # Rice parameter of a golomb index
+    alt_kind: str | None  # the best kind other than golomb (None if none is allowed)
+    alt_len: int
+
+
+def _materialise(
+    kind: str, mask_flat: np.ndarray, positions: np.ndarray, gaps: np.ndarray | None, b: int | None
+) -> np.ndarray:
+    if kind == "bitmap":
+        return np.packbits(mask_flat)
+    if gaps is None:
+        gaps = _gaps(positions)
+    if kind == "coords":
+        return varint_encode(gaps)
+    assert kind == "golomb" and b is not None
+    return _golomb_encode_gaps(gaps, b)
+
+
+def _choose_index(mask_flat: np.ndarray, n: int, allowed: frozenset[str]) -> _Choice:
+    """The allowed index of a boolean flat mask that adds the fewest payload bytes: its measured
+    length, plus for golomb its entry in the header's ``rice`` list (ties: the earlier of
+    INDEX_KINDS). Only that one is built; the best non-golomb kind is returned beside it for the
+    payload-level fallback in :func:`encode`."""
     positions = np.flatnonzero(mask_flat)
     k = int(positions.size)
     if k == n:
-        return "dense", np.empty(0, np.uint8), k, None
+        return _Choice("dense", np.empty(0, np.uint8), k, None, None, None, 0)
+    lengths: dict[str, int] = {}
     bitmap_len = (n + 7) // 8
-    if k >= bitmap_len:  # every varint is >= 1 byte: coords cannot be shorter
-        return "bitmap", np.packbits(mask_flat), k, positions
-    gaps = _gaps(positions)
-    coords_len = int(_varint_lengths(gaps).sum())
-    if coords_len < bitmap_len:
-        return "coords", varint_encode(gaps), k, positions
-    return "bitmap", np.packbits(mask_flat), k, positions
+    if "bitmap" in allowed:
+        lengths["bitmap"] = bitmap_len
+    gaps = None
+    # every varint is >= 1 byte: with k >= ⌈n/8⌉ coords cannot beat (or tie) the bitmap
+    if "coords" in allowed and not ("bitmap" in allowed and k >= bitmap_len):
+        gaps = _gaps(positions)
+        lengths["coords"] = int(_varint_lengths(gaps).sum())
+    b = None
+    cost = dict(lengths)  # payload bytes: golomb's index plus its entry in the header's list
+    if "golomb" in allowed:
+        if gaps is None:
+            gaps = _gaps(positions)
+        b, lengths["golomb"] = _golomb_choose_gaps(gaps, n)
+        cost["golomb"] = lengths["golomb"] + len(str(b)) + 1  # "b," (or "b]")
+    order = {kind: rank for rank, kind in enumerate(INDEX_KINDS)}
+    kind = min(cost, key=lambda kd: (cost[kd], order[kd]))
+    others = [kd for kd in lengths if kd != "golomb"]
+    alt = min(others, key=lambda kd: (lengths[kd], order[kd])) if others else None
+    index = _materialise(kind, mask_flat, positions, gaps, b)
+    assert index.size == lengths[kind], (kind, index.size, lengths[kind])
+    return _Choice(kind, index, k, positions, b if kind == "golomb" else None, alt, lengths[alt] if alt else 0)
 
 
 def _quantise_u8(x: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -201,14 +401,20 @@ def encode(
     value_bits: int = 32,
     *,
     raw_dense: bool = False,
+    allowed_kinds: Collection[str] = INDEX_KINDS,
 ) -> dict[str, np.ndarray]:
     """Encode named tensors, keeping the entries where ``masks[name]`` is True.
 
     A name missing from ``masks`` or mapped to ``None`` is sent dense (with ``raw_dense``, as its
-    exact native bytes, unaffected by ``value_bits``). Returns
+    exact native bytes, unaffected by ``value_bits``). Each masked tensor's index is the smallest
+    of ``allowed_kinds`` (a non-empty subset of :data:`INDEX_KINDS`; ``("bitmap", "coords")``
+    writes the payloads of the codec before ``golomb``). Returns
     ``{"index": uint8, "values": float32|float16|uint8}`` (see the module docstring).
     """
     _check_value_bits(value_bits)
+    allowed = frozenset(allowed_kinds)
+    if not allowed or not allowed <= set(INDEX_KINDS):
+        raise ValueError(f"allowed_kinds must be a non-empty subset of {INDEX_KINDS}, got {sorted(allowed)}")
     unknown = set(masks) - set(tensors)
     if unknown:
         raise ValueError(f"masks given for unknown tensors: {sorted(unknown)}")
@@ -227,6 +433,9 @@ def encode(
         header["qmin"], header["qscale"] = [], []
     index_parts: list[np.ndarray] = []
     value_parts: list[np.ndarray] = []
+    rice: list[int] = []
+    # golomb-coded tensors: position → (best other kind, its length, flat mask)
+    fallback: dict[int, tuple[str | None, int, np.ndarray]] = {}
     vdtype = _VALUE_DTYPE[value_bits]
     for name, tensor in tensors.items():
         arr = np.asarray(tensor)
@@ -234,6 +443,7 @@ def encode(
         n = arr.size
         qmin: float | None = None
         qscale: float | None = None
+        b: int | None = None
         if arr.dtype.kind != "f" or (raw_dense and mask is None):
             if mask is not None:
                 raise ValueError(
@@ -252,7 +462,9 @@ def encode(
                 if m.shape != arr.shape:
                     raise ValueError(f"mask for '{name}' has shape {m.shape}, tensor has shape {arr.shape}")
                 flat = m.reshape(-1)
-                kind, index, k, positions = _choose_index(flat, n)
+                kind, index, k, positions, b, alt_kind, alt_len = _choose_index(flat, n, allowed)
+                if kind == "golomb":
+                    fallback[len(index_parts)] = (alt_kind, alt_len, flat)
                 flat_arr = arr.reshape(-1)
                 kept = flat_arr if positions is None else flat_arr[positions]
             if value_bits == 8:
@@ -274,15 +486,39 @@ def encode(
         header["kinds"].append(kind)
         header["nnz"].append(k)
         header["ilen"].append(int(index.size))
+        if b is not None:
+            rice.append(b)
         if value_bits == 8:
             header["qmin"].append(qmin)
             header["qscale"].append(qscale)
         index_parts.append(index)
-    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    head = _header_json(header, rice if rice else None)
+    if fallback and all(alt is not None for alt, _, _ in fallback.values()):
+        # The rice list is header bytes: keep it only if the golomb indices save more.
+        plain = dict(header, kinds=list(header["kinds"]), ilen=list(header["ilen"]))
+        for i, (alt, alt_len, _) in fallback.items():
+            plain["kinds"][i], plain["ilen"][i] = alt, alt_len
+        plain_head = _header_json(plain, None)
+        if len(plain_head) + sum(plain["ilen"]) <= len(head) + sum(header["ilen"]):
+            for i, (alt, alt_len, flat) in fallback.items():
+                assert alt is not None
+                index_parts[i] = _materialise(alt, flat, np.flatnonzero(flat), None, None)
+                assert index_parts[i].size == alt_len
+            head = plain_head
     prefix = np.frombuffer(len(head).to_bytes(4, "little") + head, dtype=np.uint8)
     index_blob = np.concatenate([prefix, *index_parts])
     values = np.concatenate(value_parts).astype(vdtype, copy=False) if value_parts else np.empty(0, vdtype)
     return {INDEX_KEY: index_blob, VALUES_KEY: values}
+
+
+def _header_json(header: dict[str, Any], rice: list[int] | None) -> bytes:
+    """The header's JSON bytes, with the ``rice`` list after ``ilen`` when given (without it the
+    header is exactly what the codec wrote before the golomb kind)."""
+    if rice is not None:
+        keys = list(header)
+        at = keys.index("ilen") + 1
+        header = {**{k: header[k] for k in keys[:at]}, "rice": rice, **{k: header[k] for k in keys[at:]}}
+    return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def _read_header(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], np.ndarray]:
@@ -338,7 +574,15 @@ def decode(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dic
         raise ValueError(f"'{VALUES_KEY}' has dtype {values.dtype}, header says {value_bits} bits")
     tensors: dict[str, np.ndarray] = {}
     masks: dict[str, np.ndarray] = {}
+    n_golomb = sum(1 for kind in header["kinds"] if kind == "golomb")
+    rice = header.get("rice", [])
+    if not isinstance(rice, list) or len(rice) != n_golomb:
+        raise ValueError(
+            f"corrupt payload: the header's 'rice' list must hold one Rice parameter per "
+            f"golomb-coded tensor ({n_golomb}), got {rice!r}"
+        )
     ipos = vpos = 0
+    gpos = 0
     for i, name in enumerate(header["names"]):
         shape = tuple(header["shapes"][i])
         dtype = np.dtype(header["dtypes"][i])
@@ -374,6 +618,17 @@ def decode(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dic
                 raise ValueError(f"corrupt payload: coordinate of '{name}' out of range")
             flat_mask = np.zeros(n, dtype=bool)
             flat_mask[positions] = True
+        elif kind == "golomb":
+            b = rice[gpos]
+            gpos += 1
+            if k > n:
+                raise ValueError(f"corrupt payload: '{name}' has {k} positions for {n} entries")
+            try:
+                positions = golomb_decode(index, k, b, n)
+            except ValueError as err:
+                raise ValueError(f"corrupt payload: index of '{name}': {err}") from None
+            flat_mask = np.zeros(n, dtype=bool)
+            flat_mask[positions] = True
         else:
             raise ValueError(f"unknown index kind {kind!r} for '{name}'")
         flat = np.zeros(n, dtype=dtype)
@@ -394,7 +649,7 @@ def payload_nbytes(arrays: Mapping[str, np.ndarray]) -> int:
 
 
 def index_kinds(arrays: Mapping[str, np.ndarray]) -> dict[str, str]:
-    """Tensor name → index kind used ('bitmap', 'coords', 'dense' or 'raw')."""
+    """Tensor name → index kind used ('bitmap', 'coords', 'golomb', 'dense' or 'raw')."""
     header, _ = _read_header(arrays)
     return dict(zip(header["names"], header["kinds"]))
 

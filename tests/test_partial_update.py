@@ -466,15 +466,22 @@ def test_index_encoding_and_patch_are_the_smaller_measured_choice() -> None:
             parts = unpack_parts(msg.content["arrays"], len(cfg.get("pu-parts", [])))
             for payload in parts:
                 tensors, masks = codec.decode(payload)
+                has_rice = "rice" in codec.parse_header(payload[codec.INDEX_KEY])[0]
                 for name, info in codec.tensor_nbytes(payload).items():
-                    if info["kind"] in ("bitmap", "coords"):
+                    if info["kind"] in codec.INDEX_KINDS:
                         positions = np.flatnonzero(masks[name])
-                        bitmap = (masks[name].size + 7) // 8
-                        coords = codec.coords_encode(positions).size
-                        assert info["index_bytes"] == min(bitmap, coords)
-                        assert info["kind"] == ("coords" if coords < bitmap else "bitmap")
+                        n = masks[name].size
+                        sizes = {"bitmap": (n + 7) // 8, "coords": codec.coords_encode(positions).size}
+                        b, golomb = codec.golomb_choose(positions, n)
+                        # golomb's bytes include its entry in the header's rice list
+                        cost = {**sizes, "golomb": golomb + len(f"{b},")}
+                        best = min(codec.INDEX_KINDS, key=lambda kind: cost[kind])  # ties: earlier
+                        if best == "golomb" and not has_rice:  # the list did not pay for itself
+                            best = min(sizes, key=lambda kind: sizes[kind])
+                        assert info["kind"] == best
+                        assert info["index_bytes"] == {**sizes, "golomb": golomb}[best]
                         checked_kinds.add(info["kind"])
-    assert checked_kinds == {"bitmap", "coords"}
+    assert "golomb" in checked_kinds and len(checked_kinds) >= 2
     # a client that is far behind gets the dense model only when the merged change is larger
     far = strat._patch_for(0)
     dense = strat._dense_patch()

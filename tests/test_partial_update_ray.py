@@ -55,7 +55,7 @@ def test_two_rounds_on_ray_send_sparse_patches_to_persistent_client_copies(tmp_p
     assert 0.5 < row["index_bytes_down"] / row["shannon_index_bytes"] < 1.5
     assert 0.8 < row["patch_bytes_down"] / row["shannon_bound_bytes"] < 1.2
     assert row["patch_bytes_down"] < row["bytes_down"]  # + the config records
-    assert set(df.loc[1, "index_kinds"].replace(";", ":").split(":")[::2]) <= {"bitmap", "coords"}
+    assert set(df.loc[1, "index_kinds"].replace(";", ":").split(":")[::2]) <= {"bitmap", "coords", "golomb"}
     # downlink ratio against dense FedAvg for the same clients; the uplink carries the local
     # contribution besides the model (its bytes are counted)
     assert df["comm_ratio_down"].iloc[-1] < 0.05
