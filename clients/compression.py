@@ -1,10 +1,11 @@
-"""Client side of the uplink-compression baselines (Top-k + error feedback, Rand-k, FedPAQ) and SNIP.
+"""Client side of the uplink-compression baselines (Top-k + error feedback, Rand-k, FedPAQ, DGC, SBC) and SNIP.
 
 Every baseline trains like FedAvg's client and then compresses its **update** Δ = w_local − w_global
 with the compressor the round's config names (:mod:`fedsparse.compressors`: the compressor classes
 and their payload formats, shared with the server). What the reply carries is the compressed
 payload — nothing else — so the bytes the grid meters are the compressed bytes. State that must
-survive rounds (the error-feedback residual) lives in the client's ``context.state``.
+survive rounds (the error-feedback residual; DGC's momentum u and accumulated velocity v) lives in
+the client's ``context.state`` (:func:`fedsparse.compressors.load_memory` / ``store_memory``).
 
 SNIP's client (Lee et al. 2019) answers two kinds of train message (:mod:`fedsparse.protocol.snip`):
 ``snip-phase = "saliency"`` (compute |∂L/∂w ⊙ w| at the initial weights on a few local batches and
@@ -26,19 +27,12 @@ from torch import nn
 from clients.local import LocalRound, derive_seed, reply, state_dict_cpu
 from clients.train import optimizer_from_config, train_steps
 from fedsparse import codec
-from fedsparse.compressors import CFG_EF, RESIDUAL_STATE_KEY, compress_update
+from fedsparse.compressors import compress_with_memory, load_memory, store_memory
 from fedsparse.protocol import OMITTED_ARRAYS
 from fedsparse.protocol.fedluar import luar_round_lr
 from fedsparse.protocol.snip import CFG_SNIP_BATCHES, CFG_SNIP_PHASE, CFG_SNIP_PRUNABLE
 
 __all__ = ["compressed_train", "snip_saliency", "masked_training", "snip_train"]
-
-
-def _residual_from_state(context: Context) -> dict[str, np.ndarray]:
-    if RESIDUAL_STATE_KEY not in context.state:
-        return {}
-    record = context.state[RESIDUAL_STATE_KEY]
-    return {k: a.numpy() for k, a in record.items()}  # type: ignore[union-attr]  # the residual is an ArrayRecord
 
 
 def _client_lr(cfg: Mapping[str, Any], server_round: int, local: LocalRound) -> float:
@@ -64,13 +58,9 @@ def compressed_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> 
             continue
         now = value.numpy()
         update[name] = now - global_state[name].numpy() if now.dtype.kind == "f" else now
-    residual = _residual_from_state(context)
     seed = derive_seed("compression", cfg["seed"], local.server_round, local.partition_id) & ((1 << 62) - 1)
-    payload, residual, cstats = compress_update(update, config, residual=residual, seed=seed)
-    if bool(config.get(CFG_EF, False)):
-        context.state[RESIDUAL_STATE_KEY] = ArrayRecord(
-            {k: Array(np.ascontiguousarray(v)) for k, v in residual.items()}
-        )
+    payload, memory, cstats = compress_with_memory(update, config, load_memory(context.state), seed=seed)
+    store_memory(context.state, memory)
     metrics = {"num-examples": local.num_examples, "train-loss": stats["train-loss"], **cstats}
     return reply(msg, codec.to_array_record(payload), metrics)
 

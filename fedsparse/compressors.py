@@ -1,12 +1,16 @@
 """Uplink compressors as objects, and the payload formats they write (both sides use them).
 
-One class per compressor — :class:`TopK`, :class:`RandK`, :class:`QSGD` (FedPAQ's quantiser) —
-behind one contract, :class:`Compressor`, in the shape of ``torch.nn.utils.prune`` (one class per
+One class per compressor — :class:`TopK`, :class:`RandK`, :class:`QSGD` (FedPAQ's quantiser),
+:class:`DGC` (Deep Gradient Compression), :class:`SBC` (Sparse Binary Compression) — behind one
+contract, :class:`Compressor`, in the shape of ``torch.nn.utils.prune`` (one class per
 method, a registry by name): what the clients are told each round (:meth:`Compressor.round_config`,
 rebuilt on the client by :func:`compressor_from_config`), how an update is encoded
 (:meth:`Compressor.encode`) and how any payload decodes (:func:`decode_update`: every format names
 itself in its header). Error feedback is composition, not a compressor of its own:
 :func:`compress_update` adds the residual before encoding and keeps what was not sent.
+What a client keeps between rounds is a :class:`ClientMemory` (the residual, and DGC's momentum);
+:func:`compress_with_memory` is the general client entry point, :func:`load_memory` /
+:func:`store_memory` keep the memory in a Flower ``context.state``.
 
 Every compressor compresses the **update** Δ = w_local − w_global of the floating-point tensors;
 non-floating tensors (BN's ``num_batches_tracked``) travel raw, as the client's value. Payload
@@ -23,6 +27,15 @@ formats (two Flower arrays each; every Array costs an npy header and wire framin
   whole update with ``quant-scope = "model"`` — then raw bytes)
   + ``"levels"`` (uint8, bit-packed codes: each coordinate is ``sign·ξ + s`` ∈ [0, 2s] stored in
   b = ⌈log2(2s+1)⌉ bits).
+* **DGC** (Lin et al. 2018): Top-k of the momentum-corrected accumulation, written by the sparse
+  codec exactly as Top-k's payload (the server cannot tell them apart, and need not).
+* **SBC** (Sattler et al. 2019): per tensor, the positions of the kept side and one mean.
+  ``"header"`` (uint8: 4-byte length, JSON ``{"codec": "fedsparse-sbc", "version": 1, "index":
+  {…}}`` whose ``index`` is the sparse codec's own header of the positions, then the codec's index
+  bytes — bitmap / varint coordinates / whatever the codec picks, by measured size — and the raw
+  bytes of non-float tensors) + ``"values"`` (float32: **one** signed mean per floating tensor).
+  The positions are coded by :func:`fedsparse.codec.encode` itself (its values are not sent), so
+  the index kinds are always the codec's.
 
 Adding a compressor is one class here with a ``name``, registered in :data:`COMPRESSORS`.
 """
@@ -33,11 +46,12 @@ import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedsparse import codec
 from fedsparse.masks import topk_mask
@@ -47,12 +61,23 @@ __all__ = [
     "TopK",
     "RandK",
     "QSGD",
+    "DGC",
+    "SBC",
+    "ClientMemory",
     "COMPRESSORS",
     "METHODS",
     "QUANT_SCOPES",
     "RESIDUAL_STATE_KEY",
+    "MOMENTUM_STATE_KEY",
     "compressor_from_config",
     "compress_update",
+    "compress_with_memory",
+    "load_memory",
+    "store_memory",
+    "dgc_warmup_ratio",
+    "dgc_client_clip",
+    "clip_by_norm",
+    "sbc_select",
     "decode_update",
     "topk_masks",
     "randk_positions",
@@ -76,12 +101,21 @@ CFG_RANDK_INDEX = "randk-index"
 CFG_LEVELS = "quant-levels"
 CFG_BUCKET = "quant-bucket"
 CFG_QSCOPE = "quant-scope"
+CFG_DGC_SCOPE = "dgc-scope"
+CFG_DGC_MOMENTUM = "dgc-momentum"
+CFG_DGC_MASKING = "dgc-momentum-masking"
+#: DGC's per-client clipping threshold of the round (not a run-config key: the server derives it
+#: from ``dgc-clip-norm`` and the number of clients it sampled, see :func:`dgc_client_clip`).
+CFG_DGC_CLIP = "dgc-client-clip"
 
 #: Where a client keeps its error-feedback residual between rounds (``context.state``).
 RESIDUAL_STATE_KEY = "compression.residual"
+#: Where a client keeps DGC's momentum u between rounds (``context.state``).
+MOMENTUM_STATE_KEY = "compression.momentum"
 
 RANDK_CODEC = "fedsparse-randk"
 QSGD_CODEC = "fedsparse-qsgd"
+SBC_CODEC = "fedsparse-sbc"
 HEADER_KEY = "header"
 VALUES_KEY = "values"
 LEVELS_KEY = "levels"
@@ -393,6 +427,82 @@ def _fedpaq_decode(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarr
 
 
 # --------------------------------------------------------------------------------------------
+# SBC: the kept side's positions and one mean per tensor
+# --------------------------------------------------------------------------------------------
+
+
+def sbc_select(x: np.ndarray, k: int) -> tuple[np.ndarray, np.float32]:
+    """Sparse Binary Compression of one tensor (Sattler et al. 2019, Algorithm 1).
+
+    The k largest positive entries and the k most negative ones (fewer where the tensor has fewer of
+    that sign; ties go to the earliest positions); μ₊ and μ₋ the mean magnitudes of the two sets.
+    Keeps the side with the larger mean (μ₊ ≥ μ₋ keeps the positive one, as the paper's ``≥``) and
+    returns ``(mask, value)``: the kept side's positions and +μ₊ or −μ₋ as float32, the one value
+    every kept position takes. A tensor with no non-zero entry gives an empty mask and 0.
+    """
+    shape = np.shape(x)
+    flat = np.asarray(x, dtype=np.float64).reshape(-1)
+    sides: list[tuple[float, np.ndarray | None]] = []
+    for sign in (1.0, -1.0):
+        signed = sign * flat
+        kk = min(int(k), int(np.count_nonzero(signed > 0)))
+        if kk == 0:
+            sides.append((0.0, None))
+            continue
+        chosen = topk_mask({"x": torch.from_numpy(np.where(signed > 0, signed, 0.0))}, kk)["x"].numpy()
+        sides.append((float(signed[chosen].mean()), chosen))
+    (mu_pos, pos), (mu_neg, neg) = sides
+    if pos is not None and (neg is None or mu_pos >= mu_neg):
+        return pos.reshape(shape), np.float32(mu_pos)
+    if neg is not None:
+        return neg.reshape(shape), np.float32(-mu_neg)
+    return np.zeros(shape, dtype=bool), np.float32(0.0)
+
+
+def _sbc_encode(
+    floats: Mapping[str, np.ndarray],
+    raws: Mapping[str, np.ndarray],
+    masks: Mapping[str, np.ndarray],
+    values: list[np.float32],
+) -> dict[str, np.ndarray]:
+    """The SBC payload (module docstring): the positions coded by the sparse codec — its
+    ``index`` array, whose values (placeholders) are not sent — and one float32 per float tensor."""
+    placeholders = {name: np.zeros(x.shape, x.dtype) for name, x in floats.items()}
+    index = codec.encode({**placeholders, **raws}, masks)[codec.INDEX_KEY]
+    inner, rest = codec.parse_header(index, codec.INDEX_KEY)
+    header = {"codec": SBC_CODEC, "version": FORMAT_VERSION, "index": inner}
+    return {HEADER_KEY: _pack_header(header, rest.tobytes()), VALUES_KEY: np.asarray(values, dtype="<f4").reshape(-1)}
+
+
+def _sbc_decode(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    _require_keys(arrays, SBC_CODEC, (HEADER_KEY, VALUES_KEY))
+    header, rest = _read_header(arrays[HEADER_KEY], SBC_CODEC)
+    inner = header.get("index")
+    if not isinstance(inner, dict) or inner.get("value_bits") != 32:
+        raise ValueError("corrupt payload: the SBC header holds no sparse-codec index header")
+    means = np.asarray(arrays[VALUES_KEY])
+    if means.dtype != np.float32 or means.ndim != 1:
+        raise ValueError(f"'{VALUES_KEY}' must be a 1-D float32 array, got {means.dtype} with shape {means.shape}")
+    float_at = [i for i, kind in enumerate(inner["kinds"]) if kind != "raw"]
+    if means.size != len(float_at):
+        raise ValueError(f"corrupt payload: {means.size} means for {len(float_at)} floating tensors")
+    # the codec decodes the positions (and the raw tensors) given placeholder values
+    placeholders = np.zeros(sum(int(inner["nnz"][i]) for i in float_at), dtype=np.float32)
+    tensors, masks = codec.decode({codec.INDEX_KEY: _pack_header(inner, rest), codec.VALUES_KEY: placeholders})
+    floats, raws = {}, {}
+    names = inner["names"]
+    for j, i in enumerate(float_at):
+        name = names[i]
+        floats[name] = np.where(masks[name], means[j], np.float32(0)).astype(tensors[name].dtype)
+    for i, name in enumerate(names):
+        if inner["kinds"][i] == "raw":
+            if tensors[name].dtype.kind == "f":
+                raise ValueError(f"corrupt payload: floating tensor '{name}' sent raw (SBC sends positions and a mean)")
+            raws[name] = tensors[name]
+    return floats, raws
+
+
+# --------------------------------------------------------------------------------------------
 # the compressors
 # --------------------------------------------------------------------------------------------
 
@@ -400,11 +510,26 @@ def _fedpaq_decode(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarr
 @dataclass
 class Encoded:
     """One encoded update: the payload, what the server will decode (for error feedback; None when
-    not asked for) and the fraction of entries kept (1.0 for a quantiser, which keeps them all)."""
+    not asked for), the fraction of entries kept (1.0 for a quantiser, which keeps them all) and,
+    for a sparsifier, the positions sent (DGC's momentum masking needs them)."""
 
     payload: dict[str, np.ndarray]
     sent: dict[str, np.ndarray] | None
     kept_fraction: float
+    masks: dict[str, np.ndarray] | None = None
+
+
+@dataclass
+class ClientMemory:
+    """What a client keeps between the rounds it takes part in, per floating tensor name.
+
+    ``residual``: the error-feedback memory e (for DGC the accumulated velocity v, which is the same
+    thing: what was accumulated and not yet sent). ``momentum``: DGC's velocity u (empty for every
+    other compressor, and for DGC with ``momentum = 0``). A missing entry is zero.
+    """
+
+    residual: dict[str, np.ndarray] = field(default_factory=dict)
+    momentum: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _kept_fraction(masks: Mapping[str, np.ndarray], total: int) -> float:
@@ -446,6 +571,41 @@ class Compressor(ABC):
     def report(self) -> dict[str, Any]:
         """Its settings as ``rounds.csv`` columns."""
 
+    # -- per round (server side) and between rounds (client side); defaults: plain error feedback
+
+    def for_round(self, server_round: int, num_clients: int) -> Compressor:
+        """The compressor the clients of round ``server_round`` run, ``num_clients`` of them sampled.
+
+        The server calls it after sampling and sends the result's :meth:`round_config`, so a
+        schedule lives on the server alone. Default: this compressor, every round.
+        """
+        return self
+
+    @property
+    def keeps_momentum(self) -> bool:
+        """Whether clients keep more than the residual between rounds (:attr:`ClientMemory.momentum`)."""
+        return False
+
+    def prepare(
+        self, floats: Mapping[str, np.ndarray], memory: ClientMemory
+    ) -> tuple[dict[str, np.ndarray], ClientMemory]:
+        """The vector to encode from this round's update Δ and the client's memory, and the memory
+        to :meth:`settle` after encoding. Error feedback: a = Δ + e; otherwise Δ."""
+        if not self.error_feedback:
+            return dict(floats), memory
+        e = memory.residual
+        return {k: (x + e[k]) if k in e else x.copy() for k, x in floats.items()}, memory
+
+    def settle(self, acc: Mapping[str, np.ndarray], encoded: Encoded, memory: ClientMemory) -> ClientMemory:
+        """The memory after sending. Error feedback: e ← a − C(a) for the tensors sent (a tensor left
+        out of this update, e.g. one FedLUAR recycles, keeps its residual)."""
+        if not self.error_feedback:
+            return memory
+        if encoded.sent is None:
+            raise RuntimeError(f"{self.name}: error feedback needs what was sent")
+        kept = {k: (acc[k] - encoded.sent[k]).astype(acc[k].dtype) for k in acc}
+        return ClientMemory({**memory.residual, **kept}, memory.momentum)
+
 
 class TopK(Compressor):
     """Top-k by magnitude over the whole update (``scope = "model"``) or per tensor."""
@@ -478,7 +638,7 @@ class TopK(Compressor):
         masks = topk_masks(floats, self.ratio, self.scope)
         payload = codec.encode({**floats, **raws}, masks)
         sent = {k: np.where(masks[k], x, np.zeros((), x.dtype)) for k, x in floats.items()}
-        return Encoded(payload, sent, _kept_fraction(masks, sum(x.size for x in floats.values())))
+        return Encoded(payload, sent, _kept_fraction(masks, sum(x.size for x in floats.values())), masks)
 
     def report(self) -> dict[str, Any]:
         return {"compress_ratio": self.ratio}
@@ -584,8 +744,211 @@ class QSGD(Compressor):
         return {"quant_levels": self.levels, "quant_bits": code_bits(self.levels)}
 
 
+# --------------------------------------------------------------------------------------------
+# DGC: momentum correction, local clipping, momentum factor masking, warm-up
+# --------------------------------------------------------------------------------------------
+
+
+def dgc_warmup_ratio(ratio: float, warmup_rounds: int, server_round: int) -> float:
+    """DGC's sparsity warm-up: rounds t = 1 … W keep the fraction ratio^(t/(W+1)) of the entries —
+    the sparsity rises exponentially from 0 toward the target — then ``ratio`` from round W + 1 on.
+
+    With the paper's target (0.1 % kept) and W = 4 this is 25.1 %, 6.3 %, 1.6 %, 0.40 % kept, i.e. the
+    paper's 75 %, 93.75 %, 98.4375 %, 99.6 % sparsity, then 99.9 %. ``warmup_rounds = 0``: no warm-up.
+    """
+    if warmup_rounds <= 0 or server_round > warmup_rounds or server_round < 1:
+        return float(ratio)
+    return float(ratio) ** (server_round / (warmup_rounds + 1))
+
+
+def dgc_client_clip(clip_norm: float, num_clients: int) -> float:
+    """The L2 threshold each client clips its update Δ at, for a threshold ``clip_norm`` on the
+    round's aggregated update and ``num_clients`` clients (0 = no clipping).
+
+    DGC clips node k's gradient G^k at N^(-1/2)·thr, where G = Σ_k G^k is the aggregate and each
+    G^k carries the 1/N of the mean (the paper's algorithm divides by N·b). Here the
+    aggregate is the average Σ ρ_i Δ_i with ρ_i ≈ 1/N, so client i's share is Δ_i/N and
+    ‖Δ_i/N‖ ≤ N^(-1/2)·thr is ‖Δ_i‖ ≤ √N·thr.
+    """
+    if clip_norm <= 0 or num_clients <= 0:
+        return 0.0
+    return float(clip_norm) * math.sqrt(num_clients)
+
+
+def clip_by_norm(floats: Mapping[str, np.ndarray], threshold: float) -> tuple[dict[str, np.ndarray], float]:
+    """Scale the tensors together so that their joint L2 norm is at most ``threshold`` (as
+    ``torch.nn.utils.clip_grad_norm_``; 0 = no clipping). Returns (tensors, the factor applied);
+    tensors within the bound are returned unchanged (factor 1)."""
+    if threshold <= 0:
+        return dict(floats), 1.0
+    norm = math.sqrt(sum(float(np.sum(np.square(x, dtype=np.float64))) for x in floats.values()))
+    if norm <= threshold:
+        return dict(floats), 1.0
+    factor = threshold / norm
+    return {k: (x * factor).astype(x.dtype, copy=False) for k, x in floats.items()}, factor
+
+
+class DGC(TopK):
+    """Deep Gradient Compression (Lin et al., ICLR 2018) on the client's update.
+
+    Each round a client takes part in, with Δ its local update (w_local − w_global, the quantity
+    every compressor here compresses — the paper's per-iteration gradient becomes the round's update):
+
+    1. local clipping: Δ ← Δ·min(1, τ/‖Δ‖₂), τ = ``client_clip`` (0 = off);
+    2. momentum correction: u ← m·u + Δ, v ← v + u (m = ``momentum``; 0 gives v ← v + Δ, i.e.
+       Top-k with error feedback);
+    3. send Top-k of v (per tensor by default, as the paper's Algorithm 1 selects per layer);
+    4. v ← v ⊙ ¬mask (the residual: what was not sent), and with ``momentum_masking``
+       u ← u ⊙ ¬mask (momentum factor masking).
+
+    u and v live in the client's :class:`ClientMemory` (v as the residual). The payload is Top-k's.
+
+    Server-side settings, not sent: ``warmup_rounds`` (the exponential sparsity warm-up,
+    :func:`dgc_warmup_ratio`) and ``clip_norm`` (the threshold on the aggregate, turned into the
+    per-client ``client_clip`` by :func:`dgc_client_clip`). :meth:`for_round` makes the round's
+    compressor from them: that one carries the round's ratio and τ, and no schedule.
+    """
+
+    name = "dgc"
+
+    def __init__(  # noqa: PLR0913 - one knob per paper technique
+        self,
+        ratio: float = 0.001,
+        scope: str = "tensor",
+        *,
+        momentum: float = 0.9,
+        momentum_masking: bool = True,
+        clip_norm: float = 0.0,
+        warmup_rounds: int = 0,
+        client_clip: float = 0.0,
+    ) -> None:
+        super().__init__(ratio, scope, error_feedback=True)
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1); got {momentum!r}")
+        for what, value in (("clip_norm", clip_norm), ("client_clip", client_clip)):
+            if not (math.isfinite(float(value)) and float(value) >= 0.0):
+                raise ValueError(f"{what} must be a finite number >= 0 (0 = no clipping); got {value!r}")
+        if int(warmup_rounds) < 0:
+            raise ValueError(f"warmup_rounds must be >= 0; got {warmup_rounds!r}")
+        self.momentum = float(momentum)
+        self.momentum_masking = bool(momentum_masking)
+        self.clip_norm = float(clip_norm)
+        self.warmup_rounds = int(warmup_rounds)
+        self.client_clip = float(client_clip)
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            CFG_RATIO: self.ratio,
+            CFG_DGC_SCOPE: self.scope,
+            CFG_DGC_MOMENTUM: self.momentum,
+            CFG_DGC_MASKING: self.momentum_masking,
+            CFG_DGC_CLIP: self.client_clip,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DGC:
+        return cls(
+            float(config.get(CFG_RATIO, 1.0)),
+            str(config.get(CFG_DGC_SCOPE, "tensor")),
+            momentum=float(config.get(CFG_DGC_MOMENTUM, 0.0)),
+            momentum_masking=bool(config.get(CFG_DGC_MASKING, True)),
+            client_clip=float(config.get(CFG_DGC_CLIP, 0.0)),
+        )
+
+    def for_round(self, server_round: int, num_clients: int) -> DGC:
+        """The round's compressor: the warm-up's ratio and the per-client clipping threshold."""
+        client_clip = dgc_client_clip(self.clip_norm, num_clients) if self.clip_norm > 0 else self.client_clip
+        return DGC(
+            dgc_warmup_ratio(self.ratio, self.warmup_rounds, server_round),
+            self.scope,
+            momentum=self.momentum,
+            momentum_masking=self.momentum_masking,
+            client_clip=client_clip,
+        )
+
+    @property
+    def keeps_momentum(self) -> bool:
+        return self.momentum > 0
+
+    def prepare(
+        self, floats: Mapping[str, np.ndarray], memory: ClientMemory
+    ) -> tuple[dict[str, np.ndarray], ClientMemory]:
+        """Clip Δ, then u ← m·u + Δ and v ← v + u; encode v."""
+        delta, _ = clip_by_norm(floats, self.client_clip)
+        if self.momentum > 0:
+            old = memory.momentum
+            u = {k: (self.momentum * old[k] + d) if k in old else d.copy() for k, d in delta.items()}
+            momentum = {**old, **u}
+        else:
+            u, momentum = delta, memory.momentum
+        e = memory.residual
+        v = {k: (e[k] + x) if k in e else x.copy() for k, x in u.items()}
+        return v, ClientMemory(memory.residual, momentum)
+
+    def settle(self, acc: Mapping[str, np.ndarray], encoded: Encoded, memory: ClientMemory) -> ClientMemory:
+        """v ← v − sent (zero where sent); with momentum masking u ← 0 where sent."""
+        memory = super().settle(acc, encoded, memory)
+        if self.momentum > 0 and self.momentum_masking:
+            if encoded.masks is None:
+                raise RuntimeError("DGC's momentum masking needs the positions sent")
+            masked = {
+                k: np.where(encoded.masks[k], np.zeros((), u.dtype), u)
+                for k, u in memory.momentum.items()
+                if k in encoded.masks
+            }
+            memory = ClientMemory(memory.residual, {**memory.momentum, **masked})
+        return memory
+
+    def report(self) -> dict[str, Any]:
+        return {"compress_ratio": self.ratio, "dgc_client_clip": self.client_clip}
+
+
+# --------------------------------------------------------------------------------------------
+# SBC
+# --------------------------------------------------------------------------------------------
+
+
+class SBC(Compressor):
+    """Sparse Binary Compression (Sattler et al. 2019): per floating tensor, the k = ``ratio``·n
+    largest positive and k most negative entries of the (residual-corrected) update, the side with
+    the larger mean magnitude kept as positions plus that one mean (:func:`sbc_select`). With error
+    feedback (default, as the paper) the unsent part stays in the residual: e ← a − C(a)."""
+
+    name = "sbc"
+
+    def __init__(self, ratio: float = 0.01, *, error_feedback: bool = True) -> None:
+        super().__init__(error_feedback=error_feedback)
+        if not 0.0 < float(ratio) <= 1.0:
+            raise ValueError(f"ratio must lie in (0, 1]; got {ratio!r}")
+        self.ratio = float(ratio)
+
+    def _settings(self) -> dict[str, Any]:
+        return {CFG_RATIO: self.ratio}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> SBC:
+        return cls(float(config.get(CFG_RATIO, 1.0)), error_feedback=bool(config.get(CFG_EF, False)))
+
+    def encode(
+        self, floats: Mapping[str, np.ndarray], raws: Mapping[str, np.ndarray], seed: int, *, want_sent: bool
+    ) -> Encoded:
+        masks: dict[str, np.ndarray] = {}
+        values: list[np.float32] = []
+        sent: dict[str, np.ndarray] = {}
+        for name, x in floats.items():
+            mask, value = sbc_select(x, kept_count(self.ratio, x.size))
+            masks[name] = mask
+            values.append(value)
+            sent[name] = np.where(mask, value, np.float32(0)).astype(x.dtype)  # as the server decodes it
+        payload = _sbc_encode(floats, raws, masks, values)
+        return Encoded(payload, sent, _kept_fraction(masks, sum(x.size for x in floats.values())), masks)
+
+    def report(self) -> dict[str, Any]:
+        return {"compress_ratio": self.ratio}
+
+
 #: Every compressor by the name clients see in ``compress-method``.
-COMPRESSORS: dict[str, type[Compressor]] = {c.name: c for c in (TopK, RandK, QSGD)}
+COMPRESSORS: dict[str, type[Compressor]] = {c.name: c for c in (TopK, RandK, QSGD, DGC, SBC)}
 METHODS = tuple(COMPRESSORS)
 
 
@@ -602,6 +965,36 @@ def compressor_from_config(config: Mapping[str, Any]) -> Compressor:
 # --------------------------------------------------------------------------------------------
 
 
+def compress_with_memory(
+    update: Mapping[str, np.ndarray],
+    config: Mapping[str, Any],
+    memory: ClientMemory | None = None,
+    *,
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], ClientMemory, dict[str, float]]:
+    """Compress a client's update with the compressor the round's config names, using and updating
+    what the client keeps between rounds.
+
+    ``update``: Δ for floating tensors; non-floating tensors (the client's values) are sent raw.
+    ``memory``: the client's :class:`ClientMemory` (None: a client's first round).
+    Returns ``(payload arrays, new memory, stats)``: the compressor's :meth:`~Compressor.prepare`
+    turns Δ and the memory into the vector it encodes (Δ + e with error feedback; DGC's v),
+    :meth:`~Compressor.settle` the memory after (e ← a − C(a); DGC's masking). ``seed`` drives
+    Rand-k's mask and FedPAQ's rounding.
+    """
+    return _compress(compressor_from_config(config), update, memory or ClientMemory(), seed)
+
+
+def _compress(
+    compressor: Compressor, update: Mapping[str, np.ndarray], memory: ClientMemory, seed: int
+) -> tuple[dict[str, np.ndarray], ClientMemory, dict[str, float]]:
+    floats, raws = _split_float(update)
+    acc, memory = compressor.prepare(floats, memory)
+    encoded = compressor.encode(acc, raws, seed, want_sent=compressor.error_feedback)
+    memory = compressor.settle(acc, encoded, memory)
+    return encoded.payload, memory, {"kept-fraction": encoded.kept_fraction}
+
+
 def compress_update(
     update: Mapping[str, np.ndarray],
     config: Mapping[str, Any],
@@ -609,24 +1002,40 @@ def compress_update(
     residual: Mapping[str, np.ndarray] | None = None,
     seed: int = 0,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
-    """Compress a client's update with the compressor the round's config names.
+    """Compress a client's update with the compressor the round's config names (the residual-only
+    form of :func:`compress_with_memory`).
 
     ``update``: Δ for floating tensors; non-floating tensors (the client's values) are sent raw.
     ``residual``: the error-feedback memory e of the floating tensors (missing entries = 0).
     Returns ``(payload arrays, new residual, stats)``. With error feedback the compressor sees
     a = Δ + e and the new residual is a − C(a) (Stich et al. 2018); without it the residual is
-    returned unchanged. ``seed`` drives Rand-k's mask and FedPAQ's rounding.
+    returned unchanged. ``seed`` drives Rand-k's mask and FedPAQ's rounding. A compressor that keeps
+    a momentum too (DGC with momentum > 0) needs :func:`compress_with_memory`.
     """
     compressor = compressor_from_config(config)
-    floats, raws = _split_float(update)
-    ef = compressor.error_feedback
-    residual = dict(residual or {})
-    acc = {k: (x + residual[k]) if k in residual else x.copy() for k, x in floats.items()} if ef else dict(floats)
-    encoded = compressor.encode(acc, raws, seed, want_sent=ef)
-    if ef:
-        assert encoded.sent is not None
-        residual = {k: (acc[k] - encoded.sent[k]).astype(acc[k].dtype) for k in acc}
-    return encoded.payload, residual, {"kept-fraction": encoded.kept_fraction}
+    if compressor.keeps_momentum:
+        raise ValueError(f"{compressor.name} keeps a momentum between rounds: use compress_with_memory")
+    payload, memory, stats = _compress(compressor, update, ClientMemory(dict(residual or {})), seed)
+    return payload, memory.residual, stats
+
+
+def load_memory(state: RecordDict) -> ClientMemory:
+    """A client's :class:`ClientMemory` from its Flower ``context.state`` (empty the first time)."""
+
+    def read(key: str) -> dict[str, np.ndarray]:
+        if key not in state:
+            return {}
+        return {k: a.numpy() for k, a in state[key].items()}  # type: ignore[union-attr]  # an ArrayRecord
+
+    return ClientMemory(read(RESIDUAL_STATE_KEY), read(MOMENTUM_STATE_KEY))
+
+
+def store_memory(state: RecordDict, memory: ClientMemory) -> None:
+    """Keep ``memory`` in ``context.state``: the residual under :data:`RESIDUAL_STATE_KEY`, DGC's
+    momentum under :data:`MOMENTUM_STATE_KEY`; an empty part is not stored."""
+    for key, part in ((RESIDUAL_STATE_KEY, memory.residual), (MOMENTUM_STATE_KEY, memory.momentum)):
+        if part:
+            state[key] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in part.items()})
 
 
 def decode_update(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -637,6 +1046,10 @@ def decode_update(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarra
             return _randk_seed_decode(arrays)
         if name == QSGD_CODEC:
             return _fedpaq_decode(arrays)
-        raise ValueError(f"unsupported payload codec {name!r}; expected {RANDK_CODEC!r} or {QSGD_CODEC!r}")
+        if name == SBC_CODEC:
+            return _sbc_decode(arrays)
+        raise ValueError(
+            f"unsupported payload codec {name!r}; expected {RANDK_CODEC!r}, {QSGD_CODEC!r} or {SBC_CODEC!r}"
+        )
     tensors, _ = codec.decode(arrays)
     return _split_float(tensors)

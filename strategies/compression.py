@@ -1,6 +1,6 @@
-"""Uplink-compression baselines as Flower strategies: Top-k with error feedback, Rand-k, FedPAQ.
+"""Uplink-compression baselines as Flower strategies: Top-k with error feedback, Rand-k, FedPAQ, DGC, SBC.
 
-All three keep FedAvg's round (sample clients, send the dense global model, average) and change
+All of them keep FedAvg's round (sample clients, send the dense global model, average) and change
 only the uplink: each client sends its **update** Δ_i = w_i − w_global compressed, the server decodes
 every reply, averages the updates weighted by ``num-examples`` and applies the average,
 w ← w + Σ_i ρ_i Δ̂_i (non-floating tensors, e.g. BN's ``num_batches_tracked``, are sent as values and
@@ -18,6 +18,15 @@ averaged like FedAvg does). The compressors and their payload formats are :mod:`
 * **FedPAQ** — Reisizadeh et al., "FedPAQ: A Communication-Efficient Federated Learning Method with
   Periodic Averaging and Quantization" (AISTATS 2020), with the QSGD stochastic quantiser of Alistarh
   et al. (NeurIPS 2017): s = ``quant-levels`` levels, one float32 norm per tensor, codes bit-packed.
+* **DGC** — Lin et al., "Deep Gradient Compression" (ICLR 2018): Top-k of the client's accumulated
+  velocity with momentum correction (``dgc-momentum``), local clipping (``dgc-clip-norm``), momentum
+  factor masking (``dgc-momentum-masking``) and the exponential sparsity warm-up
+  (``dgc-warmup-rounds``). The server sends each round's effective ratio and per-client clipping
+  threshold in the round's config (:meth:`fedsparse.compressors.Compressor.for_round`), so clients
+  run no schedule; each option switches off on its own, for ablations.
+* **SBC** — Sattler et al., "Sparse Binary Compression" (2019): per tensor, the top-k positive or the
+  top-k negative entries of the residual-corrected update, whichever has the larger mean magnitude,
+  sent as positions (the sparse codec's index) plus that one mean; the rest stays in the residual.
 
 The strategies depend only on the messages (the round's config tells the clients which compressor to
 run), so they work in ``Strategy.start`` in any Flower deployment whose ClientApp calls
@@ -40,7 +49,7 @@ from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg
 
 from fedsparse import codec
-from fedsparse.compressors import QSGD, QUANT_SCOPES, Compressor, RandK, TopK, decode_update
+from fedsparse.compressors import DGC, QSGD, QUANT_SCOPES, SBC, Compressor, RandK, TopK, decode_update
 from fedsparse.config import Config, ConfigError, Key
 from fedsparse.hooks import MethodHooks
 from fedsparse.methods import ErrorCase, Method, sampling_kwargs
@@ -96,6 +105,52 @@ KEYS: dict[str, Key] = {
         choices=QUANT_SCOPES,
     ),
 }
+
+
+#: DGC's own keys (it reads ``compress-ratio`` from :data:`KEYS` too).
+DGC_KEYS: dict[str, Key] = {
+    "dgc-momentum": Key(
+        0.9,
+        "DGC: momentum m of the momentum correction (u <- m*u + update, v <- v + u, send top-k of v); "
+        "0 = off (Top-k with error feedback); must be < 1",
+        minimum=0.0,
+        maximum=1.0,
+    ),
+    "dgc-clip-norm": Key(
+        0.0,
+        "DGC: local clipping; the L2 threshold on the round's averaged update: each of the round's N clients "
+        "clips its update at dgc-clip-norm * sqrt(N) (the paper's N^-1/2 rule for an average); 0 = off",
+        minimum=0.0,
+    ),
+    "dgc-momentum-masking": Key(True, "DGC: zero the momentum u where v was sent (momentum factor masking)"),
+    "dgc-warmup-rounds": Key(
+        4,
+        "DGC: sparsity warm-up; round t <= W keeps compress-ratio^(t/(W+1)) of the entries (exponentially "
+        "rising sparsity, the paper's 75/93.75/98.4/99.6 % for 0.1 % and W = 4), then compress-ratio; 0 = off",
+        minimum=0,
+    ),
+    "dgc-scope": Key(
+        "tensor",
+        "DGC: top-k per tensor (tensor, the paper's per-layer selection) or over the whole update (model)",
+        choices=TOPK_SCOPES,
+    ),
+}
+
+#: SBC's own keys (it reads ``compress-ratio`` from :data:`KEYS` too).
+SBC_KEYS: dict[str, Key] = {
+    "sbc-error-feedback": Key(
+        True, "SBC: clients keep the unsent part (residual) and add it to their next update (the paper does)"
+    ),
+}
+
+
+def check_dgc(cfg: Config) -> None:
+    """DGC's momentum must decay."""
+    m = float(cfg["dgc-momentum"])
+    if not m < 1.0:
+        raise ConfigError(
+            f"dgc-momentum = {m!r}: the velocity u would never decay and v grows without bound; allowed: 0 <= dgc-momentum < 1"
+        )
 
 
 def check_randk(cfg: Config) -> None:
@@ -167,6 +222,7 @@ class UplinkCompression(FedAvg, MethodHooks):
         self._spec: dict[str, tuple[tuple[int, ...], str]] | None = None  # the model's arrays (round 1)
         self._omit: set[str] = set()  # arrays the clients were told to leave out (LUAR)
         self._round_info: dict[int, dict[str, Any]] = {}
+        self._round_report: dict[int, dict[str, Any]] = {}  # the round's compressor settings
 
     @property
     def method(self) -> str:
@@ -191,7 +247,15 @@ class UplinkCompression(FedAvg, MethodHooks):
             self._spec = _spec(self._global)
         self._omit = {str(k) for k in config.get(OMITTED_ARRAYS, [])}  # type: ignore[union-attr]  # a list entry
         round_config = ConfigRecord({**dict(config.items()), **self.round_config()})
-        return super().configure_train(server_round, arrays, round_config, grid)
+        messages = list(super().configure_train(server_round, arrays, round_config, grid))
+        # the round's compressor, once the clients are sampled (DGC: warm-up ratio, clipping threshold)
+        compressor = self.compressor.for_round(server_round, len(messages))
+        if compressor is not self.compressor:
+            settings = compressor.round_config()
+            for msg in messages:  # FedAvg's messages share one config record; updating it twice is harmless
+                msg.content[self.configrecord_key].update(settings)  # type: ignore[union-attr]  # a ConfigRecord
+        self._round_report[server_round] = compressor.report()
+        return messages
 
     def validate_reply(self, server_round: int, msg: Message) -> str | None:
         """fedsparse's reply screen: the payload decodes to the model's arrays (minus the omitted
@@ -267,12 +331,13 @@ class UplinkCompression(FedAvg, MethodHooks):
 
     # ------------------------------------------------------------------ fedsparse hooks
     def round_report(self, server_round: int) -> dict[str, Any]:
-        """rounds.csv columns: the compressor, its k (or s and bits), and the fraction of non-zero
-        entries in the decoded updates (Top-k / Rand-k: the kept fraction, measured)."""
+        """rounds.csv columns: the compressor, its k (or s and bits; DGC: the round's k and clipping
+        threshold), and the fraction of non-zero entries in the decoded updates (Top-k / Rand-k: the
+        kept fraction, measured)."""
         return {
             "compressor": self.method,
             "uplink_nonzero_fraction": self._round_info.get(server_round, {}).get("uplink_nonzero_fraction", math.nan),
-            **self.compressor.report(),
+            **self._round_report.get(server_round, self.compressor.report()),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -305,19 +370,35 @@ def named_compressor(
     quant_scope: str = "tensor",
 ) -> Compressor:
     """The compressor called ``name`` with the settings it takes (the others are ignored);
-    error feedback defaults to on for Top-k only."""
-    ef = (name == "topk") if error_feedback is None else bool(error_feedback)
+    error feedback defaults to on for Top-k and SBC. DGC gets its paper defaults (momentum 0.9 with
+    masking, per-tensor selection, no clipping or warm-up): pass a :class:`DGC` for other settings."""
+    ef = (name in ("topk", "sbc")) if error_feedback is None else bool(error_feedback)
+    if name == DGC.name:
+        return DGC(ratio)
+    if name == SBC.name:
+        return SBC(ratio, error_feedback=ef)
     if name == TopK.name:
         return TopK(ratio, topk_scope, error_feedback=ef)
     if name == RandK.name:
         return RandK(ratio, randk_scale, randk_index, error_feedback=ef)
     if name == QSGD.name:
         return QSGD(levels, bucket, quant_scope, error_feedback=ef)
-    raise ValueError(f"unknown compression method {name!r}; choose one of: topk, randk, fedpaq")
+    raise ValueError(f"unknown compression method {name!r}; choose one of: topk, randk, fedpaq, dgc, sbc")
 
 
 def compressor_for(cfg: Mapping[str, Any], name: str) -> Compressor:
     """The compressor ``name`` with the run configuration's settings."""
+    if name == DGC.name:
+        return DGC(
+            float(cfg["compress-ratio"]),
+            str(cfg["dgc-scope"]),
+            momentum=float(cfg["dgc-momentum"]),
+            momentum_masking=bool(cfg["dgc-momentum-masking"]),
+            clip_norm=float(cfg["dgc-clip-norm"]),
+            warmup_rounds=int(cfg["dgc-warmup-rounds"]),
+        )
+    if name == SBC.name:
+        return SBC(float(cfg["compress-ratio"]), error_feedback=bool(cfg["sbc-error-feedback"]))
     ef = {"topk": cfg["topk-error-feedback"], "randk": cfg["randk-error-feedback"], "fedpaq": False}[name]
     return named_compressor(
         name,
@@ -337,13 +418,19 @@ def build_uplink(cfg: Mapping[str, Any], method: str) -> UplinkCompression:
     return UplinkCompression(compressor_for(cfg, method), **sampling_kwargs(cfg))
 
 
-def _declare(name: str, summary: str, checks: tuple[Any, ...] = (), error_cases: tuple[ErrorCase, ...] = ()) -> Method:
+def _declare(
+    name: str,
+    summary: str,
+    checks: tuple[Any, ...] = (),
+    error_cases: tuple[ErrorCase, ...] = (),
+    keys: Mapping[str, Key] | None = None,
+) -> Method:
     return Method(
         name=name,
         summary=summary,
         build=lambda cfg: build_uplink(cfg, name),
         client_step="clients.compression:compressed_train",
-        keys=KEYS,
+        keys={**KEYS, **(keys or {})},
         section="compression",
         checks=checks,
         error_cases=error_cases,
@@ -360,5 +447,32 @@ RANDK = _declare(
     error_cases=(ErrorCase("Rand-k: error feedback on the unbiased estimate", {"randk-error-feedback": True}),),
 )
 FEDPAQ = _declare("fedpaq", "FedPAQ (Reisizadeh et al. 2020): QSGD-quantised uplink updates (Alistarh et al. 2017)")
+DGC_METHOD = _declare(
+    "dgc",
+    "Deep Gradient Compression (Lin et al. 2018): top-k with momentum correction, local clipping, "
+    "momentum factor masking and sparsity warm-up",
+    checks=(check_dgc,),
+    error_cases=(ErrorCase("DGC: momentum that never decays", {"dgc-momentum": 1.0}),),
+    keys=DGC_KEYS,
+)
+SBC_METHOD = _declare(
+    "sbc",
+    "Sparse Binary Compression (Sattler et al. 2019): per tensor the positions of the top-k positive or "
+    "negative entries and their mean, with error feedback",
+    keys=SBC_KEYS,
+)
 
-__all__ = ["UplinkCompression", "build_uplink", "compressor_for", "named_compressor", "KEYS", "TOPK", "RANDK", "FEDPAQ"]
+__all__ = [
+    "UplinkCompression",
+    "build_uplink",
+    "compressor_for",
+    "named_compressor",
+    "KEYS",
+    "DGC_KEYS",
+    "SBC_KEYS",
+    "TOPK",
+    "RANDK",
+    "FEDPAQ",
+    "DGC_METHOD",
+    "SBC_METHOD",
+]
