@@ -15,7 +15,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsparse.checkpoint import restore_client_state, save_client_state
-from fedsparse.failures import inject, poison
+from fedsparse.failures import attack, failure_for, inject, poison, received_model
 from fedsparse.grid import PARTITION_QUERY
 from fedsparse.methods import train_step
 
@@ -56,8 +56,11 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
         pid = int(context.node_config.get("partition-id", -1))
         inject(cfg, server_round, pid)  # fail-clients: raise or stall (tests)
         restore_client_state(cfg, context, server_round)  # a resumed run: state mirrored before the stop
+        scaling = failure_for(cfg, server_round, pid) == "scale"
+        received = received_model(cfg, msg) if scaling else None  # before training touches it
         out = train_step(str(cfg["strategy"]))(msg, context, cfg)
         save_client_state(cfg, context, server_round)  # checkpoint-every > 0: mirror context.state
+        out = attack(cfg, server_round, pid, out, received, context.state)  # fail-clients ...:scale|inflate
         return poison(cfg, server_round, pid, out)  # fail-clients ...:nan (tests)
 
     return app

@@ -132,7 +132,18 @@ SCHEMA: dict[str, Key] = {
     ),
     "fail-clients": Key(
         "",
-        "testing: inject client failures, ROUND:PARTITION[:raise|timeout|nan] items ('*' = any), e.g. '2:0, *:3:timeout'",
+        "testing: inject client failures, ROUND:PARTITION[:raise|timeout|nan|scale|inflate] items ('*' = any), "
+        "e.g. '2:0, *:3:timeout'",
+    ),
+    "attack-scale": Key(
+        -10.0,
+        "testing: fail-clients scale replies global + attack-scale * (trained - global) (any sign; 1 = honest)",
+    ),
+    "max-examples": Key(
+        0,
+        "bound on a reply's num-examples for a node whose partition is unknown (a deployment); "
+        "0 = the training set's size. A node with a known partition is bounded by its partition size",
+        minimum=0,
     ),
 }
 
@@ -278,7 +289,7 @@ def _check_reliability(cfg: Config) -> None:
             f"min-replies = {cfg['min-replies']} exceeds clients-per-round = {cfg['clients-per-round']}: no round "
             "could aggregate; allowed: 1 .. clients-per-round"
         )
-    from fedsparse.failures import parse_fail_clients
+    from fedsparse.failures import SCALE_STRATEGIES, parse_fail_clients
 
     for rule in parse_fail_clients(str(cfg["fail-clients"])):
         if rule.partition >= int(cfg["num-clients"]):
@@ -290,6 +301,11 @@ def _check_reliability(cfg: Config) -> None:
             raise ConfigError(
                 f"fail-clients names round {rule.server_round}, but rounds = {cfg['rounds']}; "
                 f"allowed: 1 .. {cfg['rounds']} or '*'"
+            )
+        if rule.mode == "scale" and str(cfg["strategy"]) not in SCALE_STRATEGIES:
+            raise ConfigError(
+                f"fail-clients mode 'scale' is not supported by strategy {cfg['strategy']!r}: its reply is not a "
+                f"plain model; allowed strategies: {', '.join(SCALE_STRATEGIES)}"
             )
 
 

@@ -10,12 +10,30 @@
 * ``nan``: the client trains normally, then replaces every floating-point value of its reply's
   arrays with NaN — a diverged (or malicious) client, which reply validation must reject. A reply
   with no floating-point array (bit-packed codes only, e.g. FedPAQ's) has nothing to put NaN in:
-  its ``train-loss`` metric becomes NaN instead, as a diverged client's loss would.
+  its ``train-loss`` metric becomes NaN instead, as a diverged client's loss would;
+* ``scale`` (a model-replacement / sign-flipping attacker): the client trains normally, then its
+  reply's model becomes ``global + s·Δ``, with ``Δ = trained − global`` (the model it trained
+  from) and ``s = attack-scale`` (default −10: a boosted sign flip; any finite value, 1 = honest).
+  Only floating-point tensors of the reply's ``arrays`` record are scaled (integer buffers such as
+  BatchNorm's counters, and any other record, e.g. partial-update's local contribution, stay
+  honest). The design is deliberately the simplest honest one: it applies to the methods whose
+  reply carries a plain model in ``arrays`` — :data:`SCALE_STRATEGIES` (FedAvg, FedProx, FedLUAR,
+  whose recycled layers are simply absent from the reply, and partial-update, whose "global" is
+  the deployed model the client patched its copy to). Methods that reply with a codec or
+  compressor payload (FedDIP, SNIP, top-k, rand-k, FedPAQ, DGC, SBC, ...) would need a decode,
+  scale and re-encode per payload format, which would have to reproduce each format's own
+  quantisation and positions; the combination is refused at configuration time instead
+  (``fedsparse.config``: a :class:`ConfigError` naming the strategy and the mode);
+* ``inflate``: an honest update whose ``num-examples`` metric is multiplied by 100 (a client
+  claiming more weight in the average). The reply screen bounds ``num-examples`` by the server's
+  own knowledge: the sender's partition size when it answered the partition query (so an inflated
+  reply is rejected), else ``max-examples`` (0: the training set's size).
 
 Examples: ``"2:0"`` (partition 0 fails in round 2), ``"*:3"`` (partition 3 always fails),
 ``"4:*"`` (every client of round 4 fails), ``"2:1:timeout, 3:*"``. The ClientApp
-(``clients/app.py``) calls :func:`inject` before a train step; the rule is a pure function of the
-configuration, so a run with failures repeats exactly.
+(``clients/app.py``) calls :func:`inject` before a train step and :func:`attack` and :func:`poison`
+on its reply; the rule is a pure function of the configuration, so a run with failures repeats
+exactly.
 """
 
 from __future__ import annotations
@@ -27,11 +45,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedsparse.config import ConfigError
 
-MODES = ("raise", "timeout", "nan")
+MODES = ("raise", "timeout", "nan", "scale", "inflate")
+#: the strategies whose reply carries a plain model in ``arrays``: the ones ``scale`` applies to
+SCALE_STRATEGIES = ("fedavg", "fedprox", "fedluar", "partial-update")
+#: what ``inflate`` multiplies ``num-examples`` by
+INFLATE_FACTOR = 100
 ANY = -1
 
 
@@ -105,6 +127,66 @@ def inject(cfg: Mapping[str, Any], server_round: int, partition: int) -> None:
         time.sleep(stall_seconds(cfg))
 
 
+def received_model(cfg: Mapping[str, Any], msg: Message) -> dict[str, np.ndarray] | None:
+    """A copy of the model the client will train from, taken before training, if ``scale`` needs it
+    (None otherwise, and for partial-update, whose message carries a patch: :func:`attack` reads
+    the patched copy from the client's state instead)."""
+    if str(cfg["strategy"]) == "partial-update" or "arrays" not in msg.content.array_records:
+        return None
+    return {k: np.array(a.numpy(), copy=True) for k, a in msg.content.array_records["arrays"].items()}
+
+
+def _scaled(reply: ArrayRecord, base: Mapping[str, np.ndarray], s: float) -> ArrayRecord:
+    out = {}
+    for key, arr in reply.items():
+        x = arr.numpy()
+        if x.dtype.kind == "f":
+            if key not in base or base[key].shape != x.shape:
+                raise RuntimeError(f"fail-clients scale: reply tensor {key!r} has no counterpart in the global model")
+            g = base[key].astype(np.float64)
+            x = (g + s * (x.astype(np.float64) - g)).astype(x.dtype)
+        out[key] = Array(np.ascontiguousarray(x))
+    return ArrayRecord(out)
+
+
+def attack(
+    cfg: Mapping[str, Any],
+    server_round: int,
+    partition: int,
+    reply: Message,
+    received: Mapping[str, np.ndarray] | None = None,
+    state: RecordDict | None = None,
+) -> Message:
+    """The reply of an attacking client if ``fail-clients`` says ``scale`` or ``inflate``; else as is.
+
+    ``received``: the model the client trained from (:func:`received_model`); ``state``: the
+    client's ``context.state`` (partial-update's patched copy is the global model there).
+    """
+    mode = failure_for(cfg, server_round, partition)
+    if mode not in ("scale", "inflate") or reply.has_error():
+        return reply
+    if mode == "inflate":
+        for name, metrics in list(reply.content.metric_records.items()):
+            if "num-examples" in metrics:
+                values = dict(metrics.items())
+                values["num-examples"] = values["num-examples"] * INFLATE_FACTOR
+                reply.content[name] = MetricRecord(values)
+        return reply
+    strategy = str(cfg["strategy"])
+    if strategy not in SCALE_STRATEGIES or "arrays" not in reply.content.array_records:
+        raise RuntimeError(f"fail-clients scale is not supported by strategy {strategy!r}")
+    if strategy == "partial-update":
+        from fedsparse.protocol.partial_update import STATE_MODEL
+
+        if state is None or STATE_MODEL not in state.array_records:
+            raise RuntimeError("fail-clients scale: partial-update client holds no model copy")
+        received = {k: a.numpy() for k, a in state.array_records[STATE_MODEL].items()}
+    if received is None:
+        raise RuntimeError("fail-clients scale: the model the client trained from is unknown")
+    reply.content["arrays"] = _scaled(reply.content.array_records["arrays"], received, float(cfg["attack-scale"]))
+    return reply
+
+
 def poison(cfg: Mapping[str, Any], server_round: int, partition: int, reply: Message) -> Message:
     """The reply with NaN in every floating-point array if ``fail-clients`` says ``nan``; else as is.
 
@@ -136,6 +218,10 @@ __all__ = [
     "failure_for",
     "inject",
     "poison",
+    "attack",
+    "received_model",
     "stall_seconds",
     "MODES",
+    "SCALE_STRATEGIES",
+    "INFLATE_FACTOR",
 ]

@@ -123,13 +123,15 @@ def in_model_dtypes(arrays: ArrayRecord, model_spec: Mapping[str, tuple[tuple[in
 
 def _screen_for(strategy: Strategy, cfg: Mapping[str, Any], metered: MeteredGrid, model: ArrayRecord) -> ReplyScreen:
     """Reply validation with the model's spec, each client's partition size as num-examples bound and
-    ``reply-max-abs`` as the bound on every value."""
+    ``reply-max-abs`` as the bound on every value. A node whose partition is unknown (it never
+    answered the partition query: a deployment) is bounded by ``max-examples`` (0: the training
+    set's size)."""
     sizes = [len(p) for p in partitions_for(cfg)]
-    train_size = len(dataset_for(cfg).train_labels)
+    unknown = int(cfg.get("max-examples", 0)) or len(dataset_for(cfg).train_labels)
 
     def bound(msg: Message) -> int:
         pid = metered.partition_of.get(msg.metadata.src_node_id, -1)
-        return sizes[pid] if 0 <= pid < len(sizes) else train_size
+        return sizes[pid] if 0 <= pid < len(sizes) else unknown
 
     def describe(msg: Message) -> str:
         pid = metered.partition_of.get(msg.metadata.src_node_id, -1)

@@ -314,6 +314,11 @@ def other_cases() -> list[Case]:
         "`fail-clients`: a partition that does not exist", 'fail-clients = "1:99"', _resolve(**{"fail-clients": "1:99"})
     )
     add("`fail-clients`: a round after the last", 'fail-clients = "500:1"', _resolve(**{"fail-clients": "500:1"}))
+    add(
+        "`fail-clients`: `scale` with a strategy whose reply is not a plain model",
+        'strategy = "topk"; fail-clients = "1:1:scale"',
+        _resolve(strategy="topk", **{"fail-clients": "1:1:scale"}),
+    )
     # non-finite settings and the output directory
     add("a float setting that is NaN or infinite (any float key)", "lr = nan", _resolve(lr=float("nan")))
     add("`--out` is a file", "fedsparse run --out afile", _out_dir("afile", make_file=True))
