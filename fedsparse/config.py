@@ -289,7 +289,7 @@ def _check_reliability(cfg: Config) -> None:
             f"min-replies = {cfg['min-replies']} exceeds clients-per-round = {cfg['clients-per-round']}: no round "
             "could aggregate; allowed: 1 .. clients-per-round"
         )
-    from fedsparse.failures import SCALE_STRATEGIES, parse_fail_clients
+    from fedsparse.failures import parse_fail_clients, scale_strategies
 
     for rule in parse_fail_clients(str(cfg["fail-clients"])):
         if rule.partition >= int(cfg["num-clients"]):
@@ -302,10 +302,10 @@ def _check_reliability(cfg: Config) -> None:
                 f"fail-clients names round {rule.server_round}, but rounds = {cfg['rounds']}; "
                 f"allowed: 1 .. {cfg['rounds']} or '*'"
             )
-        if rule.mode == "scale" and str(cfg["strategy"]) not in SCALE_STRATEGIES:
+        if rule.mode == "scale" and str(cfg["strategy"]) not in scale_strategies():
             raise ConfigError(
                 f"fail-clients mode 'scale' is not supported by strategy {cfg['strategy']!r}: its reply is not a "
-                f"plain model; allowed strategies: {', '.join(SCALE_STRATEGIES)}"
+                f"plain model; allowed strategies: {', '.join(scale_strategies())}"
             )
 
 

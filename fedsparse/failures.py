@@ -17,9 +17,9 @@
   Only floating-point tensors of the reply's ``arrays`` record are scaled (integer buffers such as
   BatchNorm's counters, and any other record, e.g. partial-update's local contribution, stay
   honest). The design is deliberately the simplest honest one: it applies to the methods whose
-  reply carries a plain model in ``arrays`` — :data:`SCALE_STRATEGIES` (FedAvg, FedProx, FedLUAR,
-  whose recycled layers are simply absent from the reply, and partial-update, whose "global" is
-  the deployed model the client patched its copy to). Methods that reply with a codec or
+  reply carries a plain model in ``arrays`` — those whose :class:`fedsparse.methods.Method` declares
+  ``plain_model_reply`` (FedAvg, FedProx, FedLUAR, whose recycled layers are simply absent from the
+  reply). Methods that reply with a codec or
   compressor payload (FedDIP, SNIP, top-k, rand-k, FedPAQ, DGC, SBC, ...) would need a decode,
   scale and re-encode per payload format, which would have to reproduce each format's own
   quantisation and positions; the combination is refused at configuration time instead
@@ -50,8 +50,6 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from fedsparse.config import ConfigError
 
 MODES = ("raise", "timeout", "nan", "scale", "inflate")
-#: the strategies whose reply carries a plain model in ``arrays``: the ones ``scale`` applies to
-SCALE_STRATEGIES = ("fedavg", "fedprox", "fedluar", "partial-update")
 #: what ``inflate`` multiplies ``num-examples`` by
 INFLATE_FACTOR = 100
 ANY = -1
@@ -128,10 +126,9 @@ def inject(cfg: Mapping[str, Any], server_round: int, partition: int) -> None:
 
 
 def received_model(cfg: Mapping[str, Any], msg: Message) -> dict[str, np.ndarray] | None:
-    """A copy of the model the client will train from, taken before training, if ``scale`` needs it
-    (None otherwise, and for partial-update, whose message carries a patch: :func:`attack` reads
-    the patched copy from the client's state instead)."""
-    if str(cfg["strategy"]) == "partial-update" or "arrays" not in msg.content.array_records:
+    """A copy of the model the client will train from, taken before training (None when the message
+    carries no plain ``arrays`` model)."""
+    if "arrays" not in msg.content.array_records:
         return None
     return {k: np.array(a.numpy(), copy=True) for k, a in msg.content.array_records["arrays"].items()}
 
@@ -159,8 +156,8 @@ def attack(
 ) -> Message:
     """The reply of an attacking client if ``fail-clients`` says ``scale`` or ``inflate``; else as is.
 
-    ``received``: the model the client trained from (:func:`received_model`); ``state``: the
-    client's ``context.state`` (partial-update's patched copy is the global model there).
+    ``received``: the model the client trained from (:func:`received_model`); ``state`` is not
+    used (kept for callers that pass the client's ``context.state``).
     """
     mode = failure_for(cfg, server_round, partition)
     if mode not in ("scale", "inflate") or reply.has_error():
@@ -173,18 +170,19 @@ def attack(
                 reply.content[name] = MetricRecord(values)
         return reply
     strategy = str(cfg["strategy"])
-    if strategy not in SCALE_STRATEGIES or "arrays" not in reply.content.array_records:
+    if strategy not in scale_strategies() or "arrays" not in reply.content.array_records:
         raise RuntimeError(f"fail-clients scale is not supported by strategy {strategy!r}")
-    if strategy == "partial-update":
-        from fedsparse.protocol.partial_update import STATE_MODEL
-
-        if state is None or STATE_MODEL not in state.array_records:
-            raise RuntimeError("fail-clients scale: partial-update client holds no model copy")
-        received = {k: a.numpy() for k, a in state.array_records[STATE_MODEL].items()}
     if received is None:
         raise RuntimeError("fail-clients scale: the model the client trained from is unknown")
     reply.content["arrays"] = _scaled(reply.content.array_records["arrays"], received, float(cfg["attack-scale"]))
     return reply
+
+
+def scale_strategies() -> list[str]:
+    """The installed methods the ``scale`` attack applies to (their replies are plain models)."""
+    from fedsparse.methods import methods
+
+    return [name for name, method in methods().items() if method.plain_model_reply]
 
 
 def poison(cfg: Mapping[str, Any], server_round: int, partition: int, reply: Message) -> Message:
@@ -222,6 +220,6 @@ __all__ = [
     "received_model",
     "stall_seconds",
     "MODES",
-    "SCALE_STRATEGIES",
+    "scale_strategies",
     "INFLATE_FACTOR",
 ]

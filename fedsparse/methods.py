@@ -75,7 +75,9 @@ class Method:
     method, after the core's own checks. ``keys`` are added to the configuration schema under
     ``section`` (default: the method's name). ``uses`` names the methods whose keys this one reads
     too (a combination reads its parts' keys): their keys are registered first, in their own
-    sections, and a missing one is a clear error.
+    sections, and a missing one is a clear error. ``plain_model_reply``: its clients reply with the
+    trained model itself in ``arrays`` (not a codec or compressor payload), so testing tools such
+    as ``fail-clients``' ``scale`` attack can act on it.
     """
 
     name: str
@@ -87,6 +89,7 @@ class Method:
     checks: Sequence[CrossCheck] = ()
     error_cases: Sequence[ErrorCase] = ()
     uses: Sequence[str] = ()
+    plain_model_reply: bool = False
 
 
 _METHODS: dict[str, Method] | None = None

@@ -29,12 +29,14 @@ FEDAVG = Method(
     summary="FedAvg (McMahan et al., 2017): dense model both ways",
     build=build_fedavg,
     client_step="clients.standard:standard_train",
+    plain_model_reply=True,
 )
 FEDPROX = Method(
     name="fedprox",
     summary="FedProx (Li et al., 2020): FedAvg plus a proximal term mu on clients",
     build=build_fedprox,
     client_step="clients.standard:standard_train",
+    plain_model_reply=True,
 )
 
 __all__ = ["FEDAVG", "FEDPROX", "build_fedavg", "build_fedprox"]

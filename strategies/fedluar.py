@@ -680,6 +680,7 @@ METHOD = Method(
     summary="FedLUAR (Kim et al., 2025): recycle the previous update of δ low-score layers; clients omit them",
     build=build_fedluar,
     client_step="clients.fedluar:fedluar_train",
+    plain_model_reply=True,
     keys=KEYS,
     checks=(check_fedluar,),
     error_cases=(

@@ -18,7 +18,7 @@ from loopback import EngineLikeGrid, set_task_identity
 from clients.app import make_client_app
 from fedsparse.clientdata import partitions_for
 from fedsparse.config import ConfigError, resolve_config
-from fedsparse.failures import INFLATE_FACTOR, SCALE_STRATEGIES, failure_for, parse_fail_clients
+from fedsparse.failures import INFLATE_FACTOR, failure_for, parse_fail_clients, scale_strategies
 from fedsparse.server import RunResult, _screen_for, initial_model, run_server
 
 BASE = {
@@ -57,7 +57,7 @@ def test_the_modes_parse() -> None:
         parse_fail_clients("1:0:scales")
 
 
-@pytest.mark.parametrize("name", ["fedavg", "partial-update"])
+@pytest.mark.parametrize("name", ["fedavg", "fedprox"])
 def test_scale_replies_global_plus_s_delta(name: str, tmp_path: Path) -> None:
     honest, grid_h, cfg = _run(tmp_path / "honest", strategy=name)
     _, grid_a, _ = _run(tmp_path / "scaled", strategy=name, **{"fail-clients": "1:1:scale", "attack-scale": -4.0})
@@ -125,9 +125,9 @@ def test_max_examples_bounds_an_unknown_node(max_examples: int, bound: int) -> N
     assert [m.metadata.src_node_id for m in screened.valid] == [9] and len(screened.rejected) == 1
 
 
-@pytest.mark.parametrize("name", ["feddip", "topk", "fedpaq", "snip"])
+@pytest.mark.parametrize("name", ["feddip", "topk", "fedpaq", "snip", "partial-update"])
 def test_scale_is_refused_for_payload_replies(name: str) -> None:
-    assert name not in SCALE_STRATEGIES
+    assert name not in scale_strategies()
     with pytest.raises(ConfigError, match=f"fail-clients mode 'scale' is not supported by strategy '{name}'"):
         resolve_config({**BASE, "strategy": name, "fail-clients": "1:0:scale"})
     resolve_config({**BASE, "strategy": name, "fail-clients": "1:0:inflate"})  # inflate works everywhere
