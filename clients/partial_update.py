@@ -7,24 +7,9 @@ the server believes the client holds (``pu-base-version``) to the current deploy
 trains from it, and replies with its trained model (dense, as in FedAvg) plus, for the ``local`` and
 ``combined`` contributions, the accumulated −Σ_q g_q ⊙ Δw_q of its local steps.
 
-The message layout (the protocol; :mod:`strategies.partial_update` produces it):
-
-``config``
-    ``pu-base-version`` (int; −1: no base, the patch is the whole model),
-    ``pu-target-version`` (int), ``pu-target-hash`` (str, :func:`model_digest` of the result),
-    ``pu-from-seed`` (bool: rebuild version 0 from the run's seed first; ``pu-init-hash`` is its
-    digest), ``pu-parts`` (list of ``"assign"`` / ``"add"``, one per codec payload, applied in
-    order), ``pu-local-contribution`` (bool: send −Σ g ⊙ Δw up), plus the base strategy's keys
-    (``server-round``, FedProx's ``proximal-mu``).
-``arrays``
-    for part i, the :mod:`fedsparse.codec` payload as ``"{i}/index"`` and ``"{i}/values"``.
-
-Semantics of a part (:func:`apply_part`): ``assign`` writes the decoded values at the decoded
-positions (exact float32 values of the deployed model, so any number of rounds merge into one
-part); ``add`` adds the decoded (fp16 / 8-bit dequantised) values at the decoded positions, while
-tensors stored ``raw`` (biases and other small dense tensors, kept float32) are replaced. The
-server updates its own deployed model with the very same function, which is why client copies and
-the server's model agree bit for bit.
+The message layout and the semantics of a patch are :mod:`fedsparse.protocol.partial_update`, which
+the server uses too: one :func:`~fedsparse.protocol.partial_update.apply_part` on both sides is why
+client copies and the server's model agree bit for bit.
 
 The pieces are plain numpy / torch and usable from any ClientApp: :func:`patch_held_model`,
 :func:`load_held` / :func:`store_held`, :func:`train_with_local_contribution`.

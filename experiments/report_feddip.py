@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedsparse.bench import collect, load_suite, report_dir
+from fedsparse.bench.report import study_runs
 
 SUITE = Path(__file__).resolve().parent / "suites" / "feddip.toml"
 #: How the results document names each method of the suite.
@@ -128,13 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-mb", type=float, default=250.0, help="communication budget (MB up + down) of the budget column"
     )
     args = parser.parse_args(argv)
-    suite = load_suite(args.suite)
-    all_rounds, runs = collect(args.out, suite.runs())
-    if runs.empty:
-        print(f"no finished runs of suite {suite.name} under {args.out}")
+    found = study_runs(args.out, args.suite)
+    if found is None:
         return 1
-    target = report_dir(args.out, suite)
-    target.mkdir(parents=True, exist_ok=True)
+    suite, all_rounds, runs, target = found
     df = table(all_rounds, runs, args.budget_mb)
     md = to_markdown(df)
     layers = layer_tables(args.out, runs)

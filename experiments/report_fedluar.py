@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from fedsparse.bench import collect, load_suite, report_dir
+from fedsparse.bench.report import study_runs
 
 SUITE = Path(__file__).resolve().parent / "suites" / "fedluar.toml"
 COLUMNS = [
@@ -99,13 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from fedsparse.results import plot_comparison
 
-    suite = load_suite(args.suite)
-    all_rounds, runs = collect(args.out, suite.runs())
-    if runs.empty:
-        print(f"no finished runs of suite {suite.name} under {args.out}")
+    found = study_runs(args.out, args.suite)
+    if found is None:
         return 1
-    target = report_dir(args.out, suite)
-    target.mkdir(parents=True, exist_ok=True)
+    suite, all_rounds, runs, target = found
     rows, layers = [], []
     for r in runs.to_dict("records"):
         base = str(setting(suite, r["method"], "luar-base", "fedavg"))

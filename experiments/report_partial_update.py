@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from fedsparse.bench import collect, load_suite, report_dir
+from fedsparse.bench.report import study_runs
 
 SUITE = Path(__file__).resolve().parent / "suites" / "partial-update.toml"
 #: Methods drawn in a split's plot (a split not named here: all of its runs).
@@ -171,13 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         "--table", type=Path, help="markdown table output (default OUT/<suite name>/partial-update-table.md)"
     )
     args = parser.parse_args(argv)
-    suite = load_suite(args.suite)
-    all_rounds, runs = collect(args.out, suite.runs())
-    if runs.empty:
-        print(f"no finished runs of suite {suite.name} under {args.out}")
+    found = study_runs(args.out, args.suite)
+    if found is None:
         return 1
-    target = report_dir(args.out, suite)
-    target.mkdir(parents=True, exist_ok=True)
+    suite, all_rounds, runs, target = found
     df = table(args.out, all_rounds, runs)
     df.to_csv(target / "partial-update-table.csv", index=False)
     md = to_markdown(df)

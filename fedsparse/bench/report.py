@@ -61,6 +61,22 @@ def collect(out_dir: Path, specs: Iterable[RunSpec]) -> tuple[Any, Any]:
     return all_rounds, pd.DataFrame(rows)
 
 
+def study_runs(out_dir: Path, suite_path: Path) -> tuple[Any, Any, Any, Path] | None:
+    """(suite, all rounds, one row per run, its report folder — created) of a suite's finished runs
+    under a bench's ``out_dir``, for the read-only study reports (experiments/report_*.py); None,
+    after saying so, when none has finished."""
+    from fedsparse.bench.suite import load_suite
+
+    suite = load_suite(suite_path)
+    all_rounds, runs = collect(out_dir, suite.runs())
+    if runs.empty:
+        print(f"no finished runs of suite {suite.name} under {out_dir}")
+        return None
+    target = report_dir(out_dir, suite)
+    target.mkdir(parents=True, exist_ok=True)
+    return suite, all_rounds, runs, target
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
     """For (cost, accuracy) points: True where no other point has cost ≤ and accuracy ≥, one strictly."""
     out = []
