@@ -33,6 +33,7 @@ from fedsparse.protocol.feddip import (
     CONFIG_PROXIMAL_MU,
     CONFIG_PRUNABLE,
     CONFIG_SPARSE_UPLINK,
+    METRIC_REG_RATIO,
     decode_payload,
 )
 
@@ -94,6 +95,17 @@ def feddip_client_round(
     return update, stats
 
 
+def train_metrics(num_examples: int, stats: Mapping[str, Any]) -> dict[str, Any]:
+    """The reply's metrics: example count, losses, and the regulariser's gradient share per layer
+    (:data:`fedsparse.protocol.feddip.METRIC_REG_RATIO`, in the order of ``feddip-prunable``)."""
+    return {
+        "num-examples": num_examples,
+        "train-loss": stats["loss"],
+        "ce-loss": stats["ce-loss"],
+        METRIC_REG_RATIO: [float(r) for r in stats["reg-grad-ratio"]],
+    }
+
+
 def feddip_train_step(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
     """fedsparse's ClientApp step for FedDIP (and its variants FedDP, DPF, FedDIP+Prox)."""
     local = LocalRound.from_message(msg, context, cfg)
@@ -101,7 +113,7 @@ def feddip_train_step(msg: Message, context: Context, cfg: Mapping[str, Any]) ->
     update, stats = feddip_client_round(
         msg.content["arrays"], msg.content["config"], model, local.batches(), local.optimizer, local.device
     )
-    metrics = {"num-examples": local.num_examples, "train-loss": stats["loss"], "ce-loss": stats["ce-loss"]}
+    metrics = train_metrics(local.num_examples, stats)
     return reply(msg, update, metrics)
 
 
@@ -136,5 +148,5 @@ def feddip_luar_train(msg: Message, context: Context, cfg: Mapping[str, Any]) ->
     trained = {k: v for k, v in state_dict_cpu(model).items() if k not in omit}
     sparse_up = bool(config.get(CONFIG_SPARSE_UPLINK, True))
     update = encode_update(trained, {n: m for n, m in masks.items() if n not in omit} if sparse_up else None)
-    metrics = {"num-examples": local.num_examples, "train-loss": stats["loss"], "ce-loss": stats["ce-loss"]}
+    metrics = train_metrics(local.num_examples, stats)
     return reply(msg, update, metrics)

@@ -69,8 +69,12 @@ def feddip_train(
     **dense** weights; the caller masks it before sending. ``global_params`` (required when
     ``proximal_mu > 0``) must hold every trainable parameter name; extra names (buffers) are ignored.
 
-    Returns ``{"loss": mean total loss, "ce-loss": mean cross-entropy, "num-steps", "num-examples"}``
-    (losses 0.0 and counts 0 when ``batches`` is empty).
+    Returns ``{"loss": mean total loss, "ce-loss": mean cross-entropy, "num-steps", "num-examples",
+    "reg-grad-ratio": [...]}`` (losses 0.0 and counts 0 when ``batches`` is empty).
+    ``reg-grad-ratio`` has one entry per masked tensor (in ``masks``' order): the norm of the
+    regularisation term's gradient (exactly λ_t: ∇_p λ‖p‖ = λ p/‖p‖) over the mean norm of the rest
+    of the batch gradient at that tensor, so one can see how much the penalty steers training
+    (zeros when λ_t = 0; measured from the gradient already computed, no extra backward pass).
     """
     lambda_t = float(lambda_t)
     proximal_mu = float(proximal_mu)
@@ -95,6 +99,7 @@ def feddip_train(
             raise ValueError(f"global_params lacks parameters: {', '.join(missing)}")
         prox_pairs = [(p, global_params[n].detach().to(device=device, dtype=p.dtype)) for n, p in named.items()]
 
+    other_grad_norm = torch.zeros(len(masked), dtype=torch.float64)
     total_loss = 0.0
     total_ce = 0.0
     steps = 0
@@ -116,6 +121,11 @@ def feddip_train(
                 penalty = torch.stack([torch.linalg.vector_norm(p) for p, _ in masked]).sum()
                 loss = loss + lambda_t * penalty
             loss.backward()
+            if lambda_t > 0 and masked:
+                with torch.no_grad():
+                    other_grad_norm += (
+                        torch.stack([_norm_without_penalty(param, lambda_t) for param, _ in masked]).double().cpu()
+                    )
         finally:
             with torch.no_grad():
                 for (param, _), saved in zip(masked, dense_copies):
@@ -130,9 +140,21 @@ def feddip_train(
         total_loss += float(loss.detach().item())
         total_ce += float(ce.detach().item())
 
+    ratios = [lambda_t / float(n / steps) if steps and n > 0 else 0.0 for n in other_grad_norm]
     return {
         "loss": total_loss / steps if steps else 0.0,
         "ce-loss": total_ce / steps if steps else 0.0,
         "num-steps": steps,
         "num-examples": examples,
+        "reg-grad-ratio": ratios,
     }
+
+
+def _norm_without_penalty(param: nn.Parameter, lambda_t: float) -> Tensor:
+    """‖g − λ p/‖p‖‖ for a parameter holding w ⊙ m after the backward pass: the norm of its gradient
+    without the penalty's share (the penalty's gradient is λ p/‖p‖, zero when p = 0)."""
+    grad = param.grad if param.grad is not None else torch.zeros_like(param)
+    norm = torch.linalg.vector_norm(param)
+    if norm > 0:
+        grad = grad - lambda_t * param / norm
+    return torch.linalg.vector_norm(grad)

@@ -112,6 +112,9 @@ SCHEMA: dict[str, Key] = {
     "proximal-mu": Key(0.01, "FedProx proximal weight mu (strategy = fedprox, feddip, ...)", minimum=0.0),
     # evaluation and resources
     "eval-every": Key(1, "evaluate the global model on the test set every N rounds (and at the last)", minimum=1),
+    "eval-last": Key(
+        0, "also evaluate every one of the last N rounds (a top-5-of-the-last-rounds measure needs them)", minimum=0
+    ),
     "eval-batch-size": Key(1000, "batch size of the central evaluation", minimum=1),
     "client-cpus": Key(1.0, "CPUs per virtual client (Ray resources)", minimum=0.0, exclusive_minimum=True),
     "client-gpus": Key(0.0, "GPU fraction per virtual client (0 = CPU only)", minimum=0.0, maximum=1.0),
@@ -234,6 +237,8 @@ def _coerce(name: str, key: Key, value: Any) -> ConfigValue:
     elif kind is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool) and key.choices and {"true", "false"} <= set(key.choices):
+            return "true" if value else "false"  # a switch that grew a third setting keeps TOML's booleans
     raise ConfigError(f"{name} = {value!r} has the wrong type; allowed: {key.describe_allowed()}")
 
 

@@ -23,7 +23,9 @@ __all__ = [
     "prunable_names",
     "is_shortcut",
     "erk_densities",
+    "erk_counts",
     "erk_masks",
+    "magnitude_erk_masks",
     "global_magnitude_masks",
     "topk_mask",
     "apply_masks",
@@ -203,14 +205,13 @@ def _largest_remainder_counts(ideal: dict[str, float], caps: dict[str, int], tar
     return counts
 
 
-def erk_masks(shapes: Mapping[str, tuple[int, ...]], sparsity: float, generator: torch.Generator) -> dict[str, Tensor]:
-    """Random ERK masks at overall ``sparsity``: per layer a uniformly random set of kept positions.
+def erk_counts(shapes: Mapping[str, tuple[int, ...]], sparsity: float) -> dict[str, int]:
+    """Kept positions per layer of an ERK mask at overall ``sparsity`` (the layers' budgets).
 
-    Rounding: layer l keeps either ⌊d_l·n_l⌋ or ⌈d_l·n_l⌉ positions (d_l from :func:`erk_densities`),
-    chosen by the largest-remainder method so that the total kept count is exactly
+    Layer l keeps either ⌊d_l·n_l⌋ or ⌈d_l·n_l⌉ positions (d_l from :func:`erk_densities`), chosen by
+    the largest-remainder method so that the total kept count is exactly
     N − round_half_up(sparsity·N), the same count :func:`global_magnitude_masks` keeps. Dense layers
-    (d_l = 1) stay fully dense. Positions are drawn with ``torch.randperm`` from ``generator``, layer
-    by layer in ``shapes``' order, so a seeded generator reproduces the masks.
+    (d_l = 1) stay fully dense.
     """
     sparsity = _check_fraction(sparsity, "sparsity")
     densities = erk_densities(shapes, 1.0 - sparsity)
@@ -221,15 +222,43 @@ def erk_masks(shapes: Mapping[str, tuple[int, ...]], sparsity: float, generator:
     for n in shapes:
         if densities[n] == 1.0:
             ideal[n] = float(numel[n])
-    counts = _largest_remainder_counts(ideal, numel, target)
+    return _largest_remainder_counts(ideal, numel, target)
+
+
+def erk_masks(shapes: Mapping[str, tuple[int, ...]], sparsity: float, generator: torch.Generator) -> dict[str, Tensor]:
+    """Random ERK masks at overall ``sparsity``: per layer a uniformly random set of kept positions.
+
+    Each layer keeps its :func:`erk_counts` budget. Positions are drawn with ``torch.randperm`` from
+    ``generator``, layer by layer in ``shapes``' order, so a seeded generator reproduces the masks.
+    """
+    counts = erk_counts(shapes, sparsity)
     masks: dict[str, Tensor] = {}
     for name, shape in shapes.items():
-        flat = torch.zeros(numel[name], dtype=torch.bool)
-        if counts[name] == numel[name]:
+        numel = math.prod(int(d) for d in shape)
+        flat = torch.zeros(numel, dtype=torch.bool)
+        if counts[name] == numel:
             flat[:] = True
         elif counts[name] > 0:
-            flat[torch.randperm(numel[name], generator=generator)[: counts[name]]] = True
+            flat[torch.randperm(numel, generator=generator)[: counts[name]]] = True
         masks[name] = flat.reshape(tuple(int(d) for d in shape))
+    return masks
+
+
+def magnitude_erk_masks(tensors: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """ERK budgets, filled by magnitude: layer l keeps its :func:`erk_counts` budget of largest |w|.
+
+    The per-layer *sizes* are those of :func:`erk_masks` (so the layer-wise densities do not depend on
+    the weights); *which* positions are kept is decided by the weights, not by a random draw. Ties
+    in magnitude go to the earliest positions.
+    """
+    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+    counts = erk_counts(shapes, sparsity)
+    masks: dict[str, Tensor] = {}
+    for name, tensor in tensors.items():
+        flat = _pool(tensors, [name]).abs()
+        selected = torch.zeros(flat.numel(), dtype=torch.bool)
+        selected[_top_indices(flat, counts[name])] = True
+        masks[name] = selected.reshape(tensor.shape)
     return masks
 
 

@@ -251,7 +251,7 @@ def run_server(
     strategy = build_strategy(cfg)
     screen = _screen_for(strategy, cfg, metered, arrays)
     evaluator = CentralEvaluator(cfg)
-    rounds, eval_every = int(cfg["rounds"]), int(cfg["eval-every"])
+    rounds, eval_every, eval_last = int(cfg["rounds"]), int(cfg["eval-every"]), int(cfg["eval-last"])
     min_replies, every = int(cfg.get("min-replies", 1)), int(cfg.get("checkpoint-every", 0))
     first_round, elapsed_before = 1, 0.0
     if resume:
@@ -297,7 +297,7 @@ def run_server(
         )
 
         acc = loss = math.nan
-        if server_round % eval_every == 0 or server_round == rounds:
+        if server_round % eval_every == 0 or server_round > rounds - max(eval_last, 1):
             loss, acc = evaluator(arrays)
         totals = metered.ledger.round_totals(server_round)
         row = {

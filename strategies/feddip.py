@@ -53,7 +53,7 @@ from fedsparse.aggregation import weighted_mean
 from fedsparse.checkpoint import atomic_write
 from fedsparse.config import Config, ConfigError, Key
 from fedsparse.hooks import MethodHooks
-from fedsparse.masks import erk_densities, erk_masks, global_magnitude_masks, prunable_names
+from fedsparse.masks import erk_densities, erk_masks, global_magnitude_masks, magnitude_erk_masks, prunable_names
 from fedsparse.methods import ErrorCase, Method, sampling_kwargs
 from fedsparse.protocol import OMITTED_ARRAYS, single_array_record
 from fedsparse.protocol.feddip import (
@@ -61,12 +61,19 @@ from fedsparse.protocol.feddip import (
     CONFIG_PROXIMAL_MU,
     CONFIG_PRUNABLE,
     CONFIG_SPARSE_UPLINK,
+    METRIC_REG_RATIO,
     decode_payload,
 )
 from fedsparse.schedules import cubic_sparsity, incremental_lambda
 from fedsparse.validation import check_arrays
 
-__all__ = ["FedDIP", "METHOD", "KEYS", "check_sparsities", "build_feddip"]
+__all__ = ["FedDIP", "METHOD", "KEYS", "INITIAL_MASKS", "check_sparsities", "check_dense_rounds", "build_feddip"]
+
+#: How the initial mask m_0 picks positions inside ERK's per-layer budgets (docs/feddip.md).
+INITIAL_MASKS = ("magnitude-erk", "random-erk")
+
+#: What happens to pruned weights (docs/feddip.md, "Regrowth"); TOML's true/false are accepted too.
+REGROWTH_MODES = ("false", "true", "persistent")
 
 #: FedDIP's configuration keys (shared by feddip-luar, which builds FedDIP from the same keys).
 KEYS: dict[str, Key] = {
@@ -80,11 +87,22 @@ KEYS: dict[str, Key] = {
     "lambda-max": Key(1e-3, "FedDIP λ_max of the incremental regularisation (0 = FedDP)", minimum=0.0),
     "lambda-steps": Key(10, "FedDIP Q: number of λ steps over the schedule (eq. 9)", minimum=1),
     "regrowth": Key(
-        False,
-        "FedDIP: re-prune the dense aggregate (pruned weights can return; dense uplink in re-pruning rounds only); false = nested masks, sparse uplink",
+        "false",
+        "FedDIP: false = nested masks, sparse uplink; true = re-prune the dense aggregate (dense uplink in re-pruning rounds); persistent = the server keeps the pruned weights' values across rounds (dense uplink every round)",
+        choices=REGROWTH_MODES,
     ),
     "feddip-prox": Key(False, "FedDIP+Prox: clients add FedProx's term with mu = proximal-mu"),
     "feddip-schedule-rounds": Key(0, "FedDIP T of the sparsity and λ schedules (0 = rounds)", minimum=0),
+    "initial-mask": Key(
+        "magnitude-erk",
+        "FedDIP m_0 within ERK's per-layer budgets: magnitude-erk = largest |w| of the model after dense-rounds, random-erk = a seeded random draw",
+        choices=INITIAL_MASKS,
+    ),
+    "dense-rounds": Key(
+        1,
+        "FedDIP: rounds trained dense before the initial mask is applied (the authors' code: 1; 0 = mask the untrained model)",
+        minimum=0,
+    ),
 }
 
 
@@ -96,6 +114,16 @@ def check_sparsities(cfg: Config) -> None:
     if s0 > sp:
         raise ConfigError(
             f"initial-sparsity = {s0!r} exceeds target-sparsity = {sp!r}; allowed: 0 <= initial-sparsity <= target-sparsity"
+        )
+
+
+def check_dense_rounds(cfg: Config) -> None:
+    """The initial mask must come before the schedule's last round, which must reach s_p."""
+    dense = int(cfg["dense-rounds"])
+    total = int(cfg["feddip-schedule-rounds"]) or int(cfg["rounds"])
+    if dense >= total:
+        raise ConfigError(
+            f"dense-rounds = {dense} leaves no pruned round in a schedule of T = {total} rounds; allowed: 0 .. {total - 1}"
         )
 
 
@@ -118,13 +146,24 @@ class FedDIP(FedAvg, MethodHooks):
         R: re-prune every R rounds.
     lambda_max : float, lambda_steps : int
         λ_max and Q of eq. 9 (λ_max = 0 gives FedDP).
-    regrowth : bool
-        False (default): nested masks, sparse uplink. True: pruned weights may return; the uplink is
-        dense in re-pruning rounds and sparse in the others (:meth:`sparse_uplink_at`).
+    regrowth : bool or str
+        ``False``/``"false"`` (default): nested masks, sparse uplink. ``True``/``"true"``: pruned
+        weights may return; the uplink is dense in re-pruning rounds and sparse in the others
+        (:meth:`sparse_uplink_at`). ``"persistent"``: the server keeps a dense copy whose pruned
+        positions accumulate the clients' error-feedback changes round after round (DPF's dense
+        weights, held by the server because sampled clients hold no state); the uplink is dense in
+        every round, and counted so.
     proximal_mu : float
         > 0 makes clients add FedProx's proximal term (FedDIP+Prox); sent as ``proximal-mu``.
     seed : int
-        Seeds the ERK draw of the initial mask.
+        Seeds the ERK draw of the initial mask (``initial_mask = "random-erk"``).
+    initial_mask : str
+        How m_0 fills each layer's ERK budget: ``"magnitude-erk"`` keeps the largest |w| of the
+        model after ``dense_rounds`` rounds (of the initial weights when 0), ``"random-erk"`` draws
+        the positions at random from ``seed``.
+    dense_rounds : int
+        Rounds 1..D are trained dense (mask all ones, dense messages); m_0 is computed from the
+        aggregate of round D and applied to it. 0: m_0 masks the model sent in round 1.
     exclude_shortcuts : bool
         Keep ResNet 1×1 shortcut convolutions dense (see :func:`fedsparse.masks.prunable_names`).
     **fedavg_kwargs
@@ -145,10 +184,12 @@ class FedDIP(FedAvg, MethodHooks):
         reconfig_every: int = 5,
         lambda_max: float = 1e-3,
         lambda_steps: int = 10,
-        regrowth: bool = False,
+        regrowth: bool | str = False,
         proximal_mu: float = 0.0,
         seed: int = 0,
         exclude_shortcuts: bool = True,
+        initial_mask: str = "magnitude-erk",
+        dense_rounds: int = 1,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -159,16 +200,26 @@ class FedDIP(FedAvg, MethodHooks):
             raise ValueError(f"reconfig_every (R) must be an integer >= 1; got {reconfig_every!r}")
         if not float(proximal_mu) >= 0:
             raise ValueError(f"proximal_mu must be >= 0; got {proximal_mu!r}")
+        mode = str(regrowth).lower()
+        if mode not in REGROWTH_MODES:
+            raise ValueError(f"regrowth = {regrowth!r}; choose one of: {', '.join(REGROWTH_MODES)}")
+        if initial_mask not in INITIAL_MASKS:
+            raise ValueError(f"initial_mask = {initial_mask!r}; choose one of: {', '.join(INITIAL_MASKS)}")
+        if isinstance(dense_rounds, bool) or int(dense_rounds) != dense_rounds or not 0 <= dense_rounds < total_rounds:
+            raise ValueError(f"dense_rounds must be an integer in [0, {int(total_rounds) - 1}]; got {dense_rounds!r}")
         self.total_rounds = int(total_rounds)
         self.initial_sparsity = float(initial_sparsity)
         self.target_sparsity = float(target_sparsity)
         self.reconfig_every = int(reconfig_every)
         self.lambda_max = float(lambda_max)
         self.lambda_steps = int(lambda_steps)
-        self.regrowth = bool(regrowth)
+        #: "false" (nested), "true" (re-prune the dense aggregate) or "persistent"
+        self.regrowth = mode
         self.proximal_mu = float(proximal_mu)
         self.seed = int(seed)
         self.exclude_shortcuts = bool(exclude_shortcuts)
+        self.initial_mask = str(initial_mask)
+        self.dense_rounds = int(dense_rounds)
 
         # --- state (see state_dict) ---
         self.masks: dict[str, torch.Tensor] | None = None  # current global mask m (True = kept)
@@ -178,6 +229,8 @@ class FedDIP(FedAvg, MethodHooks):
         self.reconfig_rounds: list[int] = []
         self._round_info: dict[int, dict[str, Any]] = {}
         self._global: dict[str, np.ndarray] | None = None  # the masked model last sent
+        # regrowth = persistent: the dense prunable tensors, pruned positions included
+        self._dense: dict[str, np.ndarray] | None = None
         self._omit: list[str] = []  # arrays the round's clients leave out (a wrapper's OMITTED_ARRAYS)
 
     # ------------------------------------------------------------------ schedules
@@ -195,17 +248,27 @@ class FedDIP(FedAvg, MethodHooks):
         return cubic_sparsity(server_round, self.total_rounds, self.initial_sparsity, self.target_sparsity)
 
     def reconfigures_at(self, server_round: int) -> bool:
-        """Whether the mask is re-pruned after aggregating round τ: τ mod R = 0, or τ = T."""
-        return server_round % self.reconfig_every == 0 or server_round == self.total_rounds
+        """Whether the mask changes after aggregating round τ: the initial mask at τ = D (dense
+        rounds), then τ mod R = 0, or τ = T; never during the dense rounds τ < D."""
+        if server_round < self.dense_rounds:
+            return False
+        return (
+            server_round == self.dense_rounds
+            or server_round % self.reconfig_every == 0
+            or server_round == self.total_rounds
+        )
 
     def sparse_uplink_at(self, server_round: int) -> bool:
         """Whether round τ's replies carry only the entries of the round's mask.
 
-        Always with nested masks; with ``regrowth`` in every round except the re-pruning ones (only
-        they rank the dense aggregate — in the others it is multiplied by the unchanged mask, so
-        dense values at pruned positions would be sent for nothing).
+        Always with nested masks; with ``regrowth = true`` in every round except the re-pruning ones
+        (only they rank the dense aggregate — in the others it is multiplied by the unchanged mask,
+        so dense values at pruned positions would be sent for nothing); never with ``persistent``
+        (every round's values at pruned positions are kept by the server).
         """
-        return not (self.regrowth and self.reconfigures_at(server_round))
+        if self.regrowth == "persistent":
+            return False
+        return not (self.regrowth == "true" and self.reconfigures_at(server_round))
 
     # ------------------------------------------------------------------ masks
     def _init_masks(self, arrays: ArrayRecord) -> None:
@@ -215,8 +278,18 @@ class FedDIP(FedAvg, MethodHooks):
             raise ValueError("FedDIP found no prunable tensors (conv/linear weights with ndim > 1) in the model")
         shapes = {n: tuple(state[n].shape) for n in self.prunable}
         self.initial_densities = erk_densities(shapes, 1.0 - self.initial_sparsity)
+        if self.dense_rounds > 0:
+            self.masks = {n: torch.ones(shape, dtype=torch.bool) for n, shape in shapes.items()}
+        else:
+            self.masks = self._initial_masks({n: state[n] for n in self.prunable})
+
+    def _initial_masks(self, prunable: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """m_0 at sparsity s_0: ERK's per-layer budgets, filled by magnitude or at random."""
+        if self.initial_mask == "magnitude-erk":
+            return magnitude_erk_masks(prunable, self.initial_sparsity)
+        shapes = {n: tuple(t.shape) for n, t in prunable.items()}
         gen = torch.Generator().manual_seed(_mask_seed(self.seed))
-        self.masks = erk_masks(shapes, self.initial_sparsity, gen)
+        return erk_masks(shapes, self.initial_sparsity, gen)
 
     def _masked(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert self.masks is not None
@@ -254,6 +327,8 @@ class FedDIP(FedAvg, MethodHooks):
         missing = [n for n in self.prunable if n not in dense]
         if missing:
             raise ValueError(f"the global model lacks the prunable tensors {missing}")
+        if self.regrowth == "persistent" and self._dense is None:
+            self._dense = {n: np.array(dense[n], copy=True) for n in self.prunable}
         self._global = self._masked(dense)
         encoded = codec.encode(self._global, {n: self.masks[n].numpy() for n in self.prunable})
         lam = self.lambda_at(server_round)
@@ -298,16 +373,31 @@ class FedDIP(FedAvg, MethodHooks):
             rho = [w / total for w in weights]
             aggregate = {name: weighted_mean([d[name] for d in decoded], rho) for name in self._global}
             metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+            self._round_info.setdefault(server_round, {})["reg_grad_ratio"] = _reg_ratios(metrics, self.prunable)
         else:  # no replies: keep the model, still apply the schedule (the last round must reach s_p)
             aggregate = {name: x.copy() for name, x in self._global.items()}
 
         # Sparse replies decode to zeros at pruned positions; dense ones (regrowth, re-pruning round)
         # carry every value. Outside re-pruning rounds both are masked below, so they aggregate alike.
+        if self.regrowth == "persistent" and self._dense is not None:
+            # clients started from 0 at pruned positions: the aggregate there is the mean change,
+            # added to the values the server kept; kept positions are the aggregate itself
+            for n in self.prunable:
+                pruned = ~self.masks[n].numpy()
+                aggregate[n] = np.where(pruned, self._dense[n] + aggregate[n], aggregate[n]).astype(
+                    self._dense[n].dtype
+                )
+                self._dense[n] = np.array(aggregate[n], copy=True)
+        old_masks = self.masks
         reconfigured = self.reconfigures_at(server_round)
-        if reconfigured:
+        if reconfigured and server_round == self.dense_rounds:  # the end of the dense rounds: m_0
+            self.masks = self._initial_masks({n: torch.from_numpy(np.array(aggregate[n])) for n in self.prunable})
+            self.last_reconfig_round = server_round
+            self.reconfig_rounds.append(server_round)
+        elif reconfigured:
             s_t = self.sparsity_at(server_round)
             prunable = {n: torch.from_numpy(np.array(aggregate[n])) for n in self.prunable}
-            if not self.regrowth:  # nested: rank w ⊙ m_old, new mask ⊆ old mask
+            if self.regrowth == "false":  # nested: rank w ⊙ m_old, new mask ⊆ old mask
                 prunable = {n: t * self.masks[n] for n, t in prunable.items()}
                 self.masks = global_magnitude_masks(prunable, s_t, current_masks=self.masks)
             else:
@@ -321,6 +411,7 @@ class FedDIP(FedAvg, MethodHooks):
             reconfigured=reconfigured,
             sparsity=self.measured_sparsity(),
             mask_sparsity=self.mask_sparsity(),
+            regrown=sum(int((self.masks[n] & ~old_masks[n]).sum()) for n in self.prunable),
         )
         arrays = ArrayRecord({name: Array(x) for name, x in self._global.items()})
         return arrays, metrics
@@ -423,14 +514,19 @@ class FedDIP(FedAvg, MethodHooks):
 
     # ------------------------------------------------------------------ fedsparse hooks
     def round_report(self, server_round: int) -> dict[str, Any]:
-        """Columns for rounds.csv: measured sparsity of the global model, λ_τ, s_τ, reconfigured."""
+        """Columns for rounds.csv: measured sparsity of the global model, λ_τ, s_τ, reconfigured,
+        ``regrown`` (positions in the new mask that the old mask had pruned), and per prunable layer ``reg_grad_ratio:<layer>``: λ over the norm of the rest of the
+        clients' gradient (mean over steps, weighted over replies; NaN in a round without replies)."""
         info = self._round_info.get(server_round, {})
+        ratios = info.get("reg_grad_ratio", {})
         return {
             "sparsity": info.get("sparsity", math.nan),
             "mask_sparsity": info.get("mask_sparsity", math.nan),
             "lambda": info.get("lambda", self.lambda_at(server_round)),
             "target_sparsity": info.get("target_sparsity", self.sparsity_at(server_round)),
             "reconfigured": bool(info.get("reconfigured", False)),
+            "regrown": info.get("regrown", 0),
+            **{f"reg_grad_ratio:{n}": ratios.get(n, math.nan) for n in self.prunable},
         }
 
     def layer_table(self) -> list[dict[str, Any]]:
@@ -493,6 +589,7 @@ class FedDIP(FedAvg, MethodHooks):
         """Masks (numpy bool arrays) and JSON-able scalars, enough to resume the schedule."""
         return {
             "masks": None if self.masks is None else {n: m.numpy().copy() for n, m in self.masks.items()},
+            "dense": None if self._dense is None else {n: x.copy() for n, x in self._dense.items()},
             "prunable": list(self.prunable),
             "initial_densities": dict(self.initial_densities),
             "last_reconfig_round": self.last_reconfig_round,
@@ -507,6 +604,8 @@ class FedDIP(FedAvg, MethodHooks):
                 "regrowth": self.regrowth,
                 "proximal_mu": self.proximal_mu,
                 "seed": self.seed,
+                "initial_mask": self.initial_mask,
+                "dense_rounds": self.dense_rounds,
             },
         }
 
@@ -514,6 +613,8 @@ class FedDIP(FedAvg, MethodHooks):
         """Restore what :meth:`state_dict` returned (hyper-parameters must match)."""
         mine = self.state_dict()["hyper"]
         theirs = dict(state.get("hyper", {}))
+        if "regrowth" in theirs:  # saved as a bool before regrowth had a third setting
+            theirs["regrowth"] = str(theirs["regrowth"]).lower()
         diff = {k: (theirs.get(k), v) for k, v in mine.items() if k in theirs and theirs[k] != v}
         if diff:
             raise ValueError(f"FedDIP state was saved with different settings (saved, current): {diff}")
@@ -525,7 +626,18 @@ class FedDIP(FedAvg, MethodHooks):
         self.initial_densities = {k: float(v) for k, v in dict(state.get("initial_densities", {})).items()}
         self.last_reconfig_round = int(state.get("last_reconfig_round", 0))
         self.reconfig_rounds = [int(r) for r in state.get("reconfig_rounds", [])]
+        dense = state.get("dense")
+        self._dense = None if dense is None else {n: np.array(x, copy=True) for n, x in dense.items()}
         self._global = None
+
+
+def _reg_ratios(metrics: MetricRecord | None, prunable: list[str]) -> dict[str, float]:
+    """The aggregated :data:`METRIC_REG_RATIO` list by layer name (empty when the replies lack it:
+    a user's own ClientApp need not send it)."""
+    values = None if metrics is None else metrics.get(METRIC_REG_RATIO)
+    if not isinstance(values, list) or len(values) != len(prunable):
+        return {}
+    return {n: float(v) for n, v in zip(prunable, values)}
 
 
 def build_feddip(cfg: Mapping[str, Any]) -> FedDIP:
@@ -538,9 +650,11 @@ def build_feddip(cfg: Mapping[str, Any]) -> FedDIP:
         reconfig_every=int(cfg["reconfig-every"]),
         lambda_max=float(cfg["lambda-max"]),
         lambda_steps=int(cfg["lambda-steps"]),
-        regrowth=bool(cfg["regrowth"]),
+        regrowth=str(cfg["regrowth"]),
         proximal_mu=float(cfg["proximal-mu"]) if bool(cfg["feddip-prox"]) else 0.0,
         seed=int(cfg["seed"]),
+        initial_mask=str(cfg["initial-mask"]),
+        dense_rounds=int(cfg["dense-rounds"]),
         **sampling_kwargs(cfg),
     )
 
@@ -551,9 +665,10 @@ METHOD = Method(
     build=build_feddip,
     client_step="clients.feddip:feddip_train_step",
     keys=KEYS,
-    checks=(check_sparsities,),
+    checks=(check_sparsities, check_dense_rounds),
     error_cases=(
         ErrorCase("FedDIP: target sparsity 1", {"target-sparsity": 1.0}),
         ErrorCase("FedDIP: initial above target sparsity", {"initial-sparsity": 0.8, "target-sparsity": 0.5}),
+        ErrorCase("FedDIP: dense rounds cover the whole schedule", {"rounds": 3, "dense-rounds": 3}),
     ),
 )

@@ -36,12 +36,13 @@ def test_feddip_two_rounds_on_ray(tmp_path: Path) -> None:
     # eq. 9 with T = 2, Q = 4 at the 0-based round index t = τ − 1: λ_max·⌊tQ/T⌋/Q, so round 1 (t = 0)
     # is unregularised and round 2 (t = 1) has λ_max·2/4
     assert list(rounds["lambda"]) == [incremental_lambda(t - 1, 2, 1e-3, 4) for t in (1, 2)] == [0.0, 5e-4]
-    assert list(rounds["reconfigured"]) == [False, True]
-    # the measured bytes: the sparse downlink and uplink are smaller than FedAvg's dense model
-    assert (rounds["comm_ratio_down"] < 0.6).all()
-    assert (rounds["comm_ratio_up"] < 0.6).all()
-    # the mask changes only after round 2's aggregation: both downlinks carry the s_0 = 0.5 model
-    assert rounds["bytes_down"].iloc[1] == rounds["bytes_down"].iloc[0]
+    # the default first mask: round 1 trains dense, its aggregate is magnitude-pruned within ERK's
+    # budgets (round 1 "reconfigured"), and round 2 (the schedule's last) prunes to s_p
+    assert list(rounds["reconfigured"]) == [True, True]
+    # the measured bytes: round 1 is dense (about FedAvg's), round 2's downlink and uplink are sparse
+    assert rounds["comm_ratio_down"].iloc[0] >= 0.99 and rounds["comm_ratio_up"].iloc[0] >= 0.99
+    assert rounds["comm_ratio_down"].iloc[1] < 0.6 and rounds["comm_ratio_up"].iloc[1] < 0.6
+    assert rounds["mask_sparsity"].iloc[0] == pytest.approx(0.5, abs=1e-4)
     # the final global model has exactly the target sparsity over the prunable weights
     assert rounds["sparsity"].iloc[-1] == pytest.approx(0.9, abs=1e-4)
     assert rounds["test_accuracy"].notna().iloc[-1]

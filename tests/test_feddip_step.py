@@ -189,3 +189,20 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="global_params"):
         feddip_train(model, {}, [], opt, 0.0, proximal_mu=0.1)
     assert feddip_train(model, {}, [], opt, 0.0)["num-steps"] == 0
+
+
+def test_reg_grad_ratio_is_lambda_over_the_rest_of_the_gradient() -> None:
+    """The reported ratio is λ / ‖∇CE‖ per masked layer, ∇CE taken at w ⊙ m (one step, no momentum)."""
+    model = _model()
+    masks = _masks(model)
+    ((x, y),) = _batches(1)
+    reference = _zeroed(model, masks)
+    F.cross_entropy(reference(x), y).backward()
+    params = dict(reference.named_parameters())
+    expected = [0.01 / float(torch.linalg.vector_norm(params[n].grad)) for n in PRUNABLE]
+
+    stats = feddip_train(model, masks, [(x, y)], torch.optim.SGD(model.parameters(), lr=0.1), lambda_t=0.01)
+    assert stats["reg-grad-ratio"] == pytest.approx(expected, rel=1e-4)
+    # without the penalty there is nothing to report
+    again = feddip_train(_model(), masks, [(x, y)], torch.optim.SGD(_model().parameters(), lr=0.1), lambda_t=0.0)
+    assert again["reg-grad-ratio"] == [0.0, 0.0]

@@ -24,7 +24,7 @@ from fedsparse import codec
 from fedsparse.accounting import payload_bytes
 from fedsparse.config import ConfigError, resolve_config
 from fedsparse.grid import seeded_sampling
-from fedsparse.masks import global_magnitude_masks, num_pruned, prunable_names
+from fedsparse.masks import erk_counts, global_magnitude_masks, magnitude_erk_masks, num_pruned, prunable_names
 from fedsparse.methods import build_strategy
 from fedsparse.models import build_model
 from fedsparse.schedules import cubic_sparsity, incremental_lambda
@@ -60,6 +60,10 @@ def _cfg(**over) -> dict:
         "lambda-steps": 3,
         "seed": 3,
         "wire-bytes": False,
+        # the random first mask of Algorithm 1, line 3 (these tests pin its arithmetic);
+        # the magnitude first mask after dense rounds has its own tests below
+        "initial-mask": "random-erk",
+        "dense-rounds": 0,
     }
     base.update(over)
     return resolve_config(None, base)
@@ -485,11 +489,13 @@ def test_strategy_start_in_a_plain_flower_loop() -> None:
 
 
 def test_run_server_writes_feddip_columns_and_layer_report(tmp_path: Path) -> None:
-    cfg = _cfg(rounds=4)
+    cfg = _cfg(rounds=6, **{"eval-every": 4, "eval-last": 2})
     result = run_server(_grid(cfg), cfg, tmp_path, show_progress=False)
     df = pd.read_csv(tmp_path / "rounds.csv")
-    for col in ("sparsity", "lambda", "target_sparsity", "reconfigured"):
+    for col in ("sparsity", "lambda", "target_sparsity", "reconfigured", "reg_grad_ratio:features.0.weight"):
         assert col in df.columns
+    # evaluated every eval-every rounds and in each of the last eval-last rounds
+    assert list(df.loc[df["test_accuracy"].notna(), "round"]) == [4, 5, 6]
     assert df["sparsity"].iloc[-1] == pytest.approx(0.9, abs=1e-4)
     assert (df["comm_ratio_down"] < 1).all()
     assert (df["comm_ratio_up"] < 1).all()
@@ -572,3 +578,106 @@ def test_checkpoint_resume_gives_the_uninterrupted_result(tmp_path: Path) -> Non
     cols = ["round", "sparsity", "lambda", "target_sparsity", "reconfigured", "bytes_down", "bytes_up"]
     pd.testing.assert_frame_equal(whole.rounds[cols], resumed.rounds[cols])
     assert resumed.summary["final_sparsity"] == pytest.approx(0.9, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- the first mask
+
+
+def test_dense_rounds_then_magnitude_erk_first_mask() -> None:
+    """Round 1 trains dense; m_0 keeps, within each layer's ERK budget, the largest |w| of round 1's
+    aggregate; that aggregate is masked by it and round 2 sends exactly those positions."""
+    cfg = _cfg(**{"initial-mask": "magnitude-erk", "dense-rounds": 1, "reconfig-every": 4})
+    grid = _grid(cfg)
+    strategy = build_strategy(cfg)
+    arrays = ArrayRecord(initial_model(cfg).state_dict())
+    with seeded_sampling(3, 1):
+        msgs = list(strategy.configure_train(1, arrays, ConfigRecord({"server-round": 1}), grid))
+    kinds = codec.index_kinds(codec.from_array_record(msgs[0].content["arrays"]))
+    assert set(kinds.values()) == {"dense"}  # nothing pruned in the dense round
+    assert strategy.mask_sparsity() == 0.0
+
+    replies = list(grid.send_and_receive(msgs))
+    # the dense aggregate, recomputed here from the replies (weighted by num-examples)
+    decoded = [codec.decode(codec.from_array_record(r.content["arrays"]))[0] for r in replies]
+    weights = np.array([float(r.content["metrics"]["num-examples"]) for r in replies])
+    names = list(msgs[0].content["config"]["feddip-prunable"])
+    dense = {n: sum(w * d[n] for w, d in zip(weights / weights.sum(), decoded)) for n in names}
+    new, _ = strategy.aggregate_train(1, replies)
+    assert strategy.round_report(1)["reconfigured"] is True
+    shapes = {n: tuple(dense[n].shape) for n in names}
+    counts = erk_counts(shapes, 0.5)
+    state = new.to_torch_state_dict()
+    for n in names:
+        kept = strategy.masks[n].numpy()
+        assert int(kept.sum()) == counts[n]
+        if 0 < counts[n] < kept.size:
+            assert np.abs(dense[n][kept]).min() >= np.abs(dense[n][~kept]).max() - 1e-7
+        assert bool((state[n].numpy()[~kept] == 0).all())
+    with seeded_sampling(3, 2):
+        msgs2 = list(strategy.configure_train(2, new, ConfigRecord({"server-round": 2}), grid))
+    _, sent = decode_global(msgs2[0].content["arrays"], names)
+    assert all(torch.equal(sent[n], strategy.masks[n]) for n in names)
+
+
+def test_magnitude_erk_without_dense_rounds_masks_the_initial_weights() -> None:
+    cfg = _cfg(**{"initial-mask": "magnitude-erk", "dense-rounds": 0})
+    strategy = build_strategy(cfg)
+    arrays = ArrayRecord(initial_model(cfg).state_dict())
+    strategy.configure_train(1, arrays, ConfigRecord({"server-round": 1}), _grid(cfg))
+    state = arrays.to_torch_state_dict()
+    expected = magnitude_erk_masks({n: state[n] for n in strategy.prunable}, 0.5)
+    assert all(torch.equal(strategy.masks[n], expected[n]) for n in strategy.prunable)
+
+
+def test_dense_rounds_must_leave_a_pruned_round() -> None:
+    with pytest.raises(ConfigError, match=r"dense-rounds = 6 .*allowed: 0 \.\. 5"):
+        _cfg(**{"dense-rounds": 6})
+    with pytest.raises(ConfigError, match="initial-mask"):
+        _cfg(**{"initial-mask": "magnitude"})
+
+
+def test_round_report_has_the_regulariser_gradient_share_per_layer() -> None:
+    cfg = _cfg(**{"lambda-max": 0.3, "rounds": 4, "lambda-steps": 2})
+    strategy = build_strategy(cfg)
+    _drive(strategy, _grid(cfg), cfg, rounds=4)
+    columns = [f"reg_grad_ratio:{n}" for n in strategy.prunable]
+    first, last = strategy.round_report(1), strategy.round_report(4)
+    assert first["lambda"] == 0 and all(first[c] == 0.0 for c in columns)
+    assert last["lambda"] > 0 and all(0 < last[c] < math.inf for c in columns)
+
+
+def test_persistent_regrowth_accumulates_pruned_changes_across_rounds_and_lets_them_back() -> None:
+    """``regrowth = persistent``: the uplink is dense every round; what a pruned position gains in a
+    round that does not re-prune is kept by the server (not sent back: the downlink stays masked)
+    and added to what it gains later, until the next re-pruning can keep it; ``regrown`` counts it."""
+    cfg = _cfg(rounds=4, **{"regrowth": "persistent", "reconfig-every": 2, "feddip-schedule-rounds": 100})
+    strategy = build_strategy(cfg)
+    grid = _grid(cfg)
+    arrays = ArrayRecord(initial_model(cfg).state_dict())
+    name = "classifier.0.weight"
+    with seeded_sampling(3, 1):
+        msgs = list(strategy.configure_train(1, arrays, ConfigRecord({"server-round": 1}), grid))
+    assert msgs[0].content["config"]["feddip-sparse-uplink"] is False
+    pruned_pos = tuple(np.argwhere(~strategy.masks[name].numpy())[0])
+    initial = arrays[name].numpy()[pruned_pos]
+    sent, _ = decode_global(msgs[0].content["arrays"], [name])
+    base = {n: t.numpy() for n, t in sent.items()}
+    reply = {n: x.copy() for n, x in base.items()}
+    reply[name][pruned_pos] = 30.0  # the client's change from the 0 it received
+    out, _ = strategy.aggregate_train(1, [_reply_to(msgs[0], reply, {}, 10)])
+    assert strategy.round_report(1)["reconfigured"] is False
+    assert float(out.to_torch_state_dict()[name][pruned_pos]) == 0.0  # still pruned in the model sent
+    with seeded_sampling(3, 2):
+        msgs2 = list(strategy.configure_train(2, out, ConfigRecord({"server-round": 2}), grid))
+    assert msgs2[0].content["config"]["feddip-sparse-uplink"] is False
+    sent2, _ = decode_global(msgs2[0].content["arrays"], [name])
+    reply2 = {n: t.numpy().copy() for n, t in sent2.items()}
+    reply2[name][pruned_pos] = 20.0
+    out2, _ = strategy.aggregate_train(2, [_reply_to(msgs2[0], reply2, {}, 10)])
+    assert bool(strategy.masks[name][pruned_pos])  # back in the mask, with both rounds' changes
+    assert float(out2.to_torch_state_dict()[name][pruned_pos]) == pytest.approx(initial + 50.0)
+    assert strategy.round_report(2)["regrown"] >= 1
+    # and the persistent copy survives a checkpoint
+    again = build_strategy(cfg)
+    again.load_state_dict(strategy.state_dict())
+    assert np.array_equal(again._dense[name], strategy._dense[name])

@@ -10,9 +10,11 @@ from torch import nn
 
 from fedsparse.masks import (
     apply_masks,
+    erk_counts,
     erk_densities,
     erk_masks,
     global_magnitude_masks,
+    magnitude_erk_masks,
     num_pruned,
     per_layer_sparsity,
     prunable_names,
@@ -244,3 +246,20 @@ def test_apply_masks_and_sparsity() -> None:
         apply_masks(tensors, {"w": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="unknown"):
         sparsity(out, ["nope"])
+
+
+def test_magnitude_erk_keeps_the_largest_weights_within_each_layers_erk_budget() -> None:
+    gen = torch.Generator().manual_seed(5)
+    tensors = {n: torch.randn(s, generator=gen) for n, s in LENET_SHAPES.items()}
+    masks = magnitude_erk_masks(tensors, 0.5)
+    counts = erk_counts(LENET_SHAPES, 0.5)
+    random = erk_masks(LENET_SHAPES, 0.5, torch.Generator().manual_seed(0))
+    for name, t in tensors.items():
+        kept = masks[name]
+        assert int(kept.sum()) == counts[name] == int(random[name].sum())  # the same budgets as random ERK
+        if 0 < counts[name] < t.numel():  # inside a layer: every kept |w| ≥ every pruned |w|
+            assert t[kept].abs().min() >= t[~kept].abs().max()
+    # a layer's budget is spent inside that layer even when another layer holds all the large values
+    scaled = {**tensors, "fc1.weight": tensors["fc1.weight"] * 1000}
+    again = magnitude_erk_masks(scaled, 0.5)
+    assert all(int(again[n].sum()) == counts[n] for n in tensors)

@@ -4,7 +4,7 @@ Downlink: ``arrays`` is the pruned global model packed by :mod:`fedsparse.codec`
 bitmap / coordinate index per prunable tensor; the positions it kept *are* the round's mask) and
 ``config`` carries λ_τ, the names of the prunable tensors, whether the uplink is sparse this round
 and FedProx's μ for FedDIP+Prox. Uplink: the trained model through the same codec — only the mask's
-entries in a sparse-uplink round — and ``metrics``.
+entries in a sparse-uplink round — and ``metrics`` (with :data:`METRIC_REG_RATIO`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ CONFIG_LAMBDA = "feddip-lambda"
 CONFIG_PRUNABLE = "feddip-prunable"
 CONFIG_SPARSE_UPLINK = "feddip-sparse-uplink"
 CONFIG_PROXIMAL_MU = "proximal-mu"  # the same key Flower's FedProx sends
+#: reply metric: per prunable tensor (``feddip-prunable`` order), λ over the norm of the rest of the
+#: gradient, averaged over the client's steps (how much the regulariser steers training)
+METRIC_REG_RATIO = "reg-grad-ratio"
 
 
 def decode_payload(record: ArrayRecord) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -25,4 +28,4 @@ def decode_payload(record: ArrayRecord) -> tuple[dict[str, np.ndarray], dict[str
     return codec.decode(codec.from_array_record(record))
 
 
-__all__ = ["CONFIG_LAMBDA", "CONFIG_PRUNABLE", "CONFIG_SPARSE_UPLINK", "CONFIG_PROXIMAL_MU", "decode_payload"]
+__all__ = ["CONFIG_LAMBDA", "CONFIG_PRUNABLE", "CONFIG_SPARSE_UPLINK", "CONFIG_PROXIMAL_MU", "METRIC_REG_RATIO", "decode_payload"]
