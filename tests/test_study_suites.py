@@ -44,6 +44,7 @@ def feddip_runner_grid() -> Grid:
         ("iid", "feddip", "feddip-fmnist-lenet5.toml", {}),
         ("noniid", "fedavg", "fedavg-fmnist-lenet5.toml", pathological),
         ("noniid", "fedprox", "fedprox-fmnist-lenet5-noniid.toml", {}),
+        ("noniid", "feddp", "feddp-fmnist-lenet5.toml", pathological),  # added for Table V (issue 15)
         ("noniid", "feddip-prox", "feddip-prox-fmnist-lenet5-noniid.toml", {}),
     ]
     return {f"{method}--{setting}--s0": (config, {**common, **extra}) for setting, method, config, extra in grid}
@@ -102,7 +103,7 @@ def _assert_same_runs(suite: bench.Suite, grid: Grid) -> None:
 
 def test_feddip_suite_is_the_runners_grid() -> None:
     suite = bench.load_suite(SUITES / "feddip.toml")
-    assert len(suite.runs()) == 6 and suite.baseline == "fedavg"
+    assert len(suite.runs()) == 7 and suite.baseline == "fedavg"
     assert [r.name for r in suite.runs(splits=["iid"])] == ["fedavg--iid--s0", "feddp--iid--s0", "feddip--iid--s0"]
     _assert_same_runs(suite, feddip_runner_grid())
     cfg = bench.resolve_runs(suite.runs(methods=["feddip-prox"]))["feddip-prox--noniid--s0"]
