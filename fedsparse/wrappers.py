@@ -165,6 +165,26 @@ class UniformWeighting(Delegating):
         return self.inner.aggregate_train(server_round, [self.unit_weight(m) for m in replies])
 
 
+class SlotBuffers(dict[str, np.ndarray]):
+    """One slot's momentum buffers (parameter name → read-only ndarray).
+
+    A slot's buffers are replaced, never changed in place (the arrays are read-only to make sure),
+    so a deep copy — the round loop snapshots the strategy before every aggregation — shares the
+    arrays instead of copying 32 × 26 MB for the FedLUAR CNN each time."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SlotBuffers:
+        return SlotBuffers(self)
+
+    @classmethod
+    def frozen(cls, arrays: Mapping[str, Any]) -> SlotBuffers:
+        out = cls()
+        for name, value in arrays.items():
+            arr = np.array(value, copy=True)
+            arr.setflags(write=False)
+            out[name] = arr
+        return out
+
+
 class SlotMomentum(Delegating):
     """K server-held momentum buffers; buffer k travels to the k-th sampled client and back.
 
@@ -179,7 +199,7 @@ class SlotMomentum(Delegating):
             raise ValueError(f"num_slots must be an integer >= 1; got {num_slots!r}")
         self.num_slots = int(num_slots)
         self.record_key = record_key
-        self.slots: list[dict[str, np.ndarray] | None] = [None] * self.num_slots
+        self.slots: list[SlotBuffers | None] = [None] * self.num_slots
         self._slot_of: dict[int, int] = {}  # node id → slot, for the round in flight
         self._bytes: dict[int, dict[str, int]] = {}  # round → momentum payload bytes per direction
         self._warned_extra = False
@@ -187,7 +207,7 @@ class SlotMomentum(Delegating):
     def slot_record(self, k: int) -> ArrayRecord | None:
         """Buffer k as the ArrayRecord a train message carries (None: nothing kept yet)."""
         buf = self.slots[k]
-        return None if buf is None else ArrayRecord({name: Array(np.array(a, copy=True)) for name, a in buf.items()})
+        return None if buf is None else ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in buf.items()})
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -244,7 +264,7 @@ class SlotMomentum(Delegating):
                 up += sum(array_record_bytes(record).values())
                 slot = self._slot_of.get(msg.metadata.src_node_id)
                 if slot is not None:
-                    self.slots[slot] = {name: np.array(a.numpy(), copy=True) for name, a in record.items()}
+                    self.slots[slot] = SlotBuffers.frozen({name: a.numpy() for name, a in record.items()})
             kept.append(rest)
         self._bytes.setdefault(server_round, {"down": 0, "up": 0})["up"] = up
         return self.inner.aggregate_train(server_round, kept)
@@ -263,14 +283,14 @@ class SlotMomentum(Delegating):
         return {
             **super().state_dict(),
             "num_slots": self.num_slots,
-            "slots": [None if b is None else {n: a.copy() for n, a in b.items()} for b in self.slots],
+            "slots": [None if b is None else dict(b) for b in self.slots],  # read-only arrays: no copy needed
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if int(state["num_slots"]) != self.num_slots:
             raise ValueError(f"checkpoint has {state['num_slots']} momentum slots, this run {self.num_slots}")
         super().load_state_dict(state)
-        self.slots = [None if b is None else {n: np.array(a) for n, a in b.items()} for b in state["slots"]]
+        self.slots = [None if b is None else SlotBuffers.frozen(b) for b in state["slots"]]
 
 
 def with_run_options(strategy: Strategy, cfg: Mapping[str, Any]) -> Strategy:
@@ -284,4 +304,4 @@ def with_run_options(strategy: Strategy, cfg: Mapping[str, Any]) -> Strategy:
     return strategy
 
 
-__all__ = ["Delegating", "UniformWeighting", "SlotMomentum", "weight_key", "with_run_options"]
+__all__ = ["Delegating", "UniformWeighting", "SlotMomentum", "SlotBuffers", "weight_key", "with_run_options"]

@@ -7,6 +7,7 @@ In process (no Ray): the real ClientApp through the loopback grid, the real roun
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from fedsparse.methods import build_strategy
 from fedsparse.models import build_model
 from fedsparse.protocol import MOMENTUM_RECORD
 from fedsparse.server import run_server
-from fedsparse.wrappers import SlotMomentum, UniformWeighting
+from fedsparse.wrappers import SlotBuffers, SlotMomentum, UniformWeighting
 from strategies.fedluar import LUAR
 
 TINY = {
@@ -229,7 +230,10 @@ def test_slot_state_round_trip_and_reply_check() -> None:
     strategy = SlotMomentum(UniformWeighting(FedAvg(**_kw(2, 2))), 2)
     x0, _, _ = _synthetic(strategy, [3, 4])
     assert all(s is None for s in strategy.slots)  # the synthetic replies carried no momentum
-    strategy.slots[1] = {"w": np.ones((3, 4), np.float32)}
+    strategy.slots[1] = SlotBuffers.frozen({"w": np.ones((3, 4), np.float32)})
+    # the loop's snapshot (a deep copy of the attributes) shares the read-only buffers, not copies them
+    snap = copy.deepcopy(vars(strategy))
+    assert snap["slots"][1]["w"] is strategy.slots[1]["w"] and not strategy.slots[1]["w"].flags.writeable
     packed = pack_state(strategy.state_dict())
     other = SlotMomentum(UniformWeighting(FedAvg(**_kw(2, 2))), 2)
     other.load_state_dict(unpack_state(*packed))
