@@ -60,7 +60,7 @@ def make_optimizer(
     partial updating trains with; ``momentum`` does not apply to it).
 
     A new optimizer every round: clients are stateless unless a method keeps state on purpose
-    (FedLUAR's ``persist-momentum``)."""
+    (``client-momentum``: :mod:`clients.momentum`)."""
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":

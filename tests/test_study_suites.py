@@ -120,6 +120,43 @@ def test_fedluar_suite_is_the_runners_grid() -> None:
     _assert_same_runs(lenet, fedluar_runner_grid("fedluar-fmnist-lenet5.toml", {}))
 
 
+def test_fedluar_authors_setting_suites_are_issue_15s_grid() -> None:
+    """Item 10: the paper's regime — δ = 0 and 2 over three seeds, δ = 1 and 3 over one — and
+    Dirichlet 0.1 — δ = 0 and 2, one seed — both in the authors' setting, 200 rounds, milestones."""
+    paper = bench.resolve_runs(bench.load_suite(SUITES / "fedluar-paper-regime.toml").runs())
+    assert sorted(paper) == sorted(
+        [f"d{d}--iid--s{s}" for d in (0, 2) for s in (0, 1, 2)] + ["d1--iid--s0", "d3--iid--s0"]
+    )
+    dirichlet = bench.resolve_runs(bench.load_suite(SUITES / "fedluar-dirichlet.toml").runs())
+    assert sorted(dirichlet) == ["d0--dir0.1--s0", "d2--dir0.1--s0"]
+    setting = {
+        "strategy": "fedluar",
+        "luar-base": "fedavg",
+        "model": "cnn",
+        "dataset": "fashion-mnist",
+        "num-clients": 128,
+        "clients-per-round": 32,
+        "local-steps": 20,
+        "batch-size": 20,
+        "lr": 0.01,
+        "momentum": 0.9,
+        "rounds": 200,
+        "luar-lr-milestones": "100,150",
+        "weighting": "uniform",
+        "client-momentum": "slot",
+        "init": "glorot",
+        "weight-decay": 0.0,
+        "weight-decay-rule": "fedluar-reference",
+        "persist-momentum": False,
+    }
+    for name, cfg in {**paper, **dirichlet}.items():
+        assert {k: cfg[k] for k in setting} == setting, name
+        assert cfg["recycled-layers"] == int(name[1]) and cfg["seed"] == int(name[-1]), name
+        assert cfg["checkpoint-every"] > 0, name  # long runs: resumable
+        assert cfg["partition"] == ("iid" if name in paper else "dirichlet"), name
+    assert {cfg["alpha"] for cfg in dirichlet.values()} == {0.1}
+
+
 def test_partial_update_suite_is_the_runners_grids() -> None:
     suite = bench.load_suite(SUITES / "partial-update.toml")
     runs = suite.runs()
