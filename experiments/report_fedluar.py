@@ -58,7 +58,7 @@ def setting(suite: Any, method: str, key: str, default: Any) -> Any:
 
 def row_of(r: dict[str, Any], base: str, delta: int, rounds: pd.DataFrame, layers: pd.DataFrame) -> dict[str, Any]:
     """One run's figures: its summary.json (``r``), its rounds table and its per-layer counts."""
-    dense_up = float(rounds["dense_bytes_up"].sum())
+    dense_up = float(rounds["cum_dense_bytes_up"].iloc[-1])
     slot_up = float(rounds["slot_momentum_bytes_up"].sum()) if "slot_momentum_bytes_up" in rounds else 0.0
     return {
         "run": r["method"],
@@ -73,7 +73,7 @@ def row_of(r: dict[str, Any], base: str, delta: int, rounds: pd.DataFrame, layer
         "acc_last5": float(rounds["test_accuracy"].dropna().tail(5).mean()),
         "comm_ratio_up": r["comm_ratio_up"],
         # the model's uplink alone: without the slot-momentum records (0 bytes unless client-momentum = slot)
-        "model_ratio_up": (float(rounds["bytes_up"].sum()) - slot_up) / dense_up if dense_up else float("nan"),
+        "model_ratio_up": (float(rounds["cum_bytes_up"].iloc[-1]) - slot_up) / dense_up if dense_up else float("nan"),
         "comm_ratio_total": r["comm_ratio_total"],
         "mb_up": r["mb_up"],
         "mb_down": r["mb_down"],

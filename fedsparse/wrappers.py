@@ -7,8 +7,10 @@
   ``aggregate_arrayrecords``; our FedDIP, SNIP, compressors and partial-update read the same
   metric), so the wrapper gives every reply the weight 1 there, just before aggregation: one
   place, and every mean-based strategy — Flower's FedAvg / FedProx / FedAdam / FedYogi / FedAvgM,
-  LUAR over any of them, FedDIP, the compressors — honours it unchanged. The clients still report
-  their true ``num-examples`` (the reply screen bounds it by the partition size).
+  LUAR over any of them, FedDIP, the compressors, partial-update — honours it unchanged. The clients
+  still report their true ``num-examples`` (the reply screen bounds it by the partition size). Not
+  reached: a mean a strategy takes outside ``aggregate_train`` (SNIP's one-off saliency exchange,
+  run inside its first ``configure_train``).
 * :class:`SlotMomentum` (``client-momentum = "slot"``) — the server keeps one SGD momentum buffer
   per *slot* k = 0 … K−1 (K = clients per round) and hands buffer k to the k-th client sampled
   this round (the order of the strategy's train messages, i.e. Flower's ``random.sample`` order);

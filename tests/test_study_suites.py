@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pandas as pd
 import pytest
 from loopback import set_task_identity  # tests/ is on sys.path under pytest
 from test_bench import TINY_BASE, LoopbackRunner
@@ -216,3 +217,25 @@ def test_study_report_reads_tiny_runs(
     assert tables == [f"{study}-table.csv", f"{study}-table.md"]
     md = (tmp_path / study / f"{study}-table.md").read_text()
     assert md.count("\n") >= 2 + len(result.ran) and capsys.readouterr().out.strip()
+
+
+def test_fedluar_report_reads_the_authors_setting_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The paper-regime suite's runs (slot momentum: their bytes counted) → the per-δ table and the
+    model-only uplink ratio, which takes the slot-momentum records out again."""
+    set_task_identity(node_id=0)
+    path = SUITES / "fedluar-paper-regime.toml"
+    suite = bench.load_suite(path, {**TINY_BASE, "model": "lenet5", "weight-decay-rule": "fixed"})
+    select = {"methods": ["d0", "d1"], "seeds": [0]}
+    result = bench.run_suite(suite, tmp_path, runner=LoopbackRunner(), report=lambda line: None, **select)
+    assert result.failed == [] and len(result.ran) == 2
+    module = _script("report_fedluar")
+    assert module.main([str(tmp_path), "--suite", str(path)]) == 0
+    table = pd.read_csv(tmp_path / "fedluar-paper-regime" / "fedluar-table.csv")
+    d0 = table[table["delta"] == 0].iloc[0]
+    assert d0["comm_ratio_up"] > 1.9  # the model and the momentum buffers, both counted
+    assert d0["model_ratio_up"] == pytest.approx(1.0, abs=1e-3)  # the model alone: FedAvg's uplink
+    d1 = table[table["delta"] == 1].iloc[0]
+    assert d1["model_ratio_up"] < d0["model_ratio_up"]
+    deltas = pd.read_csv(tmp_path / "fedluar-paper-regime" / "fedluar-deltas.csv")
+    assert list(deltas["delta"]) == [0, 1] and deltas["final_vs_d0"].iloc[0] == 0.0
+    assert capsys.readouterr().out.strip()
