@@ -20,6 +20,7 @@ from clients.train import iterate_batches, optimizer_from_config, pick_device
 from fedsparse.clientdata import client_data, dataset_for
 from fedsparse.config import round_lr
 from fedsparse.models import build_model
+from fedsparse.protocol import MOMENTUM_RECORD
 
 
 def derive_seed(*parts: Any) -> int:
@@ -97,7 +98,12 @@ def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def reply(msg: Message, arrays: ArrayRecord, metrics: Mapping[str, int | float]) -> Message:
-    """A train reply in the layout Flower's strategies expect (``arrays`` + ``metrics``)."""
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(dict(metrics))})
-    return Message(content=content, reply_to=msg)
+def reply(
+    msg: Message, arrays: ArrayRecord, metrics: Mapping[str, int | float], momentum: ArrayRecord | None = None
+) -> Message:
+    """A train reply in the layout Flower's strategies expect (``arrays`` + ``metrics``), plus the
+    client's momentum buffers under ``client-momentum = slot`` (:mod:`clients.momentum`)."""
+    records: dict[str, Any] = {"arrays": arrays, "metrics": MetricRecord(dict(metrics))}
+    if momentum is not None:
+        records[MOMENTUM_RECORD] = momentum
+    return Message(content=RecordDict(records), reply_to=msg)

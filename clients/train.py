@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from fedsparse.model_options import decay_groups
+
 Normalize = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -58,7 +60,7 @@ def make_optimizer(
     partial updating trains with; ``momentum`` does not apply to it).
 
     A new optimizer every round: clients are stateless unless a method keeps state on purpose
-    (FedLUAR's ``persist-momentum``)."""
+    (``client-momentum``: :mod:`clients.momentum`)."""
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
@@ -67,14 +69,19 @@ def make_optimizer(
 
 
 def optimizer_from_config(model: nn.Module, lr: float, cfg: Mapping[str, object]) -> torch.optim.Optimizer:
-    """``make_optimizer`` with the run configuration's ``optimizer``, ``momentum`` and ``weight-decay``."""
-    return make_optimizer(
-        model,
-        lr,
-        float(cfg["momentum"]),
-        float(cfg["weight-decay"]),
-        str(cfg.get("optimizer", "sgd")),
-    )
+    """``make_optimizer`` with the run configuration's ``optimizer``, ``momentum`` and ``weight-decay``.
+
+    With ``weight-decay-rule = fedluar-reference`` the decay is set per parameter group as the FedLUAR
+    reference code sets it for the model (:func:`fedsparse.model_options.decay_groups`)."""
+    name = str(cfg.get("optimizer", "sgd"))
+    if str(cfg.get("weight-decay-rule", "fixed")) == "fixed":
+        return make_optimizer(model, lr, float(cfg["momentum"]), float(cfg["weight-decay"]), name)
+    groups = decay_groups(model, cfg)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=float(cfg["momentum"]))
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    raise ValueError(f"optimizer = {name!r}; allowed: {', '.join(OPTIMIZERS)}")
 
 
 def proximal_term(model: nn.Module, global_params: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:

@@ -10,6 +10,14 @@ accuracy is within ``--tolerance`` of δ = 0), checked against the δ the suite'
     fedsparse bench experiments/suites/fedluar.toml --out runs/fedluar-cnn
     python experiments/report_fedluar.py runs/fedluar-cnn    # → runs/fedluar-cnn/fedluar/fedluar-table.{md,csv}
 
+The authors'-setting suites (issue 15) go through the same script with ``--suite``; several seeds
+per δ give a per-δ table (mean and sample std over seeds, difference to δ = 0), and under
+``client-momentum = slot`` the uplink ratio of the model alone (``model_ratio_up``: the slot
+momentum records' bytes, which the runs count, taken out — what the paper's "Comm" measures)::
+
+    fedsparse bench experiments/suites/fedluar-paper-regime.toml --out runs/fedluar-paper
+    python experiments/report_fedluar.py runs/fedluar-paper --suite experiments/suites/fedluar-paper-regime.toml
+
 Only runs the bench counts as finished are read (``fedsparse.bench.collect``).
 """
 
@@ -26,6 +34,8 @@ from fedsparse.bench.report import study_runs
 SUITE = Path(__file__).resolve().parent / "suites" / "fedluar.toml"
 COLUMNS = [
     "run",
+    "split",
+    "seed",
     "base",
     "delta",
     "rounds",
@@ -33,6 +43,7 @@ COLUMNS = [
     "acc_last5",
     "best_acc",
     "comm_ratio_up",
+    "model_ratio_up",
     "comm_ratio_total",
     "mb_up",
     "recycled_per_layer",
@@ -47,8 +58,12 @@ def setting(suite: Any, method: str, key: str, default: Any) -> Any:
 
 def row_of(r: dict[str, Any], base: str, delta: int, rounds: pd.DataFrame, layers: pd.DataFrame) -> dict[str, Any]:
     """One run's figures: its summary.json (``r``), its rounds table and its per-layer counts."""
+    dense_up = float(rounds["cum_dense_bytes_up"].iloc[-1])
+    slot_up = float(rounds["slot_momentum_bytes_up"].sum()) if "slot_momentum_bytes_up" in rounds else 0.0
     return {
         "run": r["method"],
+        "split": r["split"],
+        "seed": r["seed"],
         "base": base,
         "delta": delta,
         "rounds": r["rounds"],
@@ -57,6 +72,8 @@ def row_of(r: dict[str, Any], base: str, delta: int, rounds: pd.DataFrame, layer
         # single evaluations are noisy under Dirichlet 0.1: also the mean of the last 5 evaluations
         "acc_last5": float(rounds["test_accuracy"].dropna().tail(5).mean()),
         "comm_ratio_up": r["comm_ratio_up"],
+        # the model's uplink alone: without the slot-momentum records (0 bytes unless client-momentum = slot)
+        "model_ratio_up": (float(rounds["cum_bytes_up"].iloc[-1]) - slot_up) / dense_up if dense_up else float("nan"),
         "comm_ratio_total": r["comm_ratio_total"],
         "mb_up": r["mb_up"],
         "mb_down": r["mb_down"],
@@ -64,6 +81,30 @@ def row_of(r: dict[str, Any], base: str, delta: int, rounds: pd.DataFrame, layer
         "s_per_round": float(rounds["round_seconds"].iloc[1:].mean()),
         "wall_s": r["wall_seconds"],
     }
+
+
+def per_delta(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (split, base, δ): runs, mean and sample std over seeds of the final and last-5
+    accuracies, their difference to δ = 0 of the same split and base, and the model uplink ratio."""
+    rows = []
+    for (split, base, delta), g in table.groupby(["split", "base", "delta"], sort=True):
+        ref = table[(table["split"] == split) & (table["base"] == base) & (table["delta"] == 0)]
+        rows.append(
+            {
+                "split": split,
+                "base": base,
+                "delta": delta,
+                "seeds": len(g),
+                "final_mean": float(g["final_acc"].mean()),
+                "final_std": float(g["final_acc"].std(ddof=1)) if len(g) > 1 else float("nan"),
+                "last5_mean": float(g["acc_last5"].mean()),
+                "last5_std": float(g["acc_last5"].std(ddof=1)) if len(g) > 1 else float("nan"),
+                "final_vs_d0": float(g["final_acc"].mean() - ref["final_acc"].mean()) if len(ref) else float("nan"),
+                "last5_vs_d0": float(g["acc_last5"].mean() - ref["acc_last5"].mean()) if len(ref) else float("nan"),
+                "model_ratio_up": float(g["model_ratio_up"].mean()),
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def pick_best_delta(rows: list[dict[str, Any]], tolerance: float) -> int | None:
@@ -112,10 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         layers.append(per_layer.assign(run=r["method"]))
     table = pd.DataFrame(rows)
     table.to_csv(target / "fedluar-table.csv", index=False)
-    md = markdown(table[COLUMNS])
+    deltas = per_delta(table)
+    deltas.to_csv(target / "fedluar-deltas.csv", index=False)
+    md = markdown(table[COLUMNS]) + "\n\n" + markdown(deltas)
     (target / "fedluar-table.md").write_text(md + "\n")
     pd.concat(layers, ignore_index=True).to_csv(target / "fedluar-layers.csv", index=False)
-    plot_comparison(all_rounds.assign(run=all_rounds["method"]), target, by="run")
+    plot_comparison(all_rounds, target, by="run")
     print(md)
     best = pick_best_delta(rows, args.tolerance)
     used = sorted({r["delta"] for r in rows if r["base"] != "fedavg" and r["delta"] > 0})

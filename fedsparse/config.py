@@ -72,6 +72,12 @@ def _choices(name: str) -> tuple[str, ...]:
 
 
 PARTITIONS = ("iid", "dirichlet", "pathological")
+WEIGHTINGS = ("examples", "uniform")
+MOMENTUM_MODES = ("fresh", "client", "slot")
+# the same tuples as fedsparse.model_options.INITS / WEIGHT_DECAY_RULES (kept here so that this
+# module does not import torch; tests/test_run_options.py checks they agree)
+INITS = ("torch", "glorot")
+WEIGHT_DECAY_RULES = ("fixed", "fedluar-reference")
 
 SCHEMA: dict[str, Key] = {
     # what is learned, from what
@@ -106,10 +112,35 @@ SCHEMA: dict[str, Key] = {
     ),
     "momentum": Key(0.0, "SGD momentum", minimum=0.0, maximum=1.0),
     "weight-decay": Key(0.0, "weight decay of the client optimizer (L2, added to the gradient)", minimum=0.0),
+    "weight-decay-rule": Key(
+        "fixed",
+        "fixed: weight-decay on every parameter; fedluar-reference: the decay the FedLUAR authors' code sets for "
+        "the model (cnn: none; resnet20: Keras l2 1e-4 on kernels and the classifier bias, i.e. 2e-4 in SGD)",
+        choices=WEIGHT_DECAY_RULES,
+    ),
+    "client-momentum": Key(
+        "fresh",
+        "SGD momentum across rounds: fresh (a new optimizer every round), client (each client keeps its own "
+        "buffers, Flower context.state), slot (the server keeps clients-per-round buffers and hands buffer k to "
+        "the k-th sampled client, as the FedLUAR reference keeps one optimizer per worker slot)",
+        choices=MOMENTUM_MODES,
+    ),
     "seed": Key(0, "seed for splits, sampling, initialisation and batches", minimum=0),
+    "init": Key(
+        "torch",
+        "initialisation of the global model: torch (PyTorch's defaults) or glorot (Glorot-uniform kernels, zero "
+        "biases, zero gamma on the second BatchNorm of residual blocks: Keras' defaults, the FedLUAR reference)",
+        choices=INITS,
+    ),
     # the method
     "strategy": Key("fedavg", "federated strategy"),
     "proximal-mu": Key(0.01, "FedProx proximal weight mu (strategy = fedprox, feddip, ...)", minimum=0.0),
+    "weighting": Key(
+        "examples",
+        "weights of the clients' replies in every mean the server takes: examples (num-examples, FedAvg) or "
+        "uniform (1/a each, FedLUAR's Algorithm 1 and reference code)",
+        choices=WEIGHTINGS,
+    ),
     # evaluation and resources
     "eval-every": Key(1, "evaluate the global model on the test set every N rounds (and at the last)", minimum=1),
     "eval-last": Key(
@@ -312,6 +343,60 @@ def _check_reliability(cfg: Config) -> None:
                 f"fail-clients mode 'scale' is not supported by strategy {cfg['strategy']!r}: its reply is not a "
                 f"plain model; allowed strategies: {', '.join(scale_strategies())}"
             )
+
+
+def client_momentum(cfg: Mapping[str, Any]) -> str:
+    """The effective ``client-momentum`` mode. ``persist-momentum = true`` (FedLUAR's older key,
+    kept so that existing configs and checkpoints still run) is an alias of ``"client"``."""
+    mode = str(cfg.get("client-momentum", "fresh"))
+    if mode == "fresh" and bool(cfg.get("persist-momentum", False)):
+        return "client"
+    return mode
+
+
+@cross_check
+def _check_client_momentum(cfg: Config) -> None:
+    mode, alias = str(cfg["client-momentum"]), bool(cfg.get("persist-momentum", False))
+    if alias and mode not in ("fresh", "client"):
+        raise ConfigError(
+            f"persist-momentum = true (an alias of client-momentum = 'client') contradicts client-momentum = {mode!r}; "
+            "set persist-momentum = false"
+        )
+    effective = client_momentum(cfg)
+    if effective == "fresh":
+        return
+    given = "persist-momentum = true" if alias and mode == "fresh" else f"client-momentum = {effective!r}"
+    if not methods.method(str(cfg["strategy"])).client_momentum:
+        able = [name for name, m in methods.methods().items() if m.client_momentum]
+        raise ConfigError(
+            f"{given} is not supported by strategy {cfg['strategy']!r} (its client step starts a fresh optimizer "
+            f"every round); allowed: client-momentum = 'fresh', or one of the strategies {', '.join(able)}"
+        )
+    if str(cfg.get("optimizer", "sgd")) != "sgd":
+        off = "persist-momentum = false" if given.startswith("persist") else "client-momentum = 'fresh'"
+        raise ConfigError(
+            f"{given} with optimizer = {cfg['optimizer']!r}: only SGD's momentum buffers are kept; "
+            f"set optimizer = 'sgd' or {off}"
+        )
+    if float(cfg["momentum"]) == 0.0:
+        raise ConfigError(f"{given} but momentum = 0.0: there is no momentum to keep; set momentum > 0 (paper: 0.9)")
+
+
+@cross_check
+def _check_weight_decay_rule(cfg: Config) -> None:
+    if cfg["weight-decay-rule"] == "fixed":
+        return
+    if float(cfg["weight-decay"]) != 0.0:
+        raise ConfigError(
+            f"weight-decay = {cfg['weight-decay']!r} with weight-decay-rule = {cfg['weight-decay-rule']!r}: the rule "
+            "sets the decay per model; allowed: weight-decay = 0, or weight-decay-rule = 'fixed'"
+        )
+    from fedsparse.model_options import reference_decay
+
+    try:
+        reference_decay(str(cfg["model"]))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 @cross_check

@@ -15,16 +15,19 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedsparse.clientdata import dataset_for
+from fedsparse.model_options import apply_init
 from fedsparse.models import build_model
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]
 
 
 def initial_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
-    """The global model at round 0, initialised from the run's seed."""
+    """The global model at round 0, initialised from the run's seed as ``init`` says (PyTorch's
+    defaults, or Glorot as the FedLUAR authors' Keras models: :mod:`fedsparse.model_options`)."""
     data = dataset_for(cfg)
     torch.manual_seed(int(cfg["seed"]))
-    return build_model(str(cfg["model"]), data.num_classes, data.in_channels, data.image_size)
+    model = build_model(str(cfg["model"]), data.num_classes, data.in_channels, data.image_size)
+    return apply_init(model, str(cfg.get("init", "torch")))
 
 
 @torch.no_grad()

@@ -90,6 +90,10 @@ class Method:
     error_cases: Sequence[ErrorCase] = ()
     uses: Sequence[str] = ()
     plain_model_reply: bool = False
+    #: its client step honours ``client-momentum`` (``client``: keeps its buffers in
+    #: ``context.state``; ``slot``: loads and returns the :data:`fedsparse.protocol.MOMENTUM_RECORD`
+    #: record), through :mod:`clients.momentum`
+    client_momentum: bool = False
 
 
 _METHODS: dict[str, Method] | None = None
@@ -178,8 +182,11 @@ def method(name: str) -> Method:
 
 
 def build_strategy(cfg: Mapping[str, Any]) -> Strategy:
-    """The configured method's Flower strategy."""
-    return method(str(cfg["strategy"])).build(cfg)
+    """The configured method's Flower strategy, wrapped for the run options every method shares
+    (``weighting = uniform``, ``client-momentum = slot``: :func:`fedsparse.wrappers.with_run_options`)."""
+    from fedsparse.wrappers import with_run_options
+
+    return with_run_options(method(str(cfg["strategy"])).build(cfg), cfg)
 
 
 def train_step(name: str) -> TrainStep:

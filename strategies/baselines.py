@@ -30,6 +30,7 @@ FEDAVG = Method(
     build=build_fedavg,
     client_step="clients.standard:standard_train",
     plain_model_reply=True,
+    client_momentum=True,
 )
 FEDPROX = Method(
     name="fedprox",
@@ -37,6 +38,7 @@ FEDPROX = Method(
     build=build_fedprox,
     client_step="clients.standard:standard_train",
     plain_model_reply=True,
+    client_momentum=True,
 )
 
 __all__ = ["FEDAVG", "FEDPROX", "build_fedavg", "build_fedprox"]

@@ -31,8 +31,6 @@ from strategies.fedluar import LUAR, model_layers
 def check_combination(cfg: Config) -> None:
     """What the combinations do not support, and δ within the model's recyclable layers."""
     name = cfg["strategy"]
-    if cfg["persist-momentum"]:
-        raise ConfigError(f"persist-momentum = true is not supported by {name} (only by fedluar); allowed: false")
     if cfg["luar-base"] != "fedavg":
         wrapped = "FedPAQ" if name == "fedluar-paq" else "FedDIP"
         raise ConfigError(f"luar-base = {cfg['luar-base']!r}: {name} wraps {wrapped}; allowed: 'fedavg' (ignored)")

@@ -75,7 +75,10 @@ KEYS: dict[str, Key] = {
         choices=GRANULARITIES,
     ),
     "persist-momentum": Key(
-        False, "FedLUAR clients keep their SGD momentum buffers across rounds (in Flower context state)"
+        False,
+        "older alias of client-momentum = 'client' (each client keeps its own SGD momentum buffers in Flower "
+        "context state); kept so that existing configs and checkpoints run. The reference's behaviour is "
+        "client-momentum = 'slot'",
     ),
     "luar-lr-milestones": Key(
         "", "FedLUAR clients: comma-separated rounds after which lr is multiplied by luar-lr-gamma (paper: 100,150)"
@@ -638,17 +641,9 @@ def build_base(cfg: Mapping[str, Any]) -> Strategy:
 
 
 def check_fedluar(cfg: Mapping[str, Any]) -> None:
-    """Milestones that parse, momentum worth keeping, δ within the model's recyclable layers."""
+    """Milestones that parse, δ within the model's recyclable layers (client momentum is checked by
+    the core for every method: ``fedsparse.config``)."""
     parse_milestones(str(cfg["luar-lr-milestones"]))
-    if cfg["persist-momentum"] and str(cfg.get("optimizer", "sgd")) != "sgd":
-        raise ConfigError(
-            f"persist-momentum = true with optimizer = {cfg['optimizer']!r}: only SGD's momentum buffers are kept; "
-            "set optimizer = 'sgd' or persist-momentum = false"
-        )
-    if cfg["persist-momentum"] and float(cfg["momentum"]) == 0.0:
-        raise ConfigError(
-            "persist-momentum = true but momentum = 0.0: there is no momentum to keep; set momentum > 0 (paper: 0.9)"
-        )
     try:
         layers = model_layers(cfg)
     except ValueError:
@@ -681,6 +676,7 @@ METHOD = Method(
     build=build_fedluar,
     client_step="clients.fedluar:fedluar_train",
     plain_model_reply=True,
+    client_momentum=True,
     keys=KEYS,
     checks=(check_fedluar,),
     error_cases=(

@@ -125,6 +125,27 @@ def test_run_overrides_precedence_and_names() -> None:
     assert suite.baseline is None
 
 
+def test_a_method_may_run_only_some_seeds() -> None:
+    suite = bench.parse_suite(
+        {
+            "seeds": [0, 1, 2],
+            "methods": [{"name": "a", "strategy": "fedavg"}, {"name": "b", "strategy": "fedavg", "seeds": [0]}],
+        }
+    )
+    assert [r.name for r in suite.runs()] == [
+        "a--default--s0",
+        "a--default--s1",
+        "a--default--s2",
+        "b--default--s0",
+    ]
+    assert [r.name for r in suite.runs(seeds=[1])] == ["a--default--s1"]
+    assert "seeds" not in suite.methods["b"]  # not a configuration key
+    with pytest.raises(
+        ConfigError, match="method 'b': seeds = \\[5\\]; allowed: a non-empty list of this suite's seeds"
+    ):
+        bench.parse_suite({"seeds": [0], "methods": [{"name": "b", "strategy": "fedavg", "seeds": [5]}]})
+
+
 def test_shipped_suites_resolve() -> None:
     for name in ("smoke.toml", "fmnist-lenet5.toml", "combinations.toml"):
         suite = bench.load_suite(ROOT / "experiments" / "suites" / name)

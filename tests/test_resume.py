@@ -271,12 +271,20 @@ EXTRA: dict[str, dict[str, Any]] = {
 CASES = [(name, EXTRA.get(name, {})) for name in strategy_names()] + [
     ("fedluar", {"luar-base": "fedadam"}),
     ("fedluar", {"luar-base": "fedavgm", "luar-server-momentum": 0.9}),
+    # the FedLUAR authors' setting: server-held slot momentum (its buffers are the wrapper's state),
+    # uniform weighting and Glorot init, over FedAvg and under LUAR
+    ("fedavg", {"client-momentum": "slot", "weighting": "uniform"}),
+    (
+        "fedluar",
+        {"persist-momentum": False, "client-momentum": "slot", "weighting": "uniform", "init": "glorot"},
+    ),
 ]
 
 
 def _case_id(case: tuple[str, dict[str, Any]]) -> str:
     name, extra = case
-    return name + ("" if "luar-base" not in extra else f"-{extra['luar-base']}")
+    tail = "-slot" if extra.get("client-momentum") == "slot" else ""
+    return name + ("" if "luar-base" not in extra else f"-{extra['luar-base']}") + tail
 
 
 def _straight(tmp_path: Path, name: str, extra: dict[str, Any]) -> RunResult:

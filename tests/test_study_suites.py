@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pandas as pd
 import pytest
 from loopback import set_task_identity  # tests/ is on sys.path under pytest
 from test_bench import TINY_BASE, LoopbackRunner
@@ -120,6 +121,43 @@ def test_fedluar_suite_is_the_runners_grid() -> None:
     _assert_same_runs(lenet, fedluar_runner_grid("fedluar-fmnist-lenet5.toml", {}))
 
 
+def test_fedluar_authors_setting_suites_are_issue_15s_grid() -> None:
+    """Item 10: the paper's regime — δ = 0 and 2 over three seeds, δ = 1 and 3 over one — and
+    Dirichlet 0.1 — δ = 0 and 2, one seed — both in the authors' setting, 200 rounds, milestones."""
+    paper = bench.resolve_runs(bench.load_suite(SUITES / "fedluar-paper-regime.toml").runs())
+    assert sorted(paper) == sorted(
+        [f"d{d}--iid--s{s}" for d in (0, 2) for s in (0, 1, 2)] + ["d1--iid--s0", "d3--iid--s0"]
+    )
+    dirichlet = bench.resolve_runs(bench.load_suite(SUITES / "fedluar-dirichlet.toml").runs())
+    assert sorted(dirichlet) == ["d0--dir0.1--s0", "d2--dir0.1--s0"]
+    setting = {
+        "strategy": "fedluar",
+        "luar-base": "fedavg",
+        "model": "cnn",
+        "dataset": "fashion-mnist",
+        "num-clients": 128,
+        "clients-per-round": 32,
+        "local-steps": 20,
+        "batch-size": 20,
+        "lr": 0.01,
+        "momentum": 0.9,
+        "rounds": 200,
+        "luar-lr-milestones": "100,150",
+        "weighting": "uniform",
+        "client-momentum": "slot",
+        "init": "glorot",
+        "weight-decay": 0.0,
+        "weight-decay-rule": "fedluar-reference",
+        "persist-momentum": False,
+    }
+    for name, cfg in {**paper, **dirichlet}.items():
+        assert {k: cfg[k] for k in setting} == setting, name
+        assert cfg["recycled-layers"] == int(name[1]) and cfg["seed"] == int(name[-1]), name
+        assert cfg["checkpoint-every"] > 0, name  # long runs: resumable
+        assert cfg["partition"] == ("iid" if name in paper else "dirichlet"), name
+    assert {cfg["alpha"] for cfg in dirichlet.values()} == {0.1}
+
+
 def test_partial_update_suite_is_the_runners_grids() -> None:
     suite = bench.load_suite(SUITES / "partial-update.toml")
     runs = suite.runs()
@@ -179,3 +217,25 @@ def test_study_report_reads_tiny_runs(
     assert tables == [f"{study}-table.csv", f"{study}-table.md"]
     md = (tmp_path / study / f"{study}-table.md").read_text()
     assert md.count("\n") >= 2 + len(result.ran) and capsys.readouterr().out.strip()
+
+
+def test_fedluar_report_reads_the_authors_setting_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The paper-regime suite's runs (slot momentum: their bytes counted) → the per-δ table and the
+    model-only uplink ratio, which takes the slot-momentum records out again."""
+    set_task_identity(node_id=0)
+    path = SUITES / "fedluar-paper-regime.toml"
+    suite = bench.load_suite(path, {**TINY_BASE, "model": "lenet5", "weight-decay-rule": "fixed"})
+    select = {"methods": ["d0", "d1"], "seeds": [0]}
+    result = bench.run_suite(suite, tmp_path, runner=LoopbackRunner(), report=lambda line: None, **select)
+    assert result.failed == [] and len(result.ran) == 2
+    module = _script("report_fedluar")
+    assert module.main([str(tmp_path), "--suite", str(path)]) == 0
+    table = pd.read_csv(tmp_path / "fedluar-paper-regime" / "fedluar-table.csv")
+    d0 = table[table["delta"] == 0].iloc[0]
+    assert d0["comm_ratio_up"] > 1.9  # the model and the momentum buffers, both counted
+    assert d0["model_ratio_up"] == pytest.approx(1.0, abs=1e-3)  # the model alone: FedAvg's uplink
+    d1 = table[table["delta"] == 1].iloc[0]
+    assert d1["model_ratio_up"] < d0["model_ratio_up"]
+    deltas = pd.read_csv(tmp_path / "fedluar-paper-regime" / "fedluar-deltas.csv")
+    assert list(deltas["delta"]) == [0, 1] and deltas["final_vs_d0"].iloc[0] == 0.0
+    assert capsys.readouterr().out.strip()

@@ -22,7 +22,7 @@ RUN_SEP = "--"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 SUITE_KEYS = {"name", "description", "seeds", "baseline", "base", "splits", "methods"}
 #: Keys of a ``[[methods]]`` entry that are not configuration keys.
-METHOD_KEYS = ("name", "splits")
+METHOD_KEYS = ("name", "splits", "seeds")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class Suite:
 
     ``method_splits`` holds, for a method whose entry names ``splits = [...]``, the only splits it
     runs in (a study whose grid is not a full methods × splits product); other methods run in all.
+    ``method_seeds`` likewise holds a method's own ``seeds = [...]``, a subset of the suite's (a study
+    that repeats only some methods over several seeds, the FedLUAR δ sweep's δ = 0 and 2, say).
     """
 
     name: str
@@ -57,6 +59,7 @@ class Suite:
     path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # --set overrides
     method_splits: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    method_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def runs(
         self,
@@ -83,6 +86,8 @@ class Suite:
                     continue
                 for seed in self.seeds:
                     if seeds and seed not in seeds:
+                        continue
+                    if method in self.method_seeds and seed not in self.method_seeds[method]:
                         continue
                     merged = {**self.base, **split_over, **method_over, "seed": seed, **self.extra}
                     out.append(RunSpec(method, split, seed, merged))
@@ -127,6 +132,24 @@ def _method_splits(
     return tuple(only)
 
 
+def _method_seeds(entry: Mapping[str, Any], name: str, seeds: Sequence[int], where: str) -> tuple[int, ...] | None:
+    """The ``seeds = [...]`` of a method entry (None when absent: the method runs every suite seed)."""
+    if "seeds" not in entry:
+        return None
+    only = entry["seeds"]
+    if (
+        not isinstance(only, list)
+        or not only
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s in seeds for s in only)
+        or len(set(only)) != len(only)
+    ):
+        raise ConfigError(
+            f"{where}: method {name!r}: seeds = {only!r}; allowed: a non-empty list of this suite's seeds "
+            f"without repeats ({', '.join(map(str, seeds))})"
+        )
+    return tuple(only)
+
+
 def parse_suite(data: Mapping[str, Any], *, where: str = "suite", path: Path | None = None) -> Suite:
     """Check a suite's structure (not yet its configuration values: see :func:`resolve_runs`)."""
     unknown = sorted(set(data) - SUITE_KEYS)
@@ -151,6 +174,7 @@ def parse_suite(data: Mapping[str, Any], *, where: str = "suite", path: Path | N
         raise ConfigError(f"{where}: no methods; add [[methods]] tables with a name and a strategy")
     methods: dict[str, dict[str, Any]] = {}
     method_splits: dict[str, tuple[str, ...]] = {}
+    method_seeds: dict[str, tuple[int, ...]] = {}
     for i, entry in enumerate(raw_methods):
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: methods[{i}] must be a table")
@@ -166,6 +190,9 @@ def parse_suite(data: Mapping[str, Any], *, where: str = "suite", path: Path | N
         only = _method_splits(entry, name, splits, where)
         if only is not None:
             method_splits[name] = only
+        own_seeds = _method_seeds(entry, name, seeds, where)
+        if own_seeds is not None:
+            method_seeds[name] = own_seeds
         methods[name] = over
     baseline = data.get("baseline", "fedavg" if "fedavg" in methods else None)
     if baseline is not None and baseline not in methods:
@@ -183,6 +210,7 @@ def parse_suite(data: Mapping[str, Any], *, where: str = "suite", path: Path | N
         baseline,
         path,
         method_splits=method_splits,
+        method_seeds=method_seeds,
     )
 
 

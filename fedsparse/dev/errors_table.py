@@ -305,6 +305,25 @@ def other_cases() -> list[Case]:
         return preflight(resolve_config({"data-dir": "empty", "dataset": "cifar100"}))
 
     add("a dataset that is not on disk (DatasetNotFoundError)", '--data-dir empty --set dataset="cifar100"', no_data)
+    # the paper's setting: client momentum, weight decay per model
+    for what, over in (
+        (
+            "`client-momentum` with a method whose client step does not keep momentum",
+            {"strategy": "feddip", "client-momentum": "slot", "momentum": 0.9},
+        ),
+        ("`client-momentum` without momentum", {"client-momentum": "slot", "momentum": 0.0}),
+        ("`client-momentum` with Adam", {"client-momentum": "client", "optimizer": "adam", "momentum": 0.9}),
+        (
+            "`persist-momentum` (alias of `client` momentum) against another mode",
+            {"strategy": "fedluar", "persist-momentum": True, "client-momentum": "slot", "momentum": 0.9},
+        ),
+        (
+            "`weight-decay-rule` set beside a `weight-decay`",
+            {"model": "cnn", "weight-decay-rule": "fedluar-reference", "weight-decay": 1e-4},
+        ),
+        ("`weight-decay-rule` for a model the reference does not set", {"weight-decay-rule": "fedluar-reference"}),
+    ):
+        add(what, _set(over), _resolve(**over))
     # reliability
     add("`min-replies` above the sample", _set({"min-replies": 6}), _resolve(**{"min-replies": 6}))
     add("`fail-clients`: not ROUND:PARTITION", 'fail-clients = "2-0"', _resolve(**{"fail-clients": "2-0"}))

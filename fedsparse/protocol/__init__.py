@@ -21,6 +21,10 @@ NUM_EXAMPLES = "num-examples"
 #: reply. FedLUAR writes it for the layers it recycles; every base strategy that aggregates
 #: payloads of its own (FedDIP, the compressors) honours it.
 OMITTED_ARRAYS = "luar-recycled"
+#: ArrayRecord of SGD momentum buffers (keyed by parameter name) that travels with a train message
+#: and its reply under ``client-momentum = "slot"`` (:class:`fedsparse.wrappers.SlotMomentum`):
+#: the server hands buffer k to the k-th sampled client and keeps what it sends back.
+MOMENTUM_RECORD = "momentum"
 
 
 def single_array_record(msg: Message, key: str = ARRAYS_KEY) -> ArrayRecord | str:
@@ -31,4 +35,12 @@ def single_array_record(msg: Message, key: str = ARRAYS_KEY) -> ArrayRecord | st
     return records[key]
 
 
-__all__ = ["ARRAYS_KEY", "CONFIG_KEY", "METRICS_KEY", "NUM_EXAMPLES", "OMITTED_ARRAYS", "single_array_record"]
+__all__ = [
+    "ARRAYS_KEY",
+    "CONFIG_KEY",
+    "METRICS_KEY",
+    "NUM_EXAMPLES",
+    "OMITTED_ARRAYS",
+    "MOMENTUM_RECORD",
+    "single_array_record",
+]
