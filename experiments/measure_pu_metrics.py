@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
                             "overlap_with_global": overlap,
                         }
                     )
+            args.out.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(rows).to_csv(args.out / "metrics.csv", index=False)  # after every measured round
             print(f"round {t}: measured", flush=True)
         # advance as GCPU at k = 0.05 (rewind): the trajectory every counterfactual starts from
         keep = topk_mask({n: c_g[n] for n in names}, num_updated(0.05, total))
