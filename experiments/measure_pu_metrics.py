@@ -23,7 +23,7 @@ Table 1 does for one round):
     FEDSPARSE_DATA=/work/shared/data python -m experiments.measure_pu_metrics --out runs/pu-metrics
     python -m experiments.measure_pu_metrics --optimizer adam --lr 1e-3 --out runs/pu-metrics-adam
 
-Writes ``metrics.csv`` (one row per round × k × mask) and prints it as a markdown table.
+Writes ``metrics.csv`` (one row per round × k × mask, after every measured round) and prints it.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     df = pd.DataFrame(rows)
     df.to_csv(args.out / "metrics.csv", index=False)
     cols = ["round", "k", "mask", "loss_rewound", "acc_rewound", "overlap_with_global"]
-    print(df[cols].to_markdown(index=False, floatfmt=".4f"))
+    print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     per_round = df.drop_duplicates("round")[
         [
             "round",
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
             "acc_full",
         ]
     ]
-    print(per_round.to_markdown(index=False, floatfmt=".4g"))
+    print(per_round.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 
 if __name__ == "__main__":
