@@ -4,8 +4,12 @@ A client keeps a copy of the **deployed model** in its Flower ``context.state`` 
 copy's version number. Each train message carries a *patch* that brings the copy from the version
 the server believes the client holds (``pu-base-version``) to the current deployed version
 (``pu-target-version``); the client applies it, checks the result against the server's digest,
-trains from it, and replies with its trained model (dense, as in FedAvg) plus, for the ``local`` and
-``combined`` contributions, the accumulated −Σ_q g_q ⊙ Δw_q of its local steps.
+trains from it, and replies with its trained model (dense, as in FedAvg) plus, when the server asks
+for the exact local metric, the accumulated −Σ_q g_q ⊙ Δw_q of its local steps (dense, 8-bit or
+its top-2k entries). In a *masked* round — RPU's random subset chosen before training, or DPU's
+sparse fine-tuning of the positions the last round selected — it changes only the masked weights
+of the partial set (:func:`train_with_local_contribution`'s ``masks``) and replies with their
+values alone.
 
 The message layout and the semantics of a patch are :mod:`fedsparse.protocol.partial_update`, which
 the server uses too: one :func:`~fedsparse.protocol.partial_update.apply_part` on both sides is why
@@ -17,6 +21,7 @@ The pieces are plain numpy / torch and usable from any ClientApp: :func:`patch_h
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -26,7 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from torch import nn
 
 from clients.local import LocalRound, reply, state_dict_cpu
-from clients.train import proximal_term, snapshot_params, train_steps
+from clients.train import proximal_term, snapshot_params
 from fedsparse.global_model import initial_model
 from fedsparse.protocol.partial_update import (
     CONTRIBUTION_KEY,
@@ -35,10 +40,13 @@ from fedsparse.protocol.partial_update import (
     Arrays,
     PatchError,
     apply_part,
+    encode_contribution,
+    masked_values,
     model_digest,
     pack_parts,
     partial_names,
     patch_held_model,
+    training_masks,
     unpack_parts,
 )
 
@@ -53,6 +61,8 @@ __all__ = [
     "store_held",
     "partial_names",
     "train_with_local_contribution",
+    "training_masks",
+    "masked_values",
     "partial_update_train",
 ]
 
@@ -84,18 +94,38 @@ def train_with_local_contribution(
     names: Iterable[str],
     *,
     proximal_mu: float = 0.0,
+    masks: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Local training (as :func:`clients.train.train_steps`) that also accumulates DPU's local
     contribution c_l = −Σ_q g(w^{q−1}) ⊙ Δw^q (paper eq. 9) for the named parameters.
 
     g is the gradient of the step's loss (``param.grad``), Δw the change ``optimizer.step()`` made,
     so momentum, weight decay and the optimizer itself are accounted for as they act: under plain
-    SGD c_l = lr·Σ g², under Adam (``optimizer = "adam"``, as the paper) −Σ g ⊙ Adam's step. Returns (stats, contributions on CPU,
-    float32).
+    SGD c_l = lr·Σ g², under Adam (``optimizer = "adam"``, as the paper) −Σ g ⊙ Adam's step.
+
+    ``masks`` (parameter name → boolean array): only the True positions of those parameters may
+    change — RPU's chosen subset and DPU's sparse fine-tuning. Their gradient is zeroed elsewhere
+    before the step (so momentum and Adam's moments never see it), and after the step the frozen
+    positions are written back to their values before it, so weight decay, momentum carried in
+    from earlier steps or any other optimizer term cannot move them either: they stay bit-exact.
+    (The authors' PU optimizers multiply the step by the mask; this is the same for any torch
+    optimizer.) Parameters not named in ``masks`` train freely (biases, as in the reference).
+    Returns (stats, contributions on CPU, float32).
     """
     params = dict(model.named_parameters())
     tracked = [(n, params[n]) for n in names if n in params]
     contrib = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in tracked}
+    frozen = []
+    for name, keep in (masks or {}).items():
+        if name not in params:
+            raise ValueError(f"a training mask names {name!r}, which the model does not have")
+        p = params[name]
+        keep_t = torch.as_tensor(np.asarray(keep, dtype=bool), device=p.device)
+        if tuple(keep_t.shape) != tuple(p.shape):
+            raise ValueError(
+                f"the training mask of {name!r} has shape {tuple(keep_t.shape)}, the weight {tuple(p.shape)}"
+            )
+        frozen.append((p, keep_t))
     global_params = snapshot_params(model) if proximal_mu > 0 else None
     model.train()
     loss_sum, steps, seen = 0.0, 0, 0
@@ -105,9 +135,17 @@ def train_with_local_contribution(
         if proximal_mu > 0:
             loss = loss + proximal_term(model, global_params, proximal_mu)  # type: ignore[arg-type]  # set when proximal_mu > 0
         loss.backward()
+        saved = []
+        with torch.no_grad():
+            for p, keep_t in frozen:
+                if p.grad is not None:
+                    p.grad.mul_(keep_t)
+                saved.append(p.detach().clone())
         before = [p.detach().clone() for _, p in tracked]
         optimizer.step()
         with torch.no_grad():
+            for (p, keep_t), old in zip(frozen, saved):
+                p.copy_(torch.where(keep_t, p, old))
             for (name, p), old in zip(tracked, before):
                 if p.grad is not None:
                     contrib[name] -= (p.grad * (p.detach() - old)).float()
@@ -130,8 +168,9 @@ def _seed_initial_model(cfg: Mapping[str, Any]) -> Callable[[], Arrays]:
 
 
 def partial_update_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
-    """Patch the held copy to the deployed model, train from it, reply with the trained model
-    (dense) and, when asked, the local contribution."""
+    """Patch the held copy to the deployed model, train from it (only the masked weights in a
+    masked round), reply with the trained model (dense; in a masked round the masked values only)
+    and, when asked, the local contribution."""
     config = msg.content["config"]
     pid = int(context.node_config.get("partition-id", -1))
     held, held_version = load_held(context)
@@ -139,25 +178,41 @@ def partial_update_train(msg: Message, context: Context, cfg: Mapping[str, Any])
         held, held_version, config, msg.content["arrays"], _seed_initial_model(cfg), who=f"client {pid}"
     )
     store_held(context, arrays, version)
+    partial = partial_names(arrays)
+    masks = training_masks(config, msg.content["arrays"], {n: tuple(arrays[n].shape) for n in partial})
 
     local = LocalRound.from_message(msg, context, cfg)
+    steps = int(config.get("pu-train-steps", 0))
+    if masks is not None and steps > 0:  # DPU's fine-tuning length (finetune-steps)
+        local = dataclasses.replace(local, cfg={**dict(cfg), "local-steps": steps})
     model = local.model({k: torch.tensor(v) for k, v in arrays.items()})
     mu = float(config.get("proximal-mu", 0.0))
     optimizer = local.optimizer(model)
     content_extra: dict[str, ArrayRecord] = {}
-    if bool(config.get("pu-local-contribution", False)):
-        names = partial_names(dict(model.named_parameters()))
-        stats, contrib = train_with_local_contribution(model, local.batches(), optimizer, names, proximal_mu=mu)
-        content_extra[CONTRIBUTION_KEY] = ArrayRecord({n: Array(c.numpy()) for n, c in contrib.items()})
+    wants = bool(config.get("pu-local-contribution", False))
+    names = partial if wants else []
+    stats, contrib = train_with_local_contribution(
+        model, local.batches(), optimizer, names, proximal_mu=mu, masks=masks
+    )
+    if wants:
+        metric = str(config.get("pu-local-metric", "dense"))
+        content_extra[CONTRIBUTION_KEY] = encode_contribution(
+            {n: c.numpy() for n, c in contrib.items()}, metric, int(config.get("pu-local-topk", 0))
+        )
+    trained = state_dict_cpu(model)
+    if masks is not None:
+        out_arrays = ArrayRecord(
+            {k: Array(v) for k, v in masked_values({k: t.numpy() for k, t in trained.items()}, masks).items()}
+        )
     else:
-        stats = train_steps(model, local.batches(), optimizer, proximal_mu=mu)
+        out_arrays = ArrayRecord(trained)
     metrics = {
         "num-examples": local.num_examples,
         "train-loss": stats["train-loss"],
         "partition-id": pid,
         "pu-version": version,
     }
-    out = reply(msg, ArrayRecord(state_dict_cpu(model)), metrics)
+    out = reply(msg, out_arrays, metrics)
     for key, record in content_extra.items():
         out.content[key] = record
     return out

@@ -80,6 +80,10 @@ def row_of(r: dict[str, Any], run_dir: Path, df: pd.DataFrame) -> dict[str, Any]
         row["mean lag"] = float(df["mean_version_lag"].iloc[len(df) // 2 :].mean())
         row["init"] = cfg["initial-sync"]
         row["after"] = cfg["after-broadcast"]
+        # issue 15: how the local term was obtained, and when RPU's subset was drawn (runs from
+        # before these keys existed sent the exact metric dense and drew RPU after training)
+        row["local metric"] = cfg.get("local-metric", "client") if cfg["contribution"] in ("combined", "local") else ""
+        row["RPU mask"] = cfg.get("random-mask", "after-training") if cfg["contribution"] == "random" else ""
     return row
 
 

@@ -7,11 +7,16 @@ small tensors are always updated dense). What a sampled client receives is the c
 version it holds to the current w_dep — a codec-encoded sparse patch, or the dense model when that is
 smaller (measured). See ``docs/partial-update.md`` for the method, every key and every deviation.
 
-Contribution (``contribution``): ``global`` c = δ⊙δ (GCPU), ``local`` the clients' accumulated
-−Σ g⊙Δw (sent up), ``combined`` (DPU) λ·c_g/Σc_g + (1−λ)·c_l/Σc_l, ``random`` (RPU) a uniform mask.
-After the broadcast (``after-broadcast``) the server continues from w_dep (``rewind``, DPU) or keeps
-w_new with the unsent part pending (``residual``). aggregate_train returns w_dep, the model the
-clients hold, so that is what central evaluation measures in both modes.
+Contribution (``contribution``): ``global`` c = δ⊙δ (GCPU), ``local`` c_l, ``combined`` (DPU)
+λ·c_g/Σc_g + (1−λ)·c_l/Σc_l, ``random`` (RPU) a uniform mask. The local term c_l is by default the
+zero-byte server-side estimate Σ ρ_n δ_n² from the clients' dense updates (``local-metric =
+server``); the clients' exact −Σ g⊙Δw can be sent up instead (dense, 8-bit or top-2k). RPU's
+mask is chosen before local training (``random-mask = before-training``, the paper's RPU): the
+clients train only those weights and send only their values.
+After the broadcast (``after-broadcast``) the server continues from w_dep (``rewind``, DPU's first
+step), fine-tunes the selected weights in a second, masked round (``finetune``, DPU's step 2) or
+keeps w_new with the unsent part pending (``residual``). aggregate_train returns w_dep, the model
+the clients hold, so that is what central evaluation measures in every mode.
 
 The strategy depends on nothing but the messages: it learns each client's partition id from the
 ``partition-id`` its replies carry (or from a grid's ``partition_of`` mapping when it has one) and
@@ -35,17 +40,30 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from fedsparse import codec
 from fedsparse.accounting import array_record_bytes
+from fedsparse.aggregation import weighted_mean
 from fedsparse.config import ConfigError, Key
 from fedsparse.hooks import MethodHooks
 from fedsparse.masks import topk_mask
 from fedsparse.methods import ErrorCase, Method, sampling_kwargs
-from fedsparse.protocol.partial_update import CONTRIBUTION_KEY, apply_part, model_digest, pack_parts, partial_names
+from fedsparse.protocol.partial_update import (
+    CONTRIBUTION_KEY,
+    apply_part,
+    decode_contribution,
+    model_digest,
+    num_updated,
+    pack_parts,
+    partial_names,
+    random_layer_masks,
+)
 from fedsparse.validation import check_arrays
 
 log = logging.getLogger("fedsparse")
 
 CONTRIBUTIONS = ("combined", "global", "local", "random")
-AFTER_BROADCAST = ("rewind", "residual")
+AFTER_BROADCAST = ("rewind", "residual", "finetune")
+LOCAL_METRICS = ("server", "client", "client-8bit", "client-top2k")
+RANDOM_MASKS = ("before-training", "after-training")
+_SENT_METRIC = {"client": "dense", "client-8bit": "8bit", "client-top2k": "top2k"}
 INITIAL_SYNC = ("seed", "dense")
 BASES = ("fedavg", "fedprox")
 UNKNOWN = -1  # a client whose copy the server cannot vouch for (a failed round): it gets the dense model
@@ -70,8 +88,27 @@ KEYS: dict[str, Key] = {
     ),
     "after-broadcast": Key(
         "rewind",
-        "partial-update: continue from the deployed model (rewind) or keep the unsent residual",
+        "partial-update: continue from the deployed model (rewind), fine-tune the selected weights in a "
+        "second, masked round (finetune, DPU's step 2) or keep the unsent residual",
         choices=AFTER_BROADCAST,
+    ),
+    "finetune-steps": Key(
+        0,
+        "partial-update: local steps of a fine-tuning round (after-broadcast = finetune) and of RPU's "
+        "masked rounds; 0 = the run's local-epochs / local-steps",
+        minimum=0,
+    ),
+    "local-metric": Key(
+        "server",
+        "partial-update: the local term of combined / local: server = zero-byte estimate from the "
+        "clients' updates; client = exact -sum g*dw sent dense; client-8bit; client-top2k",
+        choices=LOCAL_METRICS,
+    ),
+    "random-mask": Key(
+        "before-training",
+        "partial-update: RPU chooses its random subset before local training (clients train only it) "
+        "or after (a random subset of a full update)",
+        choices=RANDOM_MASKS,
     ),
     "value-bits": Key(32, "partial-update: bits per broadcast value (32, 16 or 8)", minimum=8, maximum=32),
     "initial-sync": Key(
@@ -93,9 +130,19 @@ def check_value_bits(cfg: Mapping[str, Any]) -> None:
         )
 
 
-def num_updated(ratio: float, total: int) -> int:
-    """k·I rounded half up, at least 1 when k > 0 (and at most I)."""
-    return min(total, max(1 if ratio > 0 else 0, int(math.floor(ratio * total + 0.5))))
+def check_modes(cfg: Mapping[str, Any]) -> None:
+    """Combinations that have no meaning: RPU chosen before training changes only its subset, so
+    there is no unsent change to keep (residual) or to fine-tune (finetune)."""
+    if (
+        cfg["contribution"] == "random"
+        and cfg["random-mask"] == "before-training"
+        and cfg["after-broadcast"] != "rewind"
+    ):
+        raise ConfigError(
+            f"after-broadcast = {cfg['after-broadcast']!r} does not apply to contribution = 'random' with "
+            "random-mask = 'before-training' (its clients train only the chosen weights); use after-broadcast = "
+            "'rewind', or random-mask = 'after-training'"
+        )
 
 
 @dataclass
@@ -141,6 +188,9 @@ class PartialUpdate(Strategy, MethodHooks):
         initial_sync: str = "seed",
         history_rounds: int = 8,
         seed: int = 0,
+        local_metric: str = "server",
+        random_mask: str = "before-training",
+        finetune_steps: int = 0,
     ) -> None:
         if not 0.0 < float(update_ratio) <= 1.0:
             raise ValueError(f"update_ratio = {update_ratio!r} is out of range; allowed: 0 < k <= 1")
@@ -158,6 +208,16 @@ class PartialUpdate(Strategy, MethodHooks):
             raise ValueError(f"unknown initial_sync {initial_sync!r}; choose one of: {', '.join(INITIAL_SYNC)}")
         if history_rounds < 0:
             raise ValueError(f"history_rounds = {history_rounds!r} must be >= 0")
+        if local_metric not in LOCAL_METRICS:
+            raise ValueError(f"unknown local_metric {local_metric!r}; choose one of: {', '.join(LOCAL_METRICS)}")
+        if random_mask not in RANDOM_MASKS:
+            raise ValueError(f"unknown random_mask {random_mask!r}; choose one of: {', '.join(RANDOM_MASKS)}")
+        if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
+            raise ValueError(f"finetune_steps = {finetune_steps!r} must be an integer >= 0")
+        if contribution == "random" and random_mask == "before-training" and after_broadcast != "rewind":
+            raise ValueError(
+                f"after_broadcast = {after_broadcast!r} does not apply to RPU chosen before training; use 'rewind'"
+            )
         self.base = base if base is not None else FedAvg()
         self.update_ratio = float(update_ratio)
         self.contribution = contribution
@@ -167,6 +227,9 @@ class PartialUpdate(Strategy, MethodHooks):
         self.initial_sync = initial_sync
         self.history_rounds = int(history_rounds)
         self.seed = int(seed)
+        self.local_metric = local_metric
+        self.random_mask = random_mask
+        self.finetune_steps = int(finetune_steps)
         self._rng = torch.Generator().manual_seed(self.seed)
         # --- state (see state_dict) ---
         self.w_dep: dict[str, np.ndarray] | None = None  # the deployed model (what clients hold)
@@ -185,13 +248,19 @@ class PartialUpdate(Strategy, MethodHooks):
         self._pending: dict[int, int] = {}  # node → target version sent this round
         self._reports: dict[int, dict[str, Any]] = {}
         self._dense_cache: tuple[int, _Patch] | None = None
+        # finetune: the version whose selected weights the next round fine-tunes (None: none pending)
+        self.finetune_of: int | None = None
+        # this round: "train" (full local training), "rpu" or "finetune" (masked), and its mask
+        self._phase = "train"
+        self._train_masks: dict[str, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ Strategy interface
     def summary(self) -> None:
         log.info(
-            "partial-update: k=%s contribution=%s after-broadcast=%s value-bits=%s initial-sync=%s base=%s",
+            "partial-update: k=%s contribution=%s local-metric=%s after-broadcast=%s value-bits=%s initial-sync=%s base=%s",
             self.update_ratio,
             self.contribution,
+            self.local_metric,
             self.after_broadcast,
             self.value_bits,
             self.initial_sync,
@@ -213,6 +282,7 @@ class PartialUpdate(Strategy, MethodHooks):
         if isinstance(known, Mapping):
             self._pid_of_node.update({int(n): int(p) for n, p in known.items() if int(p) >= 0})
         messages = list(self.base.configure_train(server_round, self._record(self.w_dep), config, grid))
+        self._phase, self._train_masks, round_cfg = self._plan_round()
         cache: dict[Any, _Patch] = {}
         contents: dict[Any, RecordDict] = {}
         out: list[Message] = []
@@ -223,7 +293,7 @@ class PartialUpdate(Strategy, MethodHooks):
             held = self.client_versions.get(self._key(node))
             patch = cache.get(held)
             if patch is None:
-                patch = cache[held] = self._patch_for(held)
+                patch = cache[held] = self._patch_for(held, finetune=self._phase == "finetune")
             if held not in contents:
                 cfg = ConfigRecord(dict(msg.content["config"].items()))
                 cfg.update(
@@ -232,9 +302,15 @@ class PartialUpdate(Strategy, MethodHooks):
                         "pu-target-version": self.version,
                         "pu-target-hash": self.digest,
                         "pu-from-seed": patch.from_seed,
-                        "pu-local-contribution": self.contribution in ("local", "combined"),
+                        "pu-local-contribution": self._client_metric is not None and self._phase == "train",
+                        **round_cfg,
                     }
                 )
+                if self._client_metric is not None:
+                    cfg["pu-local-metric"] = self._client_metric
+                    cfg["pu-local-topk"] = min(self.partial_size, 2 * num_updated(self.update_ratio, self.partial_size))
+                if self._phase == "finetune":
+                    cfg["pu-mask-part"] = len(patch.semantics) - 1
                 if patch.from_seed:
                     cfg["pu-init-hash"] = self.init_digest
                 if patch.semantics:  # a ConfigRecord cannot hold an empty list
@@ -251,7 +327,35 @@ class PartialUpdate(Strategy, MethodHooks):
             self._pending[node] = self.version
             sent.append((held, patch))
         self._reports[server_round] = self._downlink_report(sent)
+        self._reports[server_round]["phase"] = self._phase
         return out
+
+    @property
+    def _client_metric(self) -> str | None:
+        """How clients send the exact local metric (None: they send none)."""
+        if self.contribution not in ("local", "combined") or self.local_metric == "server":
+            return None
+        return _SENT_METRIC[self.local_metric]
+
+    def _plan_round(self) -> tuple[str, dict[str, np.ndarray] | None, dict[str, Any]]:
+        """This round's phase, its training mask and the config entries that tell the clients."""
+        assert self.w_dep is not None
+        if self.contribution == "random" and self.random_mask == "before-training":
+            # RPU as the paper runs it: the subset is drawn before training, from the seeded generator
+            mask_seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
+            shapes = {n: tuple(self.w_dep[n].shape) for n in self.partial}
+            masks = random_layer_masks(shapes, self.update_ratio, mask_seed)
+            extra = {
+                "pu-train-mask": "seed",
+                "pu-mask-seed": mask_seed,
+                "pu-mask-ratio": self.update_ratio,
+                "pu-train-steps": self.finetune_steps,
+            }
+            return "rpu", masks, extra
+        if self.after_broadcast == "finetune" and self.finetune_of == self.version:
+            masks = {n: self.last_changed[n] == self.version for n in self.partial}
+            return "finetune", masks, {"pu-train-mask": "part", "pu-train-steps": self.finetune_steps}
+        return "train", None, {"pu-train-mask": "none"}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -287,14 +391,38 @@ class PartialUpdate(Strategy, MethodHooks):
                     message_type=MessageType.TRAIN,
                 )
             )
-            if CONTRIBUTION_KEY in msg.content:
-                rec = msg.content[CONTRIBUTION_KEY]
-                contributions.append((float(clean.get("num-examples", 1)), {k: a.numpy() for k, a in rec.items()}))
+            weight = float(clean.get("num-examples", 1))
+            if self._phase == "train" and self.contribution in ("local", "combined"):
+                if self._client_metric is None:
+                    # zero-byte estimate: Σ ρ_n δ_n² from the dense update the server holds anyway
+                    sent = msg.content["arrays"]
+                    contributions.append(
+                        (
+                            weight,
+                            {
+                                n: (sent[n].numpy().astype(np.float64) - self.w_dep[n].astype(np.float64)) ** 2
+                                for n in self.partial
+                            },
+                        )
+                    )
+                elif CONTRIBUTION_KEY in msg.content:
+                    contributions.append(
+                        (
+                            weight,
+                            decode_contribution(
+                                msg.content[CONTRIBUTION_KEY],
+                                self._client_metric,
+                                {n: tuple(self.w_dep[n].shape) for n in self.partial},
+                            ),
+                        )
+                    )
         for node in pending:
             if node not in answered:  # it may or may not have applied the patch: resynchronise it densely
                 self.client_versions[self._key(node)] = UNKNOWN
         report = self._reports.setdefault(server_round, {})
         report.update({"k": self.update_ratio, "partial_weights": self.partial_size, "updated_weights": 0})
+        if self._phase != "train":
+            return self._aggregate_masked(usable, report)
         if not usable:
             report["deployed_version"] = self.version
             return self._record(self.w_dep), None
@@ -303,12 +431,43 @@ class PartialUpdate(Strategy, MethodHooks):
             report["deployed_version"] = self.version
             return self._record(self.w_dep), metrics
         self._advance({k: a.numpy() for k, a in aggregated.items()}, contributions, report)
+        if self.after_broadcast == "finetune":
+            self.finetune_of = self.version  # the next round fine-tunes what this one selected
         return self._record(self.w_dep), metrics
+
+    def _aggregate_masked(
+        self, usable: list[Message], report: dict[str, Any]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """A masked round (RPU, DPU's fine-tuning): the replies carry only the masked values of the
+        partial set (and the small tensors whole); their num-examples-weighted mean replaces w_dep
+        at exactly those positions, which are then broadcast like any round's change."""
+        assert self.w_dep is not None and self._train_masks is not None
+        self.finetune_of = None  # fine-tuned or not, the next round trains in full
+        masks = self._train_masks
+        dep = self.w_dep
+        replies = [(float(m.content["metrics"].get("num-examples", 1)), m.content["arrays"]) for m in usable]
+        total = sum(w for w, _ in replies)
+        if not replies or total <= 0:
+            report["deployed_version"] = self.version
+            return self._record(dep), None
+        weights = [w / total for w, _ in replies]
+        w_new = {}
+        for name, held in dep.items():
+            mean = weighted_mean([rec[name].numpy() for _, rec in replies], weights)
+            if name in masks:
+                full = held.copy()
+                full[masks[name]] = mean.astype(held.dtype)
+                w_new[name] = full
+            else:
+                w_new[name] = _as_dtype(mean, held.dtype)
+        self._deploy(w_new, masks, report)
+        return self._record(self.w_dep), None
 
     def validate_reply(self, server_round: int, msg: Message) -> str | None:
         """fedsparse's reply screen hook (``fedsparse.validation``): None to accept, else the reason.
 
-        A reply must carry the whole model (the deployed model's names, shapes and dtypes, finite),
+        A reply must carry the whole model (the deployed model's names, shapes and dtypes, finite;
+        in a masked round the partial set's masked values only),
         the version it trained from — which must be the current deployed version, sent to that node
         this round (a stale reply is rejected here, so the screen counts it as rejected and
         ``min-replies`` sees only usable replies) — and, for the local / combined contribution, a
@@ -318,15 +477,26 @@ class PartialUpdate(Strategy, MethodHooks):
         if self.w_dep is None:
             return "no round has been configured yet"
         records = msg.content.array_records
-        local = self.contribution in ("local", "combined")
-        expected = {"arrays", CONTRIBUTION_KEY} if local else {"arrays"}
+        metric = self._client_metric if self._phase == "train" else None
+        expected = {"arrays", CONTRIBUTION_KEY} if metric is not None else {"arrays"}
         if set(records) != expected:
             return f"expected ArrayRecords {sorted(expected)}, found {sorted(records)}"
         spec = {k: (tuple(v.shape), v.dtype.str) for k, v in self.w_dep.items()}
+        if self._train_masks is not None:
+            # a masked round: the partial set's masked values only (1-D, in mask order)
+            for n, m in self._train_masks.items():
+                spec[n] = ((int(m.sum()),), self.w_dep[n].dtype.str)
         problem = check_arrays(records["arrays"], spec)
-        if problem is None and local:
+        if problem is None and metric == "dense":
             cspec = {n: (tuple(self.w_dep[n].shape), np.dtype(np.float32).str) for n in self.partial}
             problem = check_arrays(records[CONTRIBUTION_KEY], cspec, what="contribution")
+        elif problem is None and metric is not None:
+            try:
+                decode_contribution(
+                    records[CONTRIBUTION_KEY], metric, {n: tuple(self.w_dep[n].shape) for n in self.partial}
+                )
+            except (ValueError, RuntimeError) as err:
+                problem = f"contribution ({metric}): {err}"
         if problem is None:
             metrics = msg.content["metrics"]
             version = metrics.get("pu-version")
@@ -374,6 +544,8 @@ class PartialUpdate(Strategy, MethodHooks):
             "partial_update": {
                 "k": self.update_ratio,
                 "contribution": self.contribution,
+                "local_metric": self.local_metric,
+                "random_mask": self.random_mask,
                 "after_broadcast": self.after_broadcast,
                 "value_bits": self.value_bits,
                 "initial_sync": self.initial_sync,
@@ -402,6 +574,7 @@ class PartialUpdate(Strategy, MethodHooks):
             "partition_of_node": {str(n): p for n, p in self._pid_of_node.items()},
             "history": [{"version": v, "payload": {k: a.copy() for k, a in p.items()}} for v, p in self.history],
             "rng": self._rng.get_state().numpy().copy(),
+            "finetune_of": self.finetune_of,
             "reports": {str(r): dict(v) for r, v in self._reports.items()},
             "base": _base_state(self.base),
         }
@@ -424,6 +597,8 @@ class PartialUpdate(Strategy, MethodHooks):
             maxlen=max(self.history_rounds, 1),
         )
         self._rng.set_state(torch.from_numpy(np.array(state["rng"], dtype=np.uint8)))
+        finetune_of = state.get("finetune_of")
+        self.finetune_of = None if finetune_of is None else int(finetune_of)
         self._reports = {int(r): dict(v) for r, v in state.get("reports", {}).items()}
         _load_base_state(self.base, state.get("base", {}))
         self._dense_cache = None
@@ -473,22 +648,40 @@ class PartialUpdate(Strategy, MethodHooks):
             self._dense_cache = (self.version, self._finish("dense", -1, False, ["assign"], [payload]))
         return self._dense_cache[1]
 
-    def _merged_payload(self, since: int) -> dict[str, np.ndarray]:
-        """Every weight changed after version ``since``, with its current (float32, exact) value."""
+    def _merged_payload(self, since: int, before: int | None = None) -> dict[str, np.ndarray]:
+        """Every weight changed after version ``since`` (and, with ``before``, last changed before
+        that version), with its current (float32, exact) value."""
         assert self.w_dep is not None
         tensors: dict[str, np.ndarray] = {}
         masks: dict[str, np.ndarray | None] = {}
         for name, arr in self.w_dep.items():
             if name in self.last_changed:
                 mask = self.last_changed[name] > since
+                if before is not None:
+                    mask &= self.last_changed[name] < before
                 if mask.any():
                     tensors[name], masks[name] = arr, mask
             elif self.tensor_changed[name] > since:
                 tensors[name], masks[name] = arr, None
         return codec.encode(tensors, masks, 32)
 
-    def _patch_for(self, held: int | None) -> _Patch:
-        """The smallest (measured) patch that brings a client at version ``held`` to w_dep."""
+    def _finetune_part(self) -> dict[str, np.ndarray]:
+        """The weights of the partial set whose last change is the current version — the ones a
+        fine-tuning round trains — with their current values. Applied with ``assign`` it changes
+        nothing for a client that holds w_dep already; its positions are the clients' mask."""
+        assert self.w_dep is not None
+        tensors = {n: self.w_dep[n] for n in self.partial}
+        masks: dict[str, np.ndarray | None] = {n: self.last_changed[n] == self.version for n in self.partial}
+        return codec.encode(tensors, masks, 32)
+
+    def _patch_for(self, held: int | None, *, finetune: bool = False) -> _Patch:
+        """The smallest (measured) patch that brings a client at version ``held`` to w_dep.
+
+        ``finetune``: the patch's last part also names the weights to fine-tune (the positions the
+        current version changed): a merged patch is split in two (changed before this version,
+        changed by it) at the cost of a second header, any other patch gets that part appended."""
+        if finetune:
+            return self._finetune_patch_for(held)
         if held is None and self.initial_sync == "seed":
             base, from_seed = 0, True
         elif held is None or held == UNKNOWN or held > self.version or held < 0:
@@ -509,6 +702,17 @@ class PartialUpdate(Strategy, MethodHooks):
         candidates.append(self._finish(lag_kind, base, from_seed, ["assign"], [self._merged_payload(base)]))
         candidates.append(self._dense_patch())
         return min(candidates, key=lambda p: p.nbytes)  # ties keep the earlier (sparser) candidate
+
+    def _finetune_patch_for(self, held: int | None) -> _Patch:
+        plain = self._patch_for(held)
+        part = self._finetune_part()
+        candidates = [
+            self._finish(plain.kind, plain.base, plain.from_seed, [*plain.semantics, "assign"], [*plain.payloads, part])
+        ]
+        if plain.kind in ("fresh", "merged"):
+            split = [self._merged_payload(plain.base, before=self.version), part]
+            candidates.append(self._finish(plain.kind, plain.base, plain.from_seed, ["assign", "assign"], split))
+        return min(candidates, key=lambda p: p.nbytes)
 
     def _patch_stats(self, payloads: list[dict[str, np.ndarray]]) -> dict[str, Any]:
         """Index bytes, Shannon bound and index kinds of a patch, from the codec headers."""
@@ -585,6 +789,28 @@ class PartialUpdate(Strategy, MethodHooks):
         scores = self._scores(delta, contributions, c_local=c_local)
         k = num_updated(self.update_ratio, self.partial_size)
         mask = {n: m.numpy() for n, m in topk_mask(scores, k).items()}
+        self._deploy(w_new, mask, report)
+        self.w_srv = w_new if self.after_broadcast == "residual" else None
+        if self.after_broadcast == "residual" and c_local is not None:
+            # mirrors the residual: what was sent starts afresh, the rest stays pending
+            self.c_pending = {n: np.where(mask[n], 0.0, c_local[n].numpy()) for n in self.partial}
+        if self.w_srv is not None:
+            report["residual_norm"] = float(
+                math.sqrt(
+                    sum(
+                        float(np.sum((self.w_srv[n].astype(np.float64) - self.w_dep[n]) ** 2))  # type: ignore[index]
+                        for n in self.partial
+                    )
+                )
+            )
+
+    def _deploy(self, w_new: Mapping[str, np.ndarray], mask: Mapping[str, np.ndarray], report: dict[str, Any]) -> None:
+        """w_dep ← w_dep + (w_new − w_dep) ⊙ mask on the partial set (the small tensors take
+        w_new's values); a new version, its digest, the per-weight change versions and, for fp16 /
+        8-bit values, the quantised patch the clients will apply."""
+        assert self.w_dep is not None
+        dep = self.w_dep
+        delta = {n: (w_new[n] - dep[n]).astype(np.float32) for n in self.partial}
         new_version = self.version + 1
         changed_dense = [n for n in dep if n not in self.last_changed and w_new[n].tobytes() != dep[n].tobytes()]
         if self.value_bits == 32:
@@ -614,20 +840,10 @@ class PartialUpdate(Strategy, MethodHooks):
         for n in changed_dense:
             self.tensor_changed[n] = new_version
         self.w_dep = new_dep
-        self.w_srv = w_new if self.after_broadcast == "residual" else None
-        if self.after_broadcast == "residual" and c_local is not None:
-            # mirrors the residual: what was sent starts afresh, the rest stays pending
-            self.c_pending = {n: np.where(mask[n], 0.0, c_local[n].numpy()) for n in self.partial}
         self.version = new_version
         self.digest = model_digest(new_dep)
         report["updated_weights"] = int(sum(int(m.sum()) for m in mask.values()))
         report["deployed_version"] = self.version
-        if self.w_srv is not None:
-            report["residual_norm"] = float(
-                math.sqrt(
-                    sum(float(np.sum((self.w_srv[n].astype(np.float64) - new_dep[n]) ** 2)) for n in self.partial)
-                )
-            )
 
     def _scores(
         self,
@@ -734,6 +950,9 @@ def build_partial_update(cfg: Mapping[str, Any]) -> Strategy:
         initial_sync=str(cfg["initial-sync"]),
         history_rounds=int(cfg["history-rounds"]),
         seed=int(cfg["seed"]),
+        local_metric=str(cfg["local-metric"]),
+        random_mask=str(cfg["random-mask"]),
+        finetune_steps=int(cfg["finetune-steps"]),
     )
 
 
@@ -743,6 +962,12 @@ METHOD = Method(
     build=build_partial_update,
     client_step="clients.partial_update:partial_update_train",
     keys=KEYS,
-    checks=(check_value_bits,),
-    error_cases=(ErrorCase("partial-update: unsupported value bits", {"value-bits": 12}),),
+    checks=(check_value_bits, check_modes),
+    error_cases=(
+        ErrorCase("partial-update: unsupported value bits", {"value-bits": 12}),
+        ErrorCase(
+            "partial-update: RPU before training cannot fine-tune",
+            {"contribution": "random", "after-broadcast": "finetune"},
+        ),
+    ),
 )

@@ -25,15 +25,18 @@ from clients.partial_update import (
     PatchError,
     apply_part,
     load_held,
+    masked_values,
     model_digest,
     patch_held_model,
     store_held,
     train_with_local_contribution,
+    training_masks,
     unpack_parts,
 )
 from fedsparse import codec
 from fedsparse.accounting import array_record_bytes
 from fedsparse.config import ConfigError, resolve_config
+from fedsparse.protocol.partial_update import encode_contribution
 from strategies.partial_update import UNKNOWN, PartialUpdate, num_updated
 
 
@@ -129,6 +132,12 @@ class Client:
                 trained[k] = (v + rng.standard_normal(v.shape).astype(np.float32) * 0.01).astype(np.float32)
             else:
                 trained[k] = v + 3
+        config = msg.content["config"]
+        masks = training_masks(
+            config, msg.content["arrays"], {k: v.shape for k, v in arrays.items() if v.ndim > 1 and v.dtype.kind == "f"}
+        )
+        if masks is not None:  # a masked round (RPU, fine-tuning): only the masked values go up
+            trained = masked_values(trained, masks)
         content = RecordDict(
             {
                 "arrays": record(trained),
@@ -142,9 +151,12 @@ class Client:
                 ),
             }
         )
-        if msg.content["config"]["pu-local-contribution"]:
-            content["contribution"] = record(
-                {k: np.abs(rng.standard_normal(v.shape)).astype(np.float32) for k, v in arrays.items() if v.ndim > 1}
+        if config["pu-local-contribution"]:
+            contrib = {
+                k: np.abs(rng.standard_normal(v.shape)).astype(np.float32) for k, v in arrays.items() if v.ndim > 1
+            }
+            content["contribution"] = encode_contribution(
+                contrib, str(config["pu-local-metric"]), int(config["pu-local-topk"])
             )
         return Message(content=content, reply_to=msg)
 
@@ -202,8 +214,28 @@ def strategy(**kwargs: Any) -> PartialUpdate:
 PROPERTY_CASES = [
     dict(value_bits=32, after_broadcast="rewind", contribution="combined", initial_sync="seed"),
     dict(value_bits=32, after_broadcast="residual", contribution="global", initial_sync="dense"),
-    dict(value_bits=16, after_broadcast="rewind", contribution="local", initial_sync="seed", history_rounds=3),
-    dict(value_bits=8, after_broadcast="residual", contribution="random", initial_sync="seed", history_rounds=2),
+    dict(
+        value_bits=16,
+        after_broadcast="rewind",
+        contribution="local",
+        local_metric="client",
+        initial_sync="seed",
+        history_rounds=3,
+    ),
+    dict(
+        value_bits=8,
+        after_broadcast="residual",
+        contribution="random",
+        random_mask="after-training",
+        initial_sync="seed",
+        history_rounds=2,
+    ),
+    dict(value_bits=32, after_broadcast="rewind", contribution="random", initial_sync="seed"),
+    dict(value_bits=8, after_broadcast="rewind", contribution="random", initial_sync="dense", history_rounds=2),
+    dict(value_bits=32, after_broadcast="finetune", contribution="combined", initial_sync="seed"),
+    dict(value_bits=8, after_broadcast="finetune", contribution="global", initial_sync="seed", history_rounds=3),
+    dict(value_bits=32, after_broadcast="rewind", contribution="combined", local_metric="client-top2k"),
+    dict(value_bits=32, after_broadcast="residual", contribution="local", local_metric="client-8bit"),
     dict(value_bits=8, after_broadcast="rewind", contribution="combined", initial_sync="dense", history_rounds=0),
     dict(value_bits=16, after_broadcast="residual", contribution="combined", initial_sync="seed", history_rounds=2),
 ]
@@ -217,7 +249,7 @@ def test_every_patched_copy_equals_the_deployed_model_bit_for_bit(case: dict[str
     strat = strategy(update_ratio=0.05, seed=seed, **case)
     kinds_seen: set[str] = set()
     patched_total = advanced = 0
-    version = 0
+    version = ft_count = 0
     for t, _msgs, patched, before, after in run_rounds(strat, clients, 40, seed, fail_rate=0.1):
         want = as_numpy(before)
         for client, arrays in patched:
@@ -225,9 +257,17 @@ def test_every_patched_copy_equals_the_deployed_model_bit_for_bit(case: dict[str
             patched_total += 1
         report = strat.round_report(t)
         kinds_seen.update(item.split(":")[0] for item in report["patch_kinds"].split(";"))
-        # exactly k·I weights of the partial set change per aggregated round (none if every reply failed)
+        # exactly k·I weights of the partial set change per aggregated round (none if every reply failed);
+        # RPU: k of every tensor; a fine-tuning round: the weights the round before it changed
         if report["deployed_version"] > version:
-            assert report["updated_weights"] == num_updated(0.05, strat.partial_size)
+            if report["phase"] == "rpu":
+                want_k = sum(num_updated(0.05, strat.w_dep[n].size) for n in strat.partial)  # type: ignore[index]
+            elif report["phase"] == "finetune":
+                want_k = ft_count
+            else:
+                want_k = num_updated(0.05, strat.partial_size)
+            assert report["updated_weights"] == want_k
+            ft_count = sum(int((strat.last_changed[n] == strat.version).sum()) for n in strat.partial)
             advanced += 1
         else:
             assert report["updated_weights"] == 0 and bit_equal(as_numpy(after), want)
@@ -396,7 +436,7 @@ def test_global_topk_is_exact(ratio: float) -> None:
 
 
 def test_combined_score_mixes_normalised_global_and_local() -> None:
-    strat, initial, replies, new = _one_round("combined", 0.05, contribution_lambda=0.3)
+    strat, initial, replies, new = _one_round("combined", 0.05, contribution_lambda=0.3, local_metric="client")
     avg = _fedavg(replies)
     partial = strat.partial
     weights = np.array([r.content["metrics"]["num-examples"] for r in replies], dtype=np.float64)
@@ -578,7 +618,7 @@ def test_the_real_client_step_patches_trains_and_reports(tmp_path: Any) -> None:
         }
     )
     init = {k: v.numpy() for k, v in initial_model(cfg).state_dict().items()}
-    strat = strategy(update_ratio=0.01, contribution="combined", initial_sync="seed")
+    strat = strategy(update_ratio=0.01, contribution="combined", initial_sync="seed", local_metric="client")
     strat.base.fraction_train = 1.0
     random.seed(0)
     msgs = list(strat.configure_train(1, record(init), ConfigRecord({"server-round": 1}), LocalGrid([42])))
@@ -652,7 +692,7 @@ def _configured_round(contribution: str, seed: int = 11, **kw: Any):
 
 
 def test_validate_reply_accepts_the_protocol_and_names_what_is_wrong() -> None:
-    strat, _, _, replies = _configured_round("combined")
+    strat, _, _, replies = _configured_round("combined", local_metric="client")
     assert all(strat.validate_reply(1, r) is None for r in replies)
     good = replies[0]
     bad_shape = RecordDict(
@@ -824,7 +864,12 @@ def test_residual_keeps_the_local_contribution_pending_like_the_residual() -> No
     initial = tiny_model(21)
     clients = make_clients(5, initial)
     strat = strategy(
-        update_ratio=0.05, contribution="combined", after_broadcast="residual", initial_sync="dense", seed=21
+        update_ratio=0.05,
+        contribution="combined",
+        after_broadcast="residual",
+        initial_sync="dense",
+        seed=21,
+        local_metric="client",
     )
     strat.base.fraction_train = 1.0
     random.seed(21)
@@ -867,7 +912,7 @@ def test_residual_keeps_the_local_contribution_pending_like_the_residual() -> No
             assert not strat.c_pending[n][want[n]].any()
     assert differs_from_round_only  # the pending part changed the ranking at least once
     # and it travels with the checkpoint
-    other = strategy(contribution="combined", after_broadcast="residual")
+    other = strategy(contribution="combined", after_broadcast="residual", local_metric="client")
     other.load_state_dict(strat.state_dict())
     assert all(np.array_equal(other.c_pending[n], strat.c_pending[n]) for n in strat.partial)
 

@@ -86,6 +86,25 @@ def partial_update_runner_grid() -> Grid:
     return runs
 
 
+def partial_update_issue15_runs() -> Grid:
+    """Added for issue 15: the former RPU and exact local metric beside the new defaults, and DPU's
+    fine-tuning step."""
+    mnist, fmnist = "partial-mnist-mlp.toml", "partial-fmnist-lenet5.toml"
+    k05 = {"update-ratio": 0.05}
+    return {
+        "random-k0.005-after--mnist-mlp--s0": (
+            mnist,
+            {"update-ratio": 0.005, "contribution": "random", "random-mask": "after-training"},
+        ),
+        "combined-k0.05-client--mnist-mlp--s0": (mnist, {**k05, "local-metric": "client"}),
+        "combined-k0.05-client8bit--mnist-mlp--s0": (mnist, {**k05, "local-metric": "client-8bit"}),
+        "combined-k0.05-top2k--mnist-mlp--s0": (mnist, {**k05, "local-metric": "client-top2k"}),
+        "combined-k0.05-finetune--mnist-mlp--s0": (mnist, {**k05, "after-broadcast": "finetune"}),
+        "combined-k0.05-finetune--fmnist-lenet5--s0": (fmnist, {**k05, "after-broadcast": "finetune"}),
+        "combined-k0.005-finetune--mnist-mlp--s0": (mnist, {"update-ratio": 0.005, "after-broadcast": "finetune"}),
+    }
+
+
 def _assert_same_runs(suite: bench.Suite, grid: Grid) -> None:
     configs = bench.resolve_runs(suite.runs())
     assert sorted(configs) == sorted(grid)
@@ -161,11 +180,11 @@ def test_fedluar_authors_setting_suites_are_issue_15s_grid() -> None:
 def test_partial_update_suite_is_the_runners_grids() -> None:
     suite = bench.load_suite(SUITES / "partial-update.toml")
     runs = suite.runs()
-    assert len(runs) == 26 and {r.split: 0 for r in runs}.keys() == {"mnist-mlp", "fmnist-lenet5", "mnist-mlp-adam"}
+    assert len(runs) == 33 and {r.split: 0 for r in runs}.keys() == {"mnist-mlp", "fmnist-lenet5", "mnist-mlp-adam"}
     assert (
-        len(suite.runs(splits=["mnist-mlp", "fmnist-lenet5"])) == 21 and len(suite.runs(splits=["mnist-mlp-adam"])) == 5
+        len(suite.runs(splits=["mnist-mlp", "fmnist-lenet5"])) == 28 and len(suite.runs(splits=["mnist-mlp-adam"])) == 5
     )
-    _assert_same_runs(suite, partial_update_runner_grid())
+    _assert_same_runs(suite, {**partial_update_runner_grid(), **partial_update_issue15_runs()})
 
 
 def test_a_method_may_run_in_some_splits_only() -> None:

@@ -10,13 +10,22 @@ agree bit for bit.
     ``pu-target-version`` (int), ``pu-target-hash`` (str, :func:`model_digest` of the result),
     ``pu-from-seed`` (bool: rebuild version 0 from the run's seed first; ``pu-init-hash`` is its
     digest), ``pu-parts`` (list of ``"assign"`` / ``"add"``, one per codec payload, applied in
-    order), ``pu-local-contribution`` (bool: send −Σ g ⊙ Δw up), plus the base strategy's keys
-    (``server-round``, FedProx's ``proximal-mu``).
+    order), ``pu-local-contribution`` (bool: send −Σ g ⊙ Δw up) with ``pu-local-metric`` (how:
+    ``dense`` float32, ``8bit`` one codec payload quantised to 8 bits, ``top2k`` a codec payload of
+    the client's ``pu-local-topk`` largest entries), ``pu-train-mask`` (which weights the client
+    may change: ``none`` all; ``seed`` RPU's random per-tensor mask, rebuilt from ``pu-mask-seed``
+    and ``pu-mask-ratio`` by :func:`random_layer_masks`; ``part`` the partial-set positions of
+    patch part ``pu-mask-part``, DPU's sparse fine-tuning), ``pu-train-steps`` (local steps for a
+    masked round; 0: the run's own), plus the base strategy's keys (``server-round``, FedProx's
+    ``proximal-mu``).
 ``arrays``
     for part i, the :mod:`fedsparse.codec` payload as ``"{i}/index"`` and ``"{i}/values"``.
 Reply
     the trained model (dense, as FedAvg's) in ``arrays``, plus the local contribution in the
-    ArrayRecord :data:`CONTRIBUTION_KEY` when asked for.
+    ArrayRecord :data:`CONTRIBUTION_KEY` when asked for. In a masked round (``pu-train-mask`` not
+    ``none``) ``arrays`` holds, for each tensor of the partial set, only the values at the mask's
+    positions (1-D float32, C order; :func:`masked_values`), and the other tensors whole: the
+    server knows the mask, so no index travels up.
 
 Semantics of a part (:func:`apply_part`): ``assign`` writes the decoded values at the decoded
 positions (exact float32 values of the deployed model, so any number of rounds merge into one
@@ -27,6 +36,7 @@ tensors stored ``raw`` (biases and other small dense tensors, kept float32) are 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -35,6 +45,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from fedsparse import codec
+from fedsparse.masks import topk_mask
 
 __all__ = [
     "Arrays",
@@ -49,12 +60,22 @@ __all__ = [
     "pack_parts",
     "unpack_parts",
     "patch_held_model",
+    "TRAIN_MASKS",
+    "LOCAL_METRICS_SENT",
+    "num_updated",
+    "random_layer_masks",
+    "training_masks",
+    "masked_values",
+    "encode_contribution",
+    "decode_contribution",
 ]
 
 STATE_MODEL = "partial-update-model"
 STATE_META = "partial-update-meta"
 CONTRIBUTION_KEY = "contribution"
 SEMANTICS = ("assign", "add")
+TRAIN_MASKS = ("none", "seed", "part")
+LOCAL_METRICS_SENT = ("dense", "8bit", "top2k")
 
 Arrays = dict[str, np.ndarray]
 
@@ -224,3 +245,108 @@ def patch_held_model(
                 f"from the server's deployed model (digest {want})"
             )
     return arrays, target
+
+
+# --------------------------------------------------------------------------- masked rounds
+
+
+def num_updated(ratio: float, total: int) -> int:
+    """k·I rounded half up, at least 1 when k > 0 (and at most I)."""
+    return min(total, max(1 if ratio > 0 else 0, int(math.floor(ratio * total + 0.5))))
+
+
+def random_layer_masks(shapes: Mapping[str, tuple[int, ...]], ratio: float, seed: int) -> dict[str, np.ndarray]:
+    """RPU's mask, chosen before training: in every tensor (in ``shapes``' order) a uniformly
+    random :func:`num_updated` (ratio, n) of its n positions, from one torch generator seeded with
+    ``seed``. Server and clients call this with the same arguments, so a seed in the round's
+    config is the whole mask (8 bytes instead of an index)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    out: dict[str, np.ndarray] = {}
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        chosen = torch.randperm(n, generator=gen)[: num_updated(ratio, n)].numpy()
+        flat = np.zeros(n, dtype=bool)
+        flat[chosen] = True
+        out[name] = flat.reshape(shape)
+    return out
+
+
+def training_masks(
+    config: Mapping[str, Any], record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, np.ndarray] | None:
+    """The positions of the partial set (``shapes``) a client may change this round, or None
+    (all). ``seed``: RPU's random mask; ``part``: the partial-set positions of patch part
+    ``pu-mask-part`` (tensors that part does not name: none)."""
+    kind = str(config.get("pu-train-mask", "none"))
+    if kind not in TRAIN_MASKS:
+        raise PatchError(f"unknown pu-train-mask {kind!r}; expected one of: {', '.join(TRAIN_MASKS)}")
+    if kind == "none":
+        return None
+    if kind == "seed":
+        return random_layer_masks(shapes, float(config["pu-mask-ratio"]), int(config["pu-mask-seed"]))
+    part = int(config["pu-mask-part"])
+    (payload,) = unpack_parts(record, part + 1)[part:]
+    kinds = codec.index_kinds(payload)
+    _, masks = codec.decode(payload)
+    out = {}
+    for name, shape in shapes.items():
+        if name in masks and kinds[name] not in ("dense", "raw"):
+            out[name] = masks[name].astype(bool)
+        else:
+            out[name] = np.zeros(shape, dtype=bool)
+    return out
+
+
+def masked_values(arrays: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray]) -> Arrays:
+    """A masked round's reply: the values at the mask's positions (1-D, C order) for the masked
+    tensors, the other tensors whole. The inverse is ``w[mask] = values`` on the server."""
+    return {
+        k: (np.ascontiguousarray(np.asarray(v)[masks[k]]) if k in masks else np.asarray(v)) for k, v in arrays.items()
+    }
+
+
+def encode_contribution(contrib: Mapping[str, np.ndarray], metric: str, topk: int = 0) -> ArrayRecord:
+    """The client's local contribution as it travels up: ``dense`` float32 arrays by name;
+    ``8bit`` one codec payload with 8-bit values; ``top2k`` one codec payload (float32) of the
+    ``topk`` largest entries pooled over the partial set."""
+    if metric == "dense":
+        return ArrayRecord({n: Array(np.asarray(c, dtype=np.float32, order="C")) for n, c in contrib.items()})
+    if metric == "8bit":
+        return pack_parts([codec.encode({n: np.asarray(c, np.float32) for n, c in contrib.items()}, {}, 8)])
+    if metric == "top2k":
+        masks = topk_mask({n: torch.as_tensor(np.asarray(c, np.float32)) for n, c in contrib.items()}, int(topk))
+        return pack_parts(
+            [
+                codec.encode(
+                    {n: np.asarray(c, np.float32) for n, c in contrib.items()},
+                    {n: m.numpy() for n, m in masks.items()},
+                    32,
+                )
+            ]
+        )
+    raise PatchError(f"unknown local metric {metric!r}; expected one of: {', '.join(LOCAL_METRICS_SENT)}")
+
+
+def decode_contribution(
+    record: ArrayRecord, metric: str, shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, np.ndarray]:
+    """Inverse of :func:`encode_contribution`: float64 arrays of ``shapes`` (zeros where a
+    ``top2k`` payload kept nothing). Raises ValueError on a payload of the wrong layout."""
+    if metric == "dense":
+        arrays = {k: a.numpy() for k, a in record.items()}
+    else:
+        (payload,) = unpack_parts(record, 1)
+        if set(record.keys()) != {f"0/{codec.INDEX_KEY}", f"0/{codec.VALUES_KEY}"}:
+            raise ValueError(f"a {metric} contribution is one codec payload; found arrays {sorted(record.keys())}")
+        arrays, _ = codec.decode(payload)
+    if set(arrays) != set(shapes):
+        raise ValueError(f"the contribution names {sorted(arrays)}, expected the partial set {sorted(shapes)}")
+    out = {}
+    for name, shape in shapes.items():
+        arr = np.asarray(arrays[name])
+        if tuple(arr.shape) != tuple(shape):
+            raise ValueError(f"contribution {name!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"contribution {name!r} is not finite")
+        out[name] = arr.astype(np.float64)
+    return out
