@@ -422,6 +422,11 @@ def other_cases() -> list[Case]:
         _suite({"methods": [{"name": "x", "strategy": "fedavg", "splits": ["noniid"]}]}),
     )
     add(
+        "bench: a method limited to seeds the suite lacks",
+        "suite: seeds = [0]; [[methods]] seeds = [5]",
+        _suite({"seeds": [0], "methods": [{"name": "x", "strategy": "fedavg", "seeds": [5]}]}),
+    )
+    add(
         "bench: a baseline that is not a method",
         'suite: baseline = "fedprox"',
         _suite({"baseline": "fedprox", "methods": [{"name": "x", "strategy": "fedavg"}]}),
