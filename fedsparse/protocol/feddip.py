@@ -28,4 +28,11 @@ def decode_payload(record: ArrayRecord) -> tuple[dict[str, np.ndarray], dict[str
     return codec.decode(codec.from_array_record(record))
 
 
-__all__ = ["CONFIG_LAMBDA", "CONFIG_PRUNABLE", "CONFIG_SPARSE_UPLINK", "CONFIG_PROXIMAL_MU", "METRIC_REG_RATIO", "decode_payload"]
+__all__ = [
+    "CONFIG_LAMBDA",
+    "CONFIG_PRUNABLE",
+    "CONFIG_SPARSE_UPLINK",
+    "CONFIG_PROXIMAL_MU",
+    "METRIC_REG_RATIO",
+    "decode_payload",
+]
