@@ -63,6 +63,7 @@ __all__ = [
     "QSGD",
     "DGC",
     "SBC",
+    "SmartIdx",
     "ClientMemory",
     "COMPRESSORS",
     "METHODS",
@@ -571,6 +572,11 @@ class Compressor(ABC):
     def report(self) -> dict[str, Any]:
         """Its settings as ``rounds.csv`` columns."""
 
+    def payload_report(self, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Figures measured on one reply's payload that the server sums over a round's replies
+        into ``rounds.csv`` columns (SmartIdx: bytes by package). Default: none."""
+        return {}
+
     # -- per round (server side) and between rounds (client side); defaults: plain error feedback
 
     def for_round(self, server_round: int, num_clients: int) -> Compressor:
@@ -947,16 +953,16 @@ class SBC(Compressor):
         return {"compress_ratio": self.ratio}
 
 
-#: Every compressor by the name clients see in ``compress-method``.
+#: Every compressor by the name clients see in ``compress-method`` (SmartIdx, in its own module
+#: :mod:`fedsparse.smartidx`, is added at the end of this module).
 COMPRESSORS: dict[str, type[Compressor]] = {c.name: c for c in (TopK, RandK, QSGD, DGC, SBC)}
-METHODS = tuple(COMPRESSORS)
 
 
 def compressor_from_config(config: Mapping[str, Any]) -> Compressor:
     """The compressor a round's config names (``compress-method``) with its settings."""
     method = str(config[CFG_METHOD])
     if method not in COMPRESSORS:
-        raise ValueError(f"unknown compress-method {method!r}; choose one of: {', '.join(METHODS)}")
+        raise ValueError(f"unknown compress-method {method!r}; choose one of: {', '.join(COMPRESSORS)}")
     return COMPRESSORS[method].from_config(config)
 
 
@@ -1048,8 +1054,19 @@ def decode_update(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarra
             return _fedpaq_decode(arrays)
         if name == SBC_CODEC:
             return _sbc_decode(arrays)
+        if name == SMARTIDX_CODEC:
+            return smartidx_decode(arrays)
         raise ValueError(
-            f"unsupported payload codec {name!r}; expected {RANDK_CODEC!r}, {QSGD_CODEC!r} or {SBC_CODEC!r}"
+            f"unsupported payload codec {name!r}; expected {RANDK_CODEC!r}, {QSGD_CODEC!r}, {SBC_CODEC!r} "
+            f"or {SMARTIDX_CODEC!r}"
         )
     tensors, _ = codec.decode(arrays)
     return _split_float(tensors)
+
+
+# SmartIdx lives in its own module, which builds on this one's Compressor and payload helpers; it is
+# imported last so that those exist when it loads.
+from fedsparse.smartidx import SMARTIDX_CODEC, SmartIdx, smartidx_decode  # noqa: E402
+
+COMPRESSORS[SmartIdx.name] = SmartIdx
+METHODS = tuple(COMPRESSORS)
