@@ -63,7 +63,6 @@ __all__ = [
     "QSGD",
     "DGC",
     "SBC",
-    "SmartIdx",
     "ClientMemory",
     "COMPRESSORS",
     "METHODS",
@@ -117,6 +116,7 @@ MOMENTUM_STATE_KEY = "compression.momentum"
 RANDK_CODEC = "fedsparse-randk"
 QSGD_CODEC = "fedsparse-qsgd"
 SBC_CODEC = "fedsparse-sbc"
+SMARTIDX_CODEC = "fedsparse-smartidx"
 HEADER_KEY = "header"
 VALUES_KEY = "values"
 LEVELS_KEY = "levels"
@@ -953,14 +953,17 @@ class SBC(Compressor):
         return {"compress_ratio": self.ratio}
 
 
-#: Every compressor by the name clients see in ``compress-method`` (SmartIdx, in its own module
-#: :mod:`fedsparse.smartidx`, is added at the end of this module).
+#: Every compressor by the name clients see in ``compress-method``. SmartIdx, in its own module
+#: :mod:`fedsparse.smartidx`, registers itself here when that module is imported
+#: (:func:`compressor_from_config` imports it).
 COMPRESSORS: dict[str, type[Compressor]] = {c.name: c for c in (TopK, RandK, QSGD, DGC, SBC)}
+METHODS = (*COMPRESSORS, "smartidx")
 
 
 def compressor_from_config(config: Mapping[str, Any]) -> Compressor:
     """The compressor a round's config names (``compress-method``) with its settings."""
     method = str(config[CFG_METHOD])
+    _register_smartidx()
     if method not in COMPRESSORS:
         raise ValueError(f"unknown compress-method {method!r}; choose one of: {', '.join(COMPRESSORS)}")
     return COMPRESSORS[method].from_config(config)
@@ -1055,6 +1058,8 @@ def decode_update(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarra
         if name == SBC_CODEC:
             return _sbc_decode(arrays)
         if name == SMARTIDX_CODEC:
+            from fedsparse.smartidx import smartidx_decode
+
             return smartidx_decode(arrays)
         raise ValueError(
             f"unsupported payload codec {name!r}; expected {RANDK_CODEC!r}, {QSGD_CODEC!r}, {SBC_CODEC!r} "
@@ -1064,9 +1069,16 @@ def decode_update(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarra
     return _split_float(tensors)
 
 
-# SmartIdx lives in its own module, which builds on this one's Compressor and payload helpers; it is
-# imported last so that those exist when it loads.
-from fedsparse.smartidx import SMARTIDX_CODEC, SmartIdx, smartidx_decode  # noqa: E402
+def _register_smartidx() -> None:
+    """SmartIdx lives in :mod:`fedsparse.smartidx`, which builds on this module's Compressor and
+    payload helpers; importing it registers it in :data:`COMPRESSORS` (a no-op once done)."""
+    import fedsparse.smartidx  # noqa: F401
 
-COMPRESSORS[SmartIdx.name] = SmartIdx
-METHODS = tuple(COMPRESSORS)
+
+def __getattr__(name: str) -> Any:
+    """``fedsparse.compressors.SmartIdx``, loaded on first use (see :func:`_register_smartidx`)."""
+    if name == "SmartIdx":
+        from fedsparse.smartidx import SmartIdx
+
+        return SmartIdx
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -64,8 +64,10 @@ from fedsparse import codec
 from fedsparse.compressors import (
     CFG_EF,
     CFG_RATIO,
+    COMPRESSORS,
     FORMAT_VERSION,
     HEADER_KEY,
+    SMARTIDX_CODEC,
     VALUES_KEY,
     Compressor,
     Encoded,
@@ -92,7 +94,6 @@ __all__ = [
     "package_bytes",
 ]
 
-SMARTIDX_CODEC = "fedsparse-smartidx"
 PACKAGES = ("ip", "kp", "pp")
 PARTS = ("index", "value", "sign")
 MAX_VALUE_BITS = 8
@@ -546,3 +547,6 @@ class SmartIdx(Compressor):
     def payload_report(self, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
         """Per reply: bytes by package and part (summed over the round's replies by the strategy)."""
         return {f"smartidx_{k}": float(v) for k, v in package_bytes(arrays).items()}
+
+
+COMPRESSORS[SmartIdx.name] = SmartIdx

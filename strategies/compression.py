@@ -55,12 +55,12 @@ from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg
 
 from fedsparse import codec
-from fedsparse.compressors import DGC, QSGD, QUANT_SCOPES, SBC, Compressor, RandK, SmartIdx, TopK, decode_update
+from fedsparse.compressors import DGC, QSGD, QUANT_SCOPES, SBC, Compressor, RandK, TopK, decode_update
 from fedsparse.config import Config, ConfigError, Key
 from fedsparse.hooks import MethodHooks
 from fedsparse.methods import ErrorCase, Method, sampling_kwargs
 from fedsparse.protocol import OMITTED_ARRAYS, single_array_record
-from fedsparse.smartidx import MAX_VALUE_BITS
+from fedsparse.smartidx import MAX_VALUE_BITS, SmartIdx
 from fedsparse.validation import check_arrays
 
 log = logging.getLogger("fedsparse")

@@ -126,7 +126,7 @@ def test_run_overrides_precedence_and_names() -> None:
 
 
 def test_shipped_suites_resolve() -> None:
-    for name in ("smoke.toml", "fmnist-lenet5.toml", "combinations.toml"):
+    for name in ("smoke.toml", "fmnist-lenet5.toml", "combinations.toml", "smartidx.toml"):
         suite = bench.load_suite(ROOT / "experiments" / "suites" / name)
         have, missing = bench.available_methods(suite)
         runs = suite.runs(methods=have)
