@@ -367,7 +367,7 @@ class UplinkCompression(FedAvg, MethodHooks):
             "uplink_nonzero_fraction": nonzero / numel if numel else math.nan,
             **payload_sums,  # the compressor's per-payload figures, summed over the round's replies
         }
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}), metrics
+        return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in new.items()}), metrics
 
     def summary(self) -> None:
         super().summary()

@@ -391,3 +391,21 @@ def test_in_process_rounds_report_bytes_by_package() -> None:
         arrays = new
     touched = [grid.contexts[m.metadata.dst_node_id] for m in grid.exchanges[0][0]]
     assert all(cc.RESIDUAL_STATE_KEY in c.state for c in touched)
+
+
+def test_bn_buffers_keep_their_0d_shape_across_rounds() -> None:
+    """BatchNorm's ``num_batches_tracked`` is a 0-d integer array: the aggregate must keep it 0-d
+    (``np.ascontiguousarray`` made it (1,), and every client's round-2 reply was then refused)."""
+    cfg = tiny_cfg(strategy="smartidx", model="vgg11-star", **{"local-steps": 1, "batch-size": 8})
+    grid = loopback_grid(cfg, 4)
+    strat = build_strategy(cfg)
+    arrays = ArrayRecord(initial_model(cfg).state_dict())
+    buffers = [k for k, a in arrays.items() if k.endswith("num_batches_tracked")]
+    assert buffers and all(arrays[k].numpy().shape == () for k in buffers)
+    for t in (1, 2):
+        with seeded_sampling(5, t):
+            msgs = list(strat.configure_train(t, arrays, ConfigRecord({"server-round": t}), grid))
+        replies = list(grid.send_and_receive(msgs))
+        assert all(strat.validate_reply(t, r) is None for r in replies)
+        arrays, _ = strat.aggregate_train(t, replies)
+        assert all(arrays[k].numpy().shape == () and int(arrays[k].numpy()) == t for k in buffers)
