@@ -9,6 +9,12 @@ is our choice, stated here and in docs/smartidx.md:
 - every convolution is followed by BatchNorm and ReLU (as in the widely used CIFAR versions of VGG and
   GoogLeNet; the 2014 originals had no BatchNorm, and without it VGG11* did not leave chance accuracy
   in the few rounds this machine affords); convolutions followed by BatchNorm have no bias;
+- BatchNorm keeps **no running statistics** (``track_running_stats=False``: batch statistics in
+  training and evaluation alike; the central evaluation uses batches of ``eval-batch-size``, 2000 in
+  the suites). The uplink compressors compress every floating tensor of the update: running means and
+  variances sent as sparse or sign-and-mean updates (SBC, SmartIdx) drove variances negative and the
+  evaluation to NaN in our first runs. With no buffers the update is the trainable parameters alone,
+  which is what the compression papers compress; the parameter count is unchanged;
 - 3×3 convolutions pad 1, the 7×7 stem convolutions pad 3 with stride 1 (the inputs are only 28 or
   32 pixels wide), max-pooling is 2×2 with stride 2;
 - "FC layer" is a hidden Linear of 128 units with ReLU, "Output" a Linear to the classes;
@@ -35,9 +41,25 @@ from fedsparse.models import BasicBlock, _pool_size, _too_small
 FC_UNITS = 128
 
 
+def _bn(channels: int) -> nn.BatchNorm2d:
+    """BatchNorm with batch statistics only (module docstring: no running statistics to compress)."""
+    return nn.BatchNorm2d(channels, track_running_stats=False)
+
+
+def _without_running_stats(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d in ``module`` by :func:`_bn` of its width (ResNet18*'s blocks are
+    the shared :class:`BasicBlock`, which tracks statistics)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, _bn(child.num_features))
+        else:
+            _without_running_stats(child)
+    return module
+
+
 def _conv_relu(cin: int, cout: int, k: int, padding: int) -> list[nn.Module]:
     """Convolution (no bias: BatchNorm follows), BatchNorm, ReLU."""
-    return [nn.Conv2d(cin, cout, k, padding=padding, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return [nn.Conv2d(cin, cout, k, padding=padding, bias=False), _bn(cout), nn.ReLU(inplace=True)]
 
 
 def _head(features: int, num_classes: int) -> nn.Sequential:
@@ -132,7 +154,7 @@ class ResNet18Star(nn.Module):
             raise _too_small("resnet18-star", image_size, 8)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, 32, 7, padding=3, bias=False),
-            nn.BatchNorm2d(32),
+            _bn(32),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
         )
@@ -144,6 +166,7 @@ class ResNet18Star(nn.Module):
             BasicBlock(64, 128, 2, True),
             BasicBlock(128, 128, 1, False),
         )
+        _without_running_stats(self.blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = _head(128, num_classes)
 

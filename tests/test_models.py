@@ -189,6 +189,18 @@ def test_weight_tensor_counts(key: tuple[str, int, int, int], total: int, shortc
     assert sum("shortcut" in n for n, _ in tensors) == shortcuts
 
 
+@pytest.mark.parametrize("name", ["vgg11-star", "glnet-star", "resnet18-star"])
+def test_smartidx_models_keep_no_running_statistics(name: str) -> None:
+    """SmartIdx's CNNs normalise with batch statistics only: their state is the trainable parameters
+    (nothing for an uplink compressor to mangle), and evaluation works on a batch."""
+    model = build_model(name, 10, 1, 28)
+    assert list(model.buffers()) == []
+    assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(4, 1, 28, 28))).all()
+
+
 def test_count_parameters_ignores_frozen_and_buffers() -> None:
     model = build_model("lenet5", 10, 1, 28)
     model.features[0].weight.requires_grad_(False)

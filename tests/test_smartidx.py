@@ -396,7 +396,7 @@ def test_in_process_rounds_report_bytes_by_package() -> None:
 def test_bn_buffers_keep_their_0d_shape_across_rounds() -> None:
     """BatchNorm's ``num_batches_tracked`` is a 0-d integer array: the aggregate must keep it 0-d
     (``np.ascontiguousarray`` made it (1,), and every client's round-2 reply was then refused)."""
-    cfg = tiny_cfg(strategy="smartidx", model="vgg11-star", **{"local-steps": 1, "batch-size": 8})
+    cfg = tiny_cfg(strategy="smartidx", model="resnet20", **{"local-steps": 1, "batch-size": 8})
     grid = loopback_grid(cfg, 4)
     strat = build_strategy(cfg)
     arrays = ArrayRecord(initial_model(cfg).state_dict())
