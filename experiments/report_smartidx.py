@@ -93,8 +93,8 @@ def packages(all_rounds: pd.DataFrame) -> pd.DataFrame:
     rows = []
     smart = all_rounds[all_rounds["compressor"] == "smartidx"]
     for (split, name), df in smart.groupby(["split", "method"], sort=False):
-        model, _ = _model_and_method(str(name))
-        row: dict[str, Any] = {"dataset": split, "model": model}
+        model, method = _model_and_method(str(name))
+        row: dict[str, Any] = {"dataset": split, "model": model, "method": method}
         for p in PACKAGES:
             for q in PARTS:
                 row[f"{p}_{q}_kB"] = float(df[f"smartidx_{p}_{q}"].sum() / 1e3)
