@@ -116,6 +116,7 @@ MOMENTUM_STATE_KEY = "compression.momentum"
 RANDK_CODEC = "fedsparse-randk"
 QSGD_CODEC = "fedsparse-qsgd"
 SBC_CODEC = "fedsparse-sbc"
+SMARTIDX_CODEC = "fedsparse-smartidx"
 HEADER_KEY = "header"
 VALUES_KEY = "values"
 LEVELS_KEY = "levels"
@@ -571,6 +572,11 @@ class Compressor(ABC):
     def report(self) -> dict[str, Any]:
         """Its settings as ``rounds.csv`` columns."""
 
+    def payload_report(self, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Figures measured on one reply's payload that the server sums over a round's replies
+        into ``rounds.csv`` columns (SmartIdx: bytes by package). Default: none."""
+        return {}
+
     # -- per round (server side) and between rounds (client side); defaults: plain error feedback
 
     def for_round(self, server_round: int, num_clients: int) -> Compressor:
@@ -947,16 +953,19 @@ class SBC(Compressor):
         return {"compress_ratio": self.ratio}
 
 
-#: Every compressor by the name clients see in ``compress-method``.
+#: Every compressor by the name clients see in ``compress-method``. SmartIdx, in its own module
+#: :mod:`fedsparse.smartidx`, registers itself here when that module is imported
+#: (:func:`compressor_from_config` imports it).
 COMPRESSORS: dict[str, type[Compressor]] = {c.name: c for c in (TopK, RandK, QSGD, DGC, SBC)}
-METHODS = tuple(COMPRESSORS)
+METHODS = (*COMPRESSORS, "smartidx")
 
 
 def compressor_from_config(config: Mapping[str, Any]) -> Compressor:
     """The compressor a round's config names (``compress-method``) with its settings."""
     method = str(config[CFG_METHOD])
+    _register_smartidx()
     if method not in COMPRESSORS:
-        raise ValueError(f"unknown compress-method {method!r}; choose one of: {', '.join(METHODS)}")
+        raise ValueError(f"unknown compress-method {method!r}; choose one of: {', '.join(COMPRESSORS)}")
     return COMPRESSORS[method].from_config(config)
 
 
@@ -1048,8 +1057,28 @@ def decode_update(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarra
             return _fedpaq_decode(arrays)
         if name == SBC_CODEC:
             return _sbc_decode(arrays)
+        if name == SMARTIDX_CODEC:
+            from fedsparse.smartidx import smartidx_decode
+
+            return smartidx_decode(arrays)
         raise ValueError(
-            f"unsupported payload codec {name!r}; expected {RANDK_CODEC!r}, {QSGD_CODEC!r} or {SBC_CODEC!r}"
+            f"unsupported payload codec {name!r}; expected {RANDK_CODEC!r}, {QSGD_CODEC!r}, {SBC_CODEC!r} "
+            f"or {SMARTIDX_CODEC!r}"
         )
     tensors, _ = codec.decode(arrays)
     return _split_float(tensors)
+
+
+def _register_smartidx() -> None:
+    """SmartIdx lives in :mod:`fedsparse.smartidx`, which builds on this module's Compressor and
+    payload helpers; importing it registers it in :data:`COMPRESSORS` (a no-op once done)."""
+    import fedsparse.smartidx  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    """``fedsparse.compressors.SmartIdx``, loaded on first use (see :func:`_register_smartidx`)."""
+    if name == "SmartIdx":
+        from fedsparse.smartidx import SmartIdx
+
+        return SmartIdx
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

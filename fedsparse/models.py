@@ -10,6 +10,9 @@ depend on come out right:
   ``*.shortcut.0.weight``).
 - FedLUAR recycles every tensor with ``ndim > 1``: ResNet-20 has 23, the FEMNIST CNN 4.
 - Deep partial updating uses an MLP 2×512 (MNIST) and a VGG-style CIFAR net.
+- SmartIdx (Wu et al. 2022, appendix Table 1) uses reduced CNNs: ``vgg11-star`` (VGG11*),
+  ``glnet-star`` (GLnet*, a small GoogLeNet) and ``resnet18-star`` (ResNet18*), for 1×28×28 and
+  3×32×32 inputs (:mod:`fedsparse.models_star`).
 
 All convolution/linear weights keep PyTorch's parameter names (``state_dict`` keys), which is what
 travels in Flower ``ArrayRecord``s.
@@ -22,7 +25,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-MODEL_NAMES: tuple[str, ...] = ("lenet5", "mlp", "cnn", "alexnet", "resnet18", "resnet20", "vgg")
+MODEL_NAMES: tuple[str, ...] = (
+    "lenet5",
+    "mlp",
+    "cnn",
+    "alexnet",
+    "resnet18",
+    "resnet20",
+    "vgg",
+    "vgg11-star",
+    "glnet-star",
+    "resnet18-star",
+)
 
 
 def _pool_size(size: int, times: int) -> int:
@@ -313,6 +327,22 @@ _BUILDERS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "resnet20": _resnet20,
     "vgg": VGG,
 }
+
+
+def _star(name: str) -> Callable[[int, int, int], nn.Module]:
+    """The builder of a SmartIdx model, imported on first use (they live in their own module, which
+    builds on :class:`BasicBlock` here)."""
+
+    def build(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+        from fedsparse import models_star
+
+        return models_star.BUILDERS[name](num_classes, in_channels, image_size)
+
+    return build
+
+
+for _name in ("vgg11-star", "glnet-star", "resnet18-star"):
+    _BUILDERS[_name] = _star(_name)
 assert tuple(_BUILDERS) == MODEL_NAMES
 
 

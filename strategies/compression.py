@@ -1,4 +1,4 @@
-"""Uplink-compression baselines as Flower strategies: Top-k with error feedback, Rand-k, FedPAQ, DGC, SBC.
+"""Uplink-compression baselines as Flower strategies: Top-k with error feedback, Rand-k, FedPAQ, DGC, SBC, SmartIdx.
 
 All of them keep FedAvg's round (sample clients, send the dense global model, average) and change
 only the uplink: each client sends its **update** Δ_i = w_i − w_global compressed, the server decodes
@@ -27,6 +27,12 @@ averaged like FedAvg does). The compressors and their payload formats are :mod:`
 * **SBC** — Sattler et al., "Sparse Binary Compression" (2019): per tensor, the top-k positive or the
   top-k negative entries of the residual-corrected update, whichever has the larger mean magnitude,
   sent as positions (the sparse codec's index) plus that one mean; the rest stays in the residual.
+* **SmartIdx** — Wu et al., "SmartIdx: Reducing Communication Cost in Federated Learning by
+  Exploiting the CNNs Structures" (AAAI 2022): convolution kernels with enough important entries are
+  sent whole behind one index (kernel package), kernels sharing a sign pattern share one sign set and
+  one index set (pattern package), the other important entries go one by one (individual package);
+  quantised values, Golomb–Rice indices, error feedback (:mod:`fedsparse.smartidx`). Its
+  ``rounds.csv`` carries the round's uplink bytes by package and part (the appendix's Figure 4).
 
 The strategies depend only on the messages (the round's config tells the clients which compressor to
 run), so they work in ``Strategy.start`` in any Flower deployment whose ClientApp calls
@@ -54,6 +60,7 @@ from fedsparse.config import Config, ConfigError, Key
 from fedsparse.hooks import MethodHooks
 from fedsparse.methods import ErrorCase, Method, sampling_kwargs
 from fedsparse.protocol import OMITTED_ARRAYS, single_array_record
+from fedsparse.smartidx import MAX_VALUE_BITS, SmartIdx
 from fedsparse.validation import check_arrays
 
 log = logging.getLogger("fedsparse")
@@ -140,6 +147,36 @@ DGC_KEYS: dict[str, Key] = {
 SBC_KEYS: dict[str, Key] = {
     "sbc-error-feedback": Key(
         True, "SBC: clients keep the unsent part (residual) and add it to their next update (the paper does)"
+    ),
+}
+
+
+#: SmartIdx's own keys (it reads ``compress-ratio`` from :data:`KEYS` too: the fraction of each
+#: tensor's entries judged important).
+SMARTIDX_KEYS: dict[str, Key] = {
+    "smartidx-kernel-threshold": Key(
+        0.5,
+        "SmartIdx: a convolution kernel is sent whole when at least ceil(threshold * kh*kw) of its entries are "
+        "among the tensor's top compress-ratio entries (important)",
+        minimum=0.0,
+        exclusive_minimum=True,
+        maximum=1.0,
+    ),
+    "smartidx-pattern-min": Key(
+        2,
+        "SmartIdx: selected kernels of a tensor that must share a sign pattern to form a pattern package "
+        "(one sign set and one index set for all of them); rarer patterns go to the kernel package",
+        minimum=2,
+    ),
+    "smartidx-value-bits": Key(
+        0,
+        "SmartIdx: bits per sent magnitude; 0 = one mean magnitude per package and tensor (binary, signs only), "
+        f"1..{MAX_VALUE_BITS} = uniform levels up to the package's largest magnitude",
+        minimum=0,
+        maximum=MAX_VALUE_BITS,
+    ),
+    "smartidx-error-feedback": Key(
+        True, "SmartIdx: clients keep the unsent part (residual) and add it to their next update"
     ),
 }
 
@@ -292,8 +329,12 @@ class UplinkCompression(FedAvg, MethodHooks):
         raw_sum: dict[str, np.ndarray] = {}
         raw_weight: dict[str, float] = {}
         nonzero = numel = 0
+        payload_sums: dict[str, float] = {}
         for msg, w in zip(valid, weights):
-            deltas, raws = decode_update(codec.from_array_record(msg.content[self.arrayrecord_key]))
+            payload = codec.from_array_record(msg.content[self.arrayrecord_key])
+            deltas, raws = decode_update(payload)
+            for key, value in self.compressor.payload_report(payload).items():
+                payload_sums[key] = payload_sums.get(key, 0.0) + value
             nonzero += sum(int(np.count_nonzero(d)) for d in deltas.values())
             numel += sum(int(d.size) for d in deltas.values())
             for name, d in {**deltas, **raws}.items():
@@ -322,8 +363,11 @@ class UplinkCompression(FedAvg, MethodHooks):
                 new[name] = x
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         # measured on the decoded updates: the fraction of the sent arrays' entries that are non-zero
-        self._round_info[server_round] = {"uplink_nonzero_fraction": nonzero / numel if numel else math.nan}
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}), metrics
+        self._round_info[server_round] = {
+            "uplink_nonzero_fraction": nonzero / numel if numel else math.nan,
+            **payload_sums,  # the compressor's per-payload figures, summed over the round's replies
+        }
+        return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in new.items()}), metrics
 
     def summary(self) -> None:
         super().summary()
@@ -332,12 +376,15 @@ class UplinkCompression(FedAvg, MethodHooks):
     # ------------------------------------------------------------------ fedsparse hooks
     def round_report(self, server_round: int) -> dict[str, Any]:
         """rounds.csv columns: the compressor, its k (or s and bits; DGC: the round's k and clipping
-        threshold), and the fraction of non-zero entries in the decoded updates (Top-k / Rand-k: the
-        kept fraction, measured)."""
+        threshold), the fraction of non-zero entries in the decoded updates (Top-k / Rand-k: the
+        kept fraction, measured), and the compressor's figures measured on the round's payloads
+        (:meth:`~fedsparse.compressors.Compressor.payload_report`, summed over the replies)."""
+        info = self._round_info.get(server_round, {})
         return {
             "compressor": self.method,
-            "uplink_nonzero_fraction": self._round_info.get(server_round, {}).get("uplink_nonzero_fraction", math.nan),
+            "uplink_nonzero_fraction": info.get("uplink_nonzero_fraction", math.nan),
             **self._round_report.get(server_round, self.compressor.report()),
+            **{k: v for k, v in info.items() if k != "uplink_nonzero_fraction"},
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -372,18 +419,20 @@ def named_compressor(
     """The compressor called ``name`` with the settings it takes (the others are ignored);
     error feedback defaults to on for Top-k and SBC. DGC gets its paper defaults (momentum 0.9 with
     masking, per-tensor selection, no clipping or warm-up): pass a :class:`DGC` for other settings."""
-    ef = (name in ("topk", "sbc")) if error_feedback is None else bool(error_feedback)
+    ef = (name in ("topk", "sbc", "smartidx")) if error_feedback is None else bool(error_feedback)
     if name == DGC.name:
         return DGC(ratio)
     if name == SBC.name:
         return SBC(ratio, error_feedback=ef)
+    if name == SmartIdx.name:
+        return SmartIdx(ratio, error_feedback=ef)
     if name == TopK.name:
         return TopK(ratio, topk_scope, error_feedback=ef)
     if name == RandK.name:
         return RandK(ratio, randk_scale, randk_index, error_feedback=ef)
     if name == QSGD.name:
         return QSGD(levels, bucket, quant_scope, error_feedback=ef)
-    raise ValueError(f"unknown compression method {name!r}; choose one of: topk, randk, fedpaq, dgc, sbc")
+    raise ValueError(f"unknown compression method {name!r}; choose one of: topk, randk, fedpaq, dgc, sbc, smartidx")
 
 
 def compressor_for(cfg: Mapping[str, Any], name: str) -> Compressor:
@@ -399,6 +448,14 @@ def compressor_for(cfg: Mapping[str, Any], name: str) -> Compressor:
         )
     if name == SBC.name:
         return SBC(float(cfg["compress-ratio"]), error_feedback=bool(cfg["sbc-error-feedback"]))
+    if name == SmartIdx.name:
+        return SmartIdx(
+            float(cfg["compress-ratio"]),
+            kernel_threshold=float(cfg["smartidx-kernel-threshold"]),
+            pattern_min=int(cfg["smartidx-pattern-min"]),
+            value_bits=int(cfg["smartidx-value-bits"]),
+            error_feedback=bool(cfg["smartidx-error-feedback"]),
+        )
     ef = {"topk": cfg["topk-error-feedback"], "randk": cfg["randk-error-feedback"], "fedpaq": False}[name]
     return named_compressor(
         name,
@@ -461,6 +518,17 @@ SBC_METHOD = _declare(
     "negative entries and their mean, with error feedback",
     keys=SBC_KEYS,
 )
+SMARTIDX_METHOD = _declare(
+    "smartidx",
+    "SmartIdx (Wu et al. 2022): convolution-kernel-based selection in individual, kernel and pattern "
+    "packages, quantised values, Golomb-coded indices, error feedback",
+    error_cases=(
+        ErrorCase("SmartIdx: more value bits than the format holds", {"smartidx-value-bits": 9}),
+        ErrorCase("SmartIdx: a pattern package of one kernel", {"smartidx-pattern-min": 1}),
+        ErrorCase("SmartIdx: kernel threshold of zero", {"smartidx-kernel-threshold": 0.0}),
+    ),
+    keys=SMARTIDX_KEYS,
+)
 
 __all__ = [
     "UplinkCompression",
@@ -470,9 +538,11 @@ __all__ = [
     "KEYS",
     "DGC_KEYS",
     "SBC_KEYS",
+    "SMARTIDX_KEYS",
     "TOPK",
     "RANDK",
     "FEDPAQ",
     "DGC_METHOD",
     "SBC_METHOD",
+    "SMARTIDX_METHOD",
 ]

@@ -147,7 +147,7 @@ def test_a_method_may_run_only_some_seeds() -> None:
 
 
 def test_shipped_suites_resolve() -> None:
-    for name in ("smoke.toml", "fmnist-lenet5.toml", "combinations.toml"):
+    for name in ("smoke.toml", "fmnist-lenet5.toml", "combinations.toml", "smartidx.toml"):
         suite = bench.load_suite(ROOT / "experiments" / "suites" / name)
         have, missing = bench.available_methods(suite)
         runs = suite.runs(methods=have)

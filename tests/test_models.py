@@ -28,6 +28,53 @@ def basic_block(cin: int, cout: int, project: bool) -> int:
     return n
 
 
+def cbr(cin: int, cout: int, k: int) -> int:
+    """A convolution without bias followed by BatchNorm (fedsparse/models_star.py)."""
+    return conv(cin, cout, k, False) + bn(cout)
+
+
+def inception_v1(cin: int) -> int:
+    """GLnet*'s Inception module (fedsparse/models_star.py): 1×1 32 | 1×1 48 → 3×3 64 | 1×1 8 → 5×5 16 |
+    pool → 1×1 16, each convolution with BatchNorm."""
+    return cbr(cin, 32, 1) + cbr(cin, 48, 1) + cbr(48, 64, 3) + cbr(cin, 8, 1) + cbr(8, 16, 5) + cbr(cin, 16, 1)
+
+
+def vgg11_star(cin: int, size: int) -> int:
+    """SmartIdx appendix Table 1, VGG11*: 3×3 convs 16, 32, 64, 64, 128, 128 (4 max-pools), FC 128, output."""
+    final = size // 16
+    return (
+        cbr(cin, 16, 3)
+        + cbr(16, 32, 3)
+        + cbr(32, 64, 3)
+        + cbr(64, 64, 3)
+        + cbr(64, 128, 3)
+        + cbr(128, 128, 3)
+        + fc(128 * final * final, 128)
+        + fc(128, 10)
+    )
+
+
+def glnet_star(cin: int) -> int:
+    """Table 1, GLnet*: 7×7 conv 24, 1×1 conv 65, 3×3 conv 128, three Inception V1, FC 128, output."""
+    return cbr(cin, 24, 7) + cbr(24, 65, 1) + cbr(65, 128, 3) + 3 * inception_v1(128) + fc(128, 128) + fc(128, 10)
+
+
+def resnet18_star(cin: int) -> int:
+    """Table 1, ResNet18*: 7×7 conv 32 (BN), identity, identity, conv block 64, identity, conv block
+    128, identity, FC 128, output."""
+    return (
+        conv(cin, 32, 7, False)
+        + bn(32)
+        + 2 * basic_block(32, 32, False)
+        + basic_block(32, 64, True)
+        + basic_block(64, 64, False)
+        + basic_block(64, 128, True)
+        + basic_block(128, 128, False)
+        + fc(128, 128)
+        + fc(128, 10)
+    )
+
+
 EXPECTED_PARAMS = {
     # (name, classes, channels, size): hand-computed from the layer shapes
     ("lenet5", 10, 1, 28): conv(1, 6, 5) + conv(6, 16, 5) + fc(400, 120) + fc(120, 84) + fc(84, 10),
@@ -71,6 +118,14 @@ EXPECTED_PARAMS = {
     + fc(512 * 4 * 4, 1024)
     + fc(1024, 1024)
     + fc(1024, 10),
+    # SmartIdx's reduced CNNs: the appendix gives no parameter counts, so these are the arithmetic
+    # of its Table 1 with the widths it leaves open chosen in fedsparse/models_star.py
+    ("vgg11-star", 10, 1, 28): vgg11_star(1, 28),
+    ("vgg11-star", 10, 3, 32): vgg11_star(3, 32),
+    ("glnet-star", 10, 1, 28): glnet_star(1),
+    ("glnet-star", 10, 3, 32): glnet_star(3),
+    ("resnet18-star", 10, 1, 28): resnet18_star(1),
+    ("resnet18-star", 10, 3, 32): resnet18_star(3),
 }
 
 
@@ -79,6 +134,9 @@ def test_reference_figures_by_hand() -> None:
     assert EXPECTED_PARAMS[("lenet5", 10, 1, 28)] == 61706
     assert EXPECTED_PARAMS[("mlp", 10, 1, 28)] == 669706
     assert abs(EXPECTED_PARAMS[("resnet18", 100, 3, 32)] - 11.22e6) < 0.01e6
+    # VGG11*, 1×28×28: 16·9 + 32·16·9 + 64·32·9 + 64·64·9 + 128·64·9 + 128·128·9 (no conv bias)
+    # + 2·(16+32+64+64+128+128) BatchNorm + 128·128+128 + 128·10+10 (four pools leave 1×1)
+    assert EXPECTED_PARAMS[("vgg11-star", 10, 1, 28)] == 299_898
 
 
 # One model instance per configuration for the whole module (building AlexNet/VGG costs ~0.2 s).
@@ -120,12 +178,27 @@ def _weight_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
         (("resnet18", 100, 3, 32), 21, 3),  # FedDIP counts 18 prunable: shortcuts stay dense
         (("resnet20", 10, 3, 32), 23, 3),  # FedLUAR's 23 recyclable layers
         (("cnn", 62, 1, 28), 4, 0),  # FedLUAR's "4 layers in total"
+        (("vgg11-star", 10, 1, 28), 8, 0),  # Table 1: 6 convolutions, FC, output
+        (("glnet-star", 10, 1, 28), 23, 0),  # 3 convolutions, 3 Inception modules of 6, FC, output
+        (("resnet18-star", 10, 1, 28), 17, 2),  # stem, 6 blocks of 2, 2 conv-block projections, FC, output
     ],
 )
 def test_weight_tensor_counts(key: tuple[str, int, int, int], total: int, shortcuts: int) -> None:
     tensors = _weight_tensors(_model(key))
     assert len(tensors) == total
     assert sum("shortcut" in n for n, _ in tensors) == shortcuts
+
+
+@pytest.mark.parametrize("name", ["vgg11-star", "glnet-star", "resnet18-star"])
+def test_smartidx_models_keep_no_running_statistics(name: str) -> None:
+    """SmartIdx's CNNs normalise with batch statistics only: their state is the trainable parameters
+    (nothing for an uplink compressor to mangle), and evaluation works on a batch."""
+    model = build_model(name, 10, 1, 28)
+    assert list(model.buffers()) == []
+    assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(4, 1, 28, 28))).all()
 
 
 def test_count_parameters_ignores_frozen_and_buffers() -> None:

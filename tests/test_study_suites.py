@@ -221,6 +221,7 @@ def _script(name: str) -> ModuleType:
         ("feddip", {"methods": ["fedavg", "feddip-prox"], "splits": ["noniid"]}, {}),
         ("fedluar", {"methods": ["fedavg-d0", "fedavg-d1"]}, {"model": "lenet5"}),
         ("partial-update", {"methods": ["fedavg", "global-k0.01"], "splits": ["mnist-mlp"]}, {}),
+        ("smartidx", {"methods": ["smartidx-vgg11", "sbc-vgg11"], "splits": ["fmnist"]}, {"model": "lenet5"}),
     ],
 )
 def test_study_report_reads_tiny_runs(
