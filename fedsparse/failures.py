@@ -142,7 +142,7 @@ def _scaled(reply: ArrayRecord, base: Mapping[str, np.ndarray], s: float) -> Arr
                 raise RuntimeError(f"fail-clients scale: reply tensor {key!r} has no counterpart in the global model")
             g = base[key].astype(np.float64)
             x = (g + s * (x.astype(np.float64) - g)).astype(x.dtype)
-        out[key] = Array(np.ascontiguousarray(x))
+        out[key] = Array(np.asarray(x, order="C"))  # 0-d stays 0-d
     return ArrayRecord(out)
 
 

@@ -297,7 +297,7 @@ class FedDIP(FedAvg, MethodHooks):
         for name, x in tensors.items():
             if name in self.masks:
                 x = np.where(self.masks[name].numpy(), x, np.zeros((), dtype=x.dtype))
-            out[name] = np.ascontiguousarray(x)
+            out[name] = np.asarray(x, order="C")  # keeps 0-d arrays 0-d (BN counters)
         return out
 
     def measured_sparsity(self, tensors: Mapping[str, np.ndarray] | None = None) -> float:
@@ -469,7 +469,7 @@ class FedDIP(FedAvg, MethodHooks):
             x = a.numpy()
             if k in self.masks:
                 x = np.where(self.masks[k].numpy(), x, np.zeros((), x.dtype))
-            out[k] = Array(np.ascontiguousarray(x))
+            out[k] = Array(np.asarray(x, order="C"))
         return ArrayRecord(out)
 
     def entries_outside_mask(self, server_round: int, kept: Mapping[str, np.ndarray]) -> str | None:

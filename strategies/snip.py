@@ -215,7 +215,7 @@ class SNIP(FedAvg, MethodHooks):
     def _masked(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert self.masks is not None
         return {
-            n: np.ascontiguousarray(np.where(self.masks[n], x, np.zeros((), x.dtype)) if n in self.masks else x)
+            n: np.asarray(np.where(self.masks[n], x, np.zeros((), x.dtype)) if n in self.masks else x, order="C")
             for n, x in tensors.items()
         }
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from loopback import LoopbackGrid, set_task_identity, train_reply
 
 from clients.feddip import decode_global, encode_update, feddip_client_round
@@ -681,3 +681,16 @@ def test_persistent_regrowth_accumulates_pruned_changes_across_rounds_and_lets_t
     again = build_strategy(cfg)
     again.load_state_dict(strategy.state_dict())
     assert np.array_equal(again._dense[name], strategy._dense[name])
+
+
+def test_zero_dimensional_tensors_stay_zero_dimensional() -> None:
+    """BatchNorm's ``num_batches_tracked`` is 0-d; the model FedDIP returns and constrains must keep
+    it 0-d (``np.ascontiguousarray`` would make it (1,), and every later reply would be refused)."""
+    strategy = FedDIP(total_rounds=4, dense_rounds=0, initial_mask="random-erk", fraction_evaluate=0.0)
+    state = {"w": np.ones((4, 4), np.float32), "bn.num_batches_tracked": np.array(7, dtype=np.int64)}
+    arrays = ArrayRecord({k: Array(v) for k, v in state.items()})
+    strategy._init_masks(arrays)
+    masked = strategy._masked(state)
+    assert masked["bn.num_batches_tracked"].shape == () and masked["w"].shape == (4, 4)
+    constrained = strategy.constrain(arrays)
+    assert constrained["bn.num_batches_tracked"].numpy().shape == ()
