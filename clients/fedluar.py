@@ -25,6 +25,7 @@ from torch import nn
 
 from clients.local import LocalRound, reply, state_dict_cpu
 from clients.train import optimizer_from_config, train_steps
+from fedsparse.arrays import record_to_torch
 from fedsparse.protocol.fedluar import RECYCLED_CONFIG_KEY, luar_round_lr
 
 #: Where a client keeps its momentum buffers between rounds (``context.state``).
@@ -74,7 +75,7 @@ def restore_momentum(model: nn.Module, optimizer: torch.optim.Optimizer, record:
 
 def fedluar_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
     local = LocalRound.from_message(msg, context, cfg)
-    model = local.model(msg.content["arrays"].to_torch_state_dict())
+    model = local.model(record_to_torch(msg.content["arrays"]))
     config = msg.content["config"]
     optimizer = optimizer_from_config(model, luar_round_lr(cfg, local.server_round), cfg)
     persist = bool(cfg["persist-momentum"])

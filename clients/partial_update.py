@@ -27,6 +27,7 @@ from torch import nn
 
 from clients.local import LocalRound, reply, state_dict_cpu
 from clients.train import proximal_term, snapshot_params, train_steps
+from fedsparse.arrays import record_from_torch
 from fedsparse.global_model import initial_model
 from fedsparse.protocol.partial_update import (
     CONTRIBUTION_KEY,
@@ -157,7 +158,7 @@ def partial_update_train(msg: Message, context: Context, cfg: Mapping[str, Any])
         "partition-id": pid,
         "pu-version": version,
     }
-    out = reply(msg, ArrayRecord(state_dict_cpu(model)), metrics)
+    out = reply(msg, record_from_torch(state_dict_cpu(model)), metrics)
     for key, record in content_extra.items():
         out.content[key] = record
     return out
