@@ -27,6 +27,7 @@ from torch import nn
 from clients.local import LocalRound, derive_seed, reply, state_dict_cpu
 from clients.train import optimizer_from_config, train_steps
 from fedsparse import codec
+from fedsparse.arrays import record_to_torch
 from fedsparse.compressors import compress_with_memory, load_memory, store_memory
 from fedsparse.protocol import OMITTED_ARRAYS
 from fedsparse.protocol.fedluar import luar_round_lr
@@ -46,7 +47,7 @@ def compressed_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> 
     """Train like FedAvg's client, then send the compressed update (see the module docstring)."""
     local = LocalRound.from_message(msg, context, cfg)
     config = msg.content["config"]
-    global_state = msg.content["arrays"].to_torch_state_dict()
+    global_state = record_to_torch(msg.content["arrays"])
     model = local.model(global_state)
     optimizer = optimizer_from_config(model, _client_lr(cfg, local.server_round, local), cfg)
     stats = train_steps(model, local.batches(), optimizer, proximal_mu=float(config.get("proximal-mu", 0.0)))
@@ -121,7 +122,7 @@ def snip_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Messag
     config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]  # "config" is a ConfigRecord
     prunable = [str(n) for n in config[CFG_SNIP_PRUNABLE]]  # type: ignore[union-attr]  # a list entry
     if str(config.get(CFG_SNIP_PHASE, "train")) == "saliency":
-        model = local.model(msg.content["arrays"].to_torch_state_dict())
+        model = local.model(record_to_torch(msg.content["arrays"]))
         batches = itertools.islice(local.batches(), max(1, int(config.get(CFG_SNIP_BATCHES, 1))))  # type: ignore[arg-type]  # an int entry
         sal = snip_saliency(model, batches, prunable)
         return reply(

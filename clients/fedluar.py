@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord, Context, Message
 from clients.local import LocalRound, reply, state_dict_cpu
 from clients.momentum import MOMENTUM_STATE_KEY, keep_momentum, load_momentum, momentum_record, restore_momentum
 from clients.train import optimizer_from_config, train_steps
+from fedsparse.arrays import record_to_torch
 from fedsparse.protocol.fedluar import RECYCLED_CONFIG_KEY, luar_round_lr
 
 __all__ = ["fedluar_train", "omit_arrays", "momentum_record", "restore_momentum", "MOMENTUM_STATE_KEY"]
@@ -43,7 +44,7 @@ def omit_arrays(state: Mapping[str, torch.Tensor], recycled: Iterable[str]) -> A
 
 def fedluar_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
     local = LocalRound.from_message(msg, context, cfg)
-    model = local.model(msg.content["arrays"].to_torch_state_dict())
+    model = local.model(record_to_torch(msg.content["arrays"]))
     config = msg.content["config"]
     optimizer = optimizer_from_config(model, luar_round_lr(cfg, local.server_round), cfg)
     load_momentum(msg, context, cfg, model, optimizer)

@@ -28,6 +28,19 @@ def derive_seed(*parts: Any) -> int:
     return zlib.crc32(repr(parts).encode()) | (zlib.adler32(repr(parts[::-1]).encode()) << 32)
 
 
+def seed_torch(seed: int, device: torch.device) -> None:
+    """``torch.manual_seed(seed)`` for a client on ``device``.
+
+    On CPU only the CPU generator is seeded: ``torch.manual_seed`` also queues a lazy seeding of
+    every CUDA device, and records a stack trace to do it (~0.2 ms of CPU per client message,
+    measured), for a device a CPU client never touches. What the CPU generator yields is the same.
+    """
+    if device.type == "cpu":
+        torch.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+
+
 @lru_cache(maxsize=4)
 def _model_template(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return build_model(name, num_classes, in_channels, image_size)
@@ -56,7 +69,7 @@ class LocalRound:
         images, labels = client_data(cfg, pid)
         server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content else 0
         device = pick_device(float(cfg["client-gpus"]) > 0)
-        torch.manual_seed(derive_seed("torch", cfg["seed"], server_round, pid))
+        seed_torch(derive_seed("torch", cfg["seed"], server_round, pid), device)
         return cls(cfg, pid, server_round, images, labels, device)
 
     @property

@@ -8,6 +8,7 @@ everywhere.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
@@ -17,10 +18,21 @@ import torch
 
 from fedsparse.data import InMemoryDataset, load_dataset, partition_indices
 
+#: (dataset, data-dir, $FEDSPARSE_DATA) -> the loaded dataset: a client message looks its data up
+#: several times, and ``load_dataset`` searches the data roots on disk at every call.
+_DATASETS: dict[tuple[str, str, str | None], InMemoryDataset] = {}
+
 
 def dataset_for(cfg: Mapping[str, Any]) -> InMemoryDataset:
-    """The configured dataset, loaded once per process."""
-    return load_dataset(str(cfg["dataset"]), str(cfg["data-dir"]) or None)
+    """The configured dataset, loaded once per process (a changed ``FEDSPARSE_DATA`` is honoured)."""
+    key = (str(cfg["dataset"]), str(cfg["data-dir"]), os.environ.get("FEDSPARSE_DATA"))
+    data = _DATASETS.get(key)
+    if data is None:
+        data = load_dataset(key[0], key[1] or None)
+        if len(_DATASETS) >= 8:
+            _DATASETS.clear()
+        _DATASETS[key] = data
+    return data
 
 
 @lru_cache(maxsize=8)
@@ -61,5 +73,25 @@ def client_data(cfg: Mapping[str, Any], partition_id: int) -> tuple[torch.Tensor
     if not 0 <= partition_id < len(parts):
         raise ValueError(f"partition-id {partition_id} out of range; this run has {len(parts)} clients")
     data = dataset_for(cfg)
-    idx = torch.tensor(parts[partition_id], dtype=torch.int64)  # a copy: the cached split is read-only
+    idx = _index_tensor(parts, partition_id)
     return data.train_images[idx], data.train_labels[idx]
+
+
+#: id(split) -> (split, {partition id: its indices as an int64 tensor}); the split tuples are the
+#: ones ``_partitions`` caches, so an id stays valid while its entry holds the tuple.
+_INDEX_TENSORS: dict[int, tuple[tuple[np.ndarray, ...], dict[int, torch.Tensor]]] = {}
+
+
+def _index_tensor(parts: tuple[np.ndarray, ...], partition_id: int) -> torch.Tensor:
+    """A client's indices as an int64 tensor, converted once per process (a copy: the cached split
+    is read-only)."""
+    entry = _INDEX_TENSORS.get(id(parts))
+    if entry is None or entry[0] is not parts:
+        if len(_INDEX_TENSORS) >= 8:
+            _INDEX_TENSORS.clear()
+        entry = _INDEX_TENSORS[id(parts)] = (parts, {})
+    cache = entry[1]
+    idx = cache.get(partition_id)
+    if idx is None:
+        idx = cache[partition_id] = torch.tensor(parts[partition_id], dtype=torch.int64)
+    return idx

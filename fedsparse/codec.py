@@ -79,7 +79,9 @@ from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
+
+from fedsparse.arrays import record_from_numpy, record_to_numpy
 
 CODEC_NAME = "fedsparse-sparse"
 CODEC_VERSION = 1
@@ -689,9 +691,9 @@ def shannon_bound_bytes(n: int, k: int) -> float:
 
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Wrap the payload arrays in a Flower ``ArrayRecord`` (one ``Array`` each)."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+    return record_from_numpy({name: np.ascontiguousarray(a) for name, a in arrays.items()})
 
 
 def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     """Inverse of :func:`to_array_record`."""
-    return {name: arr.numpy() for name, arr in record.items()}
+    return record_to_numpy(record)

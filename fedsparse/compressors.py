@@ -51,9 +51,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import RecordDict
 
 from fedsparse import codec
+from fedsparse.arrays import record_from_numpy, record_to_numpy
 from fedsparse.masks import topk_mask
 
 __all__ = [
@@ -1034,7 +1035,7 @@ def load_memory(state: RecordDict) -> ClientMemory:
     def read(key: str) -> dict[str, np.ndarray]:
         if key not in state:
             return {}
-        return {k: a.numpy() for k, a in state[key].items()}  # type: ignore[union-attr]  # an ArrayRecord
+        return record_to_numpy(state[key])  # type: ignore[arg-type]  # an ArrayRecord
 
     return ClientMemory(read(RESIDUAL_STATE_KEY), read(MOMENTUM_STATE_KEY))
 
@@ -1044,7 +1045,7 @@ def store_memory(state: RecordDict, memory: ClientMemory) -> None:
     momentum under :data:`MOMENTUM_STATE_KEY`; an empty part is not stored."""
     for key, part in ((RESIDUAL_STATE_KEY, memory.residual), (MOMENTUM_STATE_KEY, memory.momentum)):
         if part:
-            state[key] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in part.items()})
+            state[key] = record_from_numpy({k: np.ascontiguousarray(v) for k, v in part.items()})
 
 
 def decode_update(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -14,6 +14,7 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
+from fedsparse.arrays import record_to_torch
 from fedsparse.clientdata import dataset_for
 from fedsparse.model_options import apply_init
 from fedsparse.models import build_model
@@ -61,7 +62,7 @@ class CentralEvaluator:
         self.model = initial_model(cfg)
 
     def __call__(self, arrays: ArrayRecord) -> tuple[float, float]:
-        self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        self.model.load_state_dict(record_to_torch(arrays), strict=True)
         return evaluate(
             self.model,
             self.data.test_images,

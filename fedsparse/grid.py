@@ -12,6 +12,7 @@ same partitions are drawn in every run with the same seed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import time
 from collections.abc import Iterable, Iterator
@@ -26,6 +27,7 @@ from fedsparse.accounting import DOWN, UP, Ledger, payload_bytes, wire_bytes
 if TYPE_CHECKING:
     from flwr.supercore.run import Run
 
+log = logging.getLogger("fedsparse")
 PARTITION_QUERY = "fedsparse.partition-id"
 METERED_TYPES = (MessageType.TRAIN, MessageType.EVALUATE)
 #: Seconds between two polls for replies (Flower's in-memory grid polls every 0.1 s too).
@@ -127,11 +129,14 @@ class MeteredGrid(Grid):
             )
 
     # --- partition discovery --------------------------------------------------------------------
-    def discover_partitions(self, expected: int, timeout: float = 120.0) -> dict[int, int]:
+    def discover_partitions(self, expected: int, timeout: float = 120.0, rounds: int = 3) -> dict[int, int]:
         """Ask every node for its ``partition-id`` (a QUERY message) and remember the mapping.
 
         Waits until ``expected`` nodes are connected. Nodes whose ClientApp does not answer the
-        query keep no partition id and are ordered after the others by node id.
+        query keep no partition id and are ordered after the others by node id. A node whose answer
+        did not come back within ``timeout`` (on a loaded machine the first messages wait for the
+        actors to start) is asked again, up to ``rounds`` times: without its partition id the node
+        order, and so the sampled clients, would depend on the machine's load, not on the seed.
         """
         deadline = time.monotonic() + timeout
         while len(ids := list(self._inner.get_node_ids())) < expected:
@@ -139,11 +144,26 @@ class MeteredGrid(Grid):
                 raise TimeoutError(f"only {len(ids)} of {expected} nodes connected after {timeout:.0f} s")
             time.sleep(0.2)
         query = RecordDict({"config": ConfigRecord({"query": PARTITION_QUERY})})
-        msgs = [Message(content=query, message_type=MessageType.QUERY, dst_node_id=n) for n in ids]
-        for reply in self._inner.send_and_receive(msgs, timeout=timeout):
-            if reply.has_error() or "partition" not in reply.content.metric_records:
-                continue
-            self.partition_of[reply.metadata.src_node_id] = int(reply.content["partition"]["partition-id"])  # type: ignore[arg-type]  # a scalar by protocol; int() refuses a list
+        pending = list(ids)
+        for _ in range(max(rounds, 1)):
+            msgs = [Message(content=query, message_type=MessageType.QUERY, dst_node_id=n) for n in pending]
+            answered = set()
+            for reply in self._inner.send_and_receive(msgs, timeout=timeout):
+                answered.add(reply.metadata.src_node_id)
+                if reply.has_error() or "partition" not in reply.content.metric_records:
+                    continue
+                self.partition_of[reply.metadata.src_node_id] = int(reply.content["partition"]["partition-id"])  # type: ignore[arg-type]  # a scalar by protocol; int() refuses a list
+            pending = [n for n in pending if n not in answered]
+            if not pending:
+                break
+        if pending:
+            log.warning(
+                "%d of %d nodes did not answer the partition query in %d tries of %.0f s; they are ordered by node id",
+                len(pending),
+                len(ids),
+                max(rounds, 1),
+                timeout,
+            )
         return dict(self.partition_of)
 
 

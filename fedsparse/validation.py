@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from fedsparse.arrays import to_numpy
 from fedsparse.hooks import MethodHooks
 from fedsparse.protocol import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, single_array_record
 
@@ -85,7 +86,7 @@ def _decode(record: ArrayRecord, key: str) -> tuple[np.ndarray | None, str | Non
     """An Array's ndarray, or the reason it cannot be trusted (undecodable, lying about its shape)."""
     arr = record[key]
     try:
-        x = arr.numpy()
+        x = to_numpy(arr)
     except Exception as err:  # noqa: BLE001 - any corrupt buffer is a rejection, not a crash
         return None, f"array {key!r} does not decode ({type(err).__name__}: {err})"
     if not isinstance(x, np.ndarray):

@@ -65,6 +65,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         seeds=seeds,
         skip_unavailable=args.skip_unavailable,
         command=command,
+        shared_ray=args.shared_ray,
     )
     if not result.summary.empty:
         print(markdown_table(result.summary))
@@ -95,4 +96,10 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:  # noqa: 
         "--skip-unavailable", action="store_true", help="leave out methods whose strategy is not registered"
     )
     bench.add_argument("--dry-run", action="store_true", help="list the runs and which are done; run nothing")
+    bench.add_argument(
+        "--shared-ray",
+        action="store_true",
+        help="start one Ray head for the suite and run every run on it, instead of a Ray start per run "
+        "(--jobs 1 only; each run stays its own process and job: same results)",
+    )
     bench.set_defaults(func=_cmd_bench)

@@ -13,6 +13,7 @@ cleared and run from round 1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -92,7 +93,7 @@ def slot_env(slot: Slot, base: Mapping[str, str] | None = None) -> dict[str, str
 Runner = Callable[[RunSpec, Config, Path, Slot], int]
 
 
-def run_command(cfg_path: Path, run_dir: Path) -> list[str]:
+def run_command(cfg_path: Path, run_dir: Path, ray_address: str | None = None) -> list[str]:
     """The ``fedsparse run`` command of a run: from round 1 into ``run_dir``, or, when ``run_dir``
     holds a checkpoint (:func:`run_suite` keeps one only if it belongs to this configuration),
     ``--resume run_dir`` — with ``cfg_path`` given too, so ``fedsparse run`` itself refuses a
@@ -100,15 +101,17 @@ def run_command(cfg_path: Path, run_dir: Path) -> list[str]:
     from fedsparse.checkpoint import CHECKPOINT_FILE
 
     where = ["--resume", str(run_dir)] if (run_dir / CHECKPOINT_FILE).is_file() else ["--out", str(run_dir)]
-    return [sys.executable, "-m", "fedsparse.cli", "run", str(cfg_path), *where, "--quiet"]
+    ray = ["--ray-address", ray_address] if ray_address else []
+    return [sys.executable, "-m", "fedsparse.cli", "run", str(cfg_path), *where, *ray, "--quiet"]
 
 
-def subprocess_runner(spec: RunSpec, cfg: Config, run_dir: Path, slot: Slot) -> int:
+def subprocess_runner(spec: RunSpec, cfg: Config, run_dir: Path, slot: Slot, *, ray_address: str | None = None) -> int:
     """Run ``fedsparse run`` in a child process (pinned to the slot's cores); log to ``bench.log``
-    (appended to: a resumed run keeps the log of its interrupted attempt)."""
+    (appended to: a resumed run keeps the log of its interrupted attempt). ``ray_address``: join that
+    Ray instance (``--shared-ray``) instead of starting one."""
     cfg_path = run_dir / "bench-config.toml"
     cfg_path.write_text(to_toml({k: v for k, v in cfg.items() if k != "out-dir"}))
-    cmd = run_command(cfg_path, run_dir)
+    cmd = run_command(cfg_path, run_dir, ray_address)
     cores = slot.cores
 
     def pin() -> None:  # runs in the child before exec
@@ -215,9 +218,44 @@ def run_suite(
     runner: Runner | None = None,
     report: Callable[[str], None] = print,
     command: str = "",
+    shared_ray: bool = False,
 ) -> BenchResult:
     """Run what is not done yet (continuing runs that stopped after a checkpoint), then (re)write
-    the tables, report and plots from every finished run."""
+    the tables, report and plots from every finished run.
+
+    ``shared_ray``: the runs join one Ray head started for the suite (:mod:`fedsparse.bench.sharedray`)
+    instead of each starting its own; ``jobs`` must be 1 (pinned slots need a Ray per slot)."""
+    if shared_ray:
+        if jobs != 1:
+            raise ConfigError(f"--shared-ray with --jobs {jobs}: allowed: --jobs 1 (one head for runs in sequence)")
+        if runner is not None:
+            raise ConfigError("shared_ray applies to the subprocess runner only")
+        from fedsparse.bench.sharedray import SharedRay
+
+        with contextlib.ExitStack() as stack:
+            head: SharedRay | None = None
+            address = ""
+
+            def shared(spec: RunSpec, cfg: Config, run_dir: Path, slot: Slot) -> int:
+                nonlocal head, address
+                if head is None:  # started on the first run that needs it: none when all are done
+                    head = SharedRay()
+                    address = stack.enter_context(head)
+                    report(f"[bench] shared Ray head at {address} for this suite's runs")
+                return subprocess_runner(spec, cfg, run_dir, slot, ray_address=address)
+
+            return run_suite(
+                suite,
+                out_dir,
+                jobs=jobs,
+                methods=methods,
+                splits=splits,
+                seeds=seeds,
+                skip_unavailable=skip_unavailable,
+                runner=shared,
+                report=report,
+                command=command,
+            )
     out_dir = Path(out_dir)
     if skip_unavailable:
         have, missing = available_methods(suite)
