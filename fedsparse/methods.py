@@ -77,7 +77,10 @@ class Method:
     too (a combination reads its parts' keys): their keys are registered first, in their own
     sections, and a missing one is a clear error. ``plain_model_reply``: its clients reply with the
     trained model itself in ``arrays`` (not a codec or compressor payload), so testing tools such
-    as ``fail-clients``' ``scale`` attack can act on it.
+    as ``fail-clients``' ``scale`` attack can act on it. ``codec_model_reply``: its clients receive
+    the global model and reply with their trained model, both as one :mod:`fedsparse.codec`
+    payload in ``arrays`` (32-bit values at the kept positions: FedDIP), which the ``scale`` attack
+    decodes, scales and re-encodes with the reply's own masks.
     """
 
     name: str
@@ -90,6 +93,7 @@ class Method:
     error_cases: Sequence[ErrorCase] = ()
     uses: Sequence[str] = ()
     plain_model_reply: bool = False
+    codec_model_reply: bool = False
 
 
 _METHODS: dict[str, Method] | None = None
@@ -178,8 +182,11 @@ def method(name: str) -> Method:
 
 
 def build_strategy(cfg: Mapping[str, Any]) -> Strategy:
-    """The configured method's Flower strategy."""
-    return method(str(cfg["strategy"])).build(cfg)
+    """The configured method's Flower strategy, with the run's aggregation rule
+    (``aggregation``, ``clip-norm``: :mod:`fedsparse.robust`) in place of its weighted mean."""
+    from fedsparse.robust import AggregationRule, apply_rule
+
+    return apply_rule(method(str(cfg["strategy"])).build(cfg), AggregationRule.from_config(cfg))
 
 
 def train_step(name: str) -> TrainStep:

@@ -89,6 +89,7 @@ FEDLUAR_PAQ = Method(
 
 FEDDIP_LUAR = Method(
     name="feddip-luar",
+    codec_model_reply=True,
     summary="FedDIP with a LUAR-recycled uplink: clients leave FedLUAR's recycled layers out of their sparse replies",
     build=build_feddip_luar,
     client_step="clients.feddip:feddip_luar_train",

@@ -63,6 +63,7 @@ from fedsparse.protocol.feddip import (
     CONFIG_SPARSE_UPLINK,
     decode_payload,
 )
+from fedsparse.robust import AggregationRule
 from fedsparse.schedules import cubic_sparsity, incremental_lambda
 from fedsparse.validation import check_arrays
 
@@ -179,6 +180,7 @@ class FedDIP(FedAvg, MethodHooks):
         self._round_info: dict[int, dict[str, Any]] = {}
         self._global: dict[str, np.ndarray] | None = None  # the masked model last sent
         self._omit: list[str] = []  # arrays the round's clients leave out (a wrapper's OMITTED_ARRAYS)
+        self.aggregation: AggregationRule | None = None  # None: the weighted mean (use_aggregation)
 
     # ------------------------------------------------------------------ schedules
     def lambda_at(self, server_round: int) -> float:
@@ -295,8 +297,11 @@ class FedDIP(FedAvg, MethodHooks):
             total = sum(weights)
             if not total > 0:
                 raise ValueError(f"replies' {self.weighted_by_key!r} sum to {total}; cannot weight the average")
-            rho = [w / total for w in weights]
-            aggregate = {name: weighted_mean([d[name] for d in decoded], rho) for name in self._global}
+            if self.aggregation is None:
+                rho = [w / total for w in weights]
+                aggregate = {name: weighted_mean([d[name] for d in decoded], rho) for name in self._global}
+            else:  # the decoded (masked) models, combined by the robust rule against the model sent
+                aggregate = self.aggregation.combine_models(decoded, weights, self._global)
             metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         else:  # no replies: keep the model, still apply the schedule (the last round must reach s_p)
             aggregate = {name: x.copy() for name, x in self._global.items()}
@@ -367,6 +372,12 @@ class FedDIP(FedAvg, MethodHooks):
         clone = copy.copy(msg)
         clone.content = content
         return clone
+
+    def use_aggregation(self, rule: AggregationRule) -> FedDIP:
+        """Combine the decoded replies with ``rule`` (:mod:`fedsparse.robust`) in place of the
+        weighted mean; masking and re-pruning then act on its result as on the mean."""
+        self.aggregation = None if rule.is_plain_mean else rule
+        return self
 
     def constrain(self, arrays: ArrayRecord) -> ArrayRecord:
         """``arrays`` with every prunable tensor multiplied by the current mask (a wrapper that moved
@@ -547,6 +558,7 @@ def build_feddip(cfg: Mapping[str, Any]) -> FedDIP:
 
 METHOD = Method(
     name="feddip",
+    codec_model_reply=True,
     summary="FedDIP (Long et al., 2023): dynamic pruning + incremental regularisation, sparse model on the wire",
     build=build_feddip,
     client_step="clients.feddip:feddip_train_step",

@@ -54,6 +54,7 @@ from fedsparse.methods import ErrorCase, Method, sampling_kwargs
 from fedsparse.models import build_model
 from fedsparse.protocol import single_array_record
 from fedsparse.protocol.fedluar import RECYCLED_CONFIG_KEY, luar_round_lr, parse_milestones
+from fedsparse.robust import AggregationRule, apply_rule
 from fedsparse.validation import check_arrays
 
 log = logging.getLogger("fedsparse")
@@ -254,6 +255,13 @@ class LUAR(Strategy, MethodHooks):
         return [k for k in self._keys if k in wanted]
 
     # ---- Strategy interface ---------------------------------------------------------------------
+    def use_aggregation(self, rule: AggregationRule) -> LUAR:
+        """The base's rule on the received layers becomes ``rule`` (:mod:`fedsparse.robust`): a base with
+        fedsparse's hooks takes it on its decoded payloads, a Flower FedAvg-family base combines the
+        replies' models with it first; recycled layers still move by their previous update."""
+        self.base = apply_rule(self.base, rule)
+        return self
+
     def summary(self) -> None:
         log.info("FedLUAR: δ = %d recycled layers over %s", self.num_recycled, type(self.base).__name__)
         self.base.summary()

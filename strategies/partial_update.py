@@ -40,6 +40,7 @@ from fedsparse.hooks import MethodHooks
 from fedsparse.masks import topk_mask
 from fedsparse.methods import ErrorCase, Method, sampling_kwargs
 from fedsparse.protocol.partial_update import CONTRIBUTION_KEY, apply_part, model_digest, pack_parts, partial_names
+from fedsparse.robust import AggregationRule, apply_rule
 from fedsparse.validation import check_arrays
 
 log = logging.getLogger("fedsparse")
@@ -187,6 +188,13 @@ class PartialUpdate(Strategy, MethodHooks):
         self._dense_cache: tuple[int, _Patch] | None = None
 
     # ------------------------------------------------------------------ Strategy interface
+    def use_aggregation(self, rule: AggregationRule) -> PartialUpdate:
+        """The base rule (FedAvg / FedProx over the clients' models, against the deployed model they
+        trained from) combines the replies with ``rule`` (:mod:`fedsparse.robust`) first; the top-k·I
+        broadcast then acts on its result as on the mean."""
+        self.base = apply_rule(self.base, rule)
+        return self
+
     def summary(self) -> None:
         log.info(
             "partial-update: k=%s contribution=%s after-broadcast=%s value-bits=%s initial-sync=%s base=%s",
