@@ -80,7 +80,10 @@ class Method:
     as ``fail-clients``' ``scale`` attack can act on it. ``codec_model_reply``: its clients receive
     the global model and reply with their trained model, both as one :mod:`fedsparse.codec`
     payload in ``arrays`` (32-bit values at the kept positions: FedDIP), which the ``scale`` attack
-    decodes, scales and re-encodes with the reply's own masks.
+    decodes, scales and re-encodes with the reply's own masks. ``reply_metrics``: the keys of the
+    MetricRecord its clients' train replies carry besides ``num-examples``; the reply screen rejects
+    a reply with any other key or without one of them (:mod:`fedsparse.validation`). None: not
+    declared — keys not every reply of the round carries are dropped instead.
     """
 
     name: str
@@ -94,6 +97,7 @@ class Method:
     uses: Sequence[str] = ()
     plain_model_reply: bool = False
     codec_model_reply: bool = False
+    reply_metrics: tuple[str, ...] | None = None
 
 
 _METHODS: dict[str, Method] | None = None

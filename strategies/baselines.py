@@ -12,6 +12,7 @@ from typing import Any
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from fedsparse.methods import Method, sampling_kwargs
+from fedsparse.protocol import STANDARD_REPLY_METRICS
 
 
 def build_fedavg(cfg: Mapping[str, Any]) -> Strategy:
@@ -30,6 +31,7 @@ FEDAVG = Method(
     build=build_fedavg,
     client_step="clients.standard:standard_train",
     plain_model_reply=True,
+    reply_metrics=STANDARD_REPLY_METRICS,
 )
 FEDPROX = Method(
     name="fedprox",
@@ -37,6 +39,7 @@ FEDPROX = Method(
     build=build_fedprox,
     client_step="clients.standard:standard_train",
     plain_model_reply=True,
+    reply_metrics=STANDARD_REPLY_METRICS,
 )
 
 __all__ = ["FEDAVG", "FEDPROX", "build_fedavg", "build_fedprox"]

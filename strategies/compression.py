@@ -53,7 +53,7 @@ from fedsparse.compressors import DGC, QSGD, QUANT_SCOPES, SBC, Compressor, Rand
 from fedsparse.config import Config, ConfigError, Key
 from fedsparse.hooks import MethodHooks
 from fedsparse.methods import ErrorCase, Method, sampling_kwargs
-from fedsparse.protocol import OMITTED_ARRAYS, single_array_record
+from fedsparse.protocol import COMPRESSED_REPLY_METRICS, OMITTED_ARRAYS, single_array_record
 from fedsparse.robust import AggregationRule
 from fedsparse.validation import check_arrays
 
@@ -457,6 +457,7 @@ def _declare(
         client_step="clients.compression:compressed_train",
         keys={**KEYS, **(keys or {})},
         section="compression",
+        reply_metrics=COMPRESSED_REPLY_METRICS,
         checks=checks,
         error_cases=error_cases,
     )

@@ -61,6 +61,7 @@ from fedsparse.protocol.feddip import (
     CONFIG_PROXIMAL_MU,
     CONFIG_PRUNABLE,
     CONFIG_SPARSE_UPLINK,
+    REPLY_METRICS,
     decode_payload,
 )
 from fedsparse.robust import AggregationRule
@@ -559,6 +560,7 @@ def build_feddip(cfg: Mapping[str, Any]) -> FedDIP:
 METHOD = Method(
     name="feddip",
     codec_model_reply=True,
+    reply_metrics=REPLY_METRICS,
     summary="FedDIP (Long et al., 2023): dynamic pruning + incremental regularisation, sparse model on the wire",
     build=build_feddip,
     client_step="clients.feddip:feddip_train_step",

@@ -52,7 +52,7 @@ from fedsparse.hooks import MethodHooks
 from fedsparse.layer_sampling import layer_scores, sample_recycled_layers
 from fedsparse.methods import ErrorCase, Method, sampling_kwargs
 from fedsparse.models import build_model
-from fedsparse.protocol import single_array_record
+from fedsparse.protocol import STANDARD_REPLY_METRICS, single_array_record
 from fedsparse.protocol.fedluar import RECYCLED_CONFIG_KEY, luar_round_lr, parse_milestones
 from fedsparse.robust import AggregationRule, apply_rule
 from fedsparse.validation import check_arrays
@@ -689,6 +689,7 @@ METHOD = Method(
     build=build_fedluar,
     client_step="clients.fedluar:fedluar_train",
     plain_model_reply=True,
+    reply_metrics=STANDARD_REPLY_METRICS,
     keys=KEYS,
     checks=(check_fedluar,),
     error_cases=(

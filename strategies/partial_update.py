@@ -51,6 +51,8 @@ INITIAL_SYNC = ("seed", "dense")
 BASES = ("fedavg", "fedprox")
 UNKNOWN = -1  # a client whose copy the server cannot vouch for (a failed round): it gets the dense model
 _REPLY_ONLY_METRICS = ("partition-id", "pu-version")
+#: the metrics of a partial-update reply besides num-examples (the reply screen's schema)
+REPLY_METRICS = ("train-loss", *_REPLY_ONLY_METRICS)
 
 #: The partial-update broadcast's configuration keys.
 KEYS: dict[str, Key] = {
@@ -746,6 +748,7 @@ def build_partial_update(cfg: Mapping[str, Any]) -> Strategy:
 
 
 METHOD = Method(
+    reply_metrics=REPLY_METRICS,
     name="partial-update",
     summary="Partial-update broadcast (deep partial updating, Qu et al.): the downlink carries only k·I changed weights",
     build=build_partial_update,

@@ -44,7 +44,7 @@ from fedsparse.config import Config, ConfigError, Key
 from fedsparse.hooks import MethodHooks
 from fedsparse.masks import global_magnitude_masks, prunable_names
 from fedsparse.methods import ErrorCase, Method, sampling_kwargs
-from fedsparse.protocol import single_array_record
+from fedsparse.protocol import STANDARD_REPLY_METRICS, single_array_record
 from fedsparse.protocol.snip import CFG_SNIP_BATCHES, CFG_SNIP_PHASE, CFG_SNIP_PRUNABLE
 from fedsparse.robust import AggregationRule
 from fedsparse.validation import check_arrays, check_num_examples, spec_of
@@ -380,6 +380,7 @@ def build_snip(cfg: Mapping[str, Any]) -> SNIP:
 
 
 METHOD = Method(
+    reply_metrics=STANDARD_REPLY_METRICS,
     name="snip",
     summary="SNIP (Lee et al. 2019): one-shot pruning at initialisation, static mask, sparse both ways",
     build=build_snip,

@@ -18,6 +18,8 @@ CONFIG_LAMBDA = "feddip-lambda"
 CONFIG_PRUNABLE = "feddip-prunable"
 CONFIG_SPARSE_UPLINK = "feddip-sparse-uplink"
 CONFIG_PROXIMAL_MU = "proximal-mu"  # the same key Flower's FedProx sends
+#: the metrics of a FedDIP reply besides num-examples: the loss with λ's penalty, and without it
+REPLY_METRICS = ("train-loss", "ce-loss")
 
 
 def decode_payload(record: ArrayRecord) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -25,4 +27,11 @@ def decode_payload(record: ArrayRecord) -> tuple[dict[str, np.ndarray], dict[str
     return codec.decode(codec.from_array_record(record))
 
 
-__all__ = ["CONFIG_LAMBDA", "CONFIG_PRUNABLE", "CONFIG_SPARSE_UPLINK", "CONFIG_PROXIMAL_MU", "decode_payload"]
+__all__ = [
+    "REPLY_METRICS",
+    "CONFIG_LAMBDA",
+    "CONFIG_PRUNABLE",
+    "CONFIG_SPARSE_UPLINK",
+    "CONFIG_PROXIMAL_MU",
+    "decode_payload",
+]
