@@ -218,7 +218,12 @@ def _resume(
     table = RoundsTable(out_dir, saved.rows)
     if saved.rows:
         table.write()  # drop rows of interrupted rounds
-    log.info("resuming %s after round %d", out_dir, saved.server_round)
+    if saved.source != ckpt.CHECKPOINT_FILE:
+        log.warning(
+            "resuming %s from the previous checkpoint (%s), after round %d", out_dir, saved.source, saved.server_round
+        )
+    else:
+        log.info("resuming %s after round %d", out_dir, saved.server_round)
     return saved, table
 
 
@@ -229,7 +234,7 @@ def _fresh_start(out_dir: Path | None, cfg: Mapping[str, Any]) -> None:
         return
     (out_dir / "summary.json").unlink(missing_ok=True)
     ckpt.atomic_write(out_dir / "config.toml", config_text(cfg))  # resume reads it: never a torn file
-    ckpt.checkpoint_path(out_dir).unlink(missing_ok=True)
+    ckpt.remove_checkpoints(out_dir)
     state_dir = out_dir / ckpt.CLIENT_STATE_DIR
     if state_dir.is_dir():
         shutil.rmtree(state_dir)
@@ -385,7 +390,9 @@ def _checkpoint(
         elapsed_seconds=float(elapsed),
     )
     ckpt.save_checkpoint(out_dir, saved)
-    ckpt.prune_client_states(out_dir, server_round)
+    # the client state the fallback checkpoint (the one before this) would need stays too
+    previous = ckpt.previous_round(out_dir)
+    ckpt.prune_client_states(out_dir, server_round if previous is None else min(previous, server_round))
 
 
 def make_server_app(

@@ -315,9 +315,32 @@ def other_cases() -> list[Case]:
     )
     add("`fail-clients`: a round after the last", 'fail-clients = "500:1"', _resolve(**{"fail-clients": "500:1"}))
     add(
-        "`fail-clients`: `scale` with a strategy whose reply is not a plain model",
+        "`fail-clients`: `scale` with a strategy whose reply is neither a plain model nor a FedDIP codec model",
         'strategy = "topk"; fail-clients = "1:1:scale"',
         _resolve(strategy="topk", **{"fail-clients": "1:1:scale"}),
+    )
+    # robust aggregation (docs/reliability.md, section 4b)
+    add(
+        "`aggregation`: Krum with too few clients a round (n < 2f + 3)",
+        'aggregation = "krum"; num-malicious = 2; clients-per-round = 5',
+        _resolve(aggregation="krum", **{"num-malicious": 2, "clients-per-round": 5}),
+    )
+    add(
+        "`aggregation`: Bulyan with too few clients a round (n < 4f + 3)",
+        'aggregation = "bulyan"; num-malicious = 1; clients-per-round = 5',
+        _resolve(aggregation="bulyan", **{"num-malicious": 1, "clients-per-round": 5}),
+    )
+    add(
+        "`krum-keep` above the clients a round",
+        'aggregation = "multikrum"; krum-keep = 9; clients-per-round = 5',
+        _resolve(aggregation="multikrum", **{"krum-keep": 9, "clients-per-round": 5}),
+    )
+    add("`trim-beta` of a half or more", "trim-beta = 0.5", _resolve(**{"trim-beta": 0.5}))
+    add("`clip-norm` neither a number > 0 nor auto", 'clip-norm = "max"', _resolve(**{"clip-norm": "max"}))
+    add(
+        "`aggregation` other than mean with a strategy that cannot decode its replies",
+        "apply_rule(<MethodHooks strategy without use_aggregation>, median)",
+        _opaque_rule,
     )
     # non-finite settings and the output directory
     add("a float setting that is NaN or infinite (any float key)", "lr = nan", _resolve(lr=float("nan")))
@@ -450,6 +473,13 @@ def _loop_resume_no_dir() -> Any:
     from fedsparse.server import _resume as loop_resume
 
     return loop_resume(None, resolve_config({}), None, None)  # type: ignore[arg-type]  # no directory: raised before strategy and grid are used
+
+
+def _opaque_rule() -> Any:
+    from fedsparse.hooks import MethodHooks
+    from fedsparse.robust import AggregationRule, apply_rule
+
+    return apply_rule(MethodHooks(), AggregationRule("median"))  # type: ignore[arg-type]  # the hooks alone
 
 
 def _strategy_cannot_load() -> Any:
