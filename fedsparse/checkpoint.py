@@ -373,8 +373,8 @@ def _append_log(out_dir: Path, keep: int, lines: list[bytes]) -> int:
     fd = os.open(log_path(out_dir), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size
-        if size < keep:
-            raise CheckpointError(f"{str(log_path(out_dir))!r} holds {size} bytes, the checkpoint refers to {keep}")
+        if size < keep:  # _usable() checked the size: only a log cut while the run is going gets here
+            raise OSError(f"{str(log_path(out_dir))!r} holds {size} bytes, the checkpoint in use refers to {keep}")
         if size > keep:
             os.ftruncate(fd, keep)
         os.lseek(fd, keep, os.SEEK_SET)
@@ -515,39 +515,44 @@ def _usable(path: Path) -> dict[str, Any] | None:
     return meta
 
 
-def _read(out_dir: str | Path) -> tuple[dict[str, Any], Any, Path]:
-    """The newest readable checkpoint: ``checkpoint.npz``, else the previous one (logged)."""
-    newest, previous = checkpoint_path(out_dir), previous_checkpoint_path(out_dir)
-    if not newest.is_file() and not previous.is_file():
+def _candidates(out_dir: str | Path) -> list[Path]:
+    """The checkpoint files a resume may use, newest first; CheckpointError when there is none."""
+    found = [p for p in (checkpoint_path(out_dir), previous_checkpoint_path(out_dir)) if p.is_file()]
+    if not found:
         raise CheckpointError(
             f"no checkpoint in {str(out_dir)!r} ({CHECKPOINT_FILE} is missing); resume needs a run started "
             "with checkpoint-every > 0 that completed at least one checkpoint"
         )
-    try:
-        if not newest.is_file():
-            raise CheckpointError(f"checkpoint {str(newest)!r} is missing")
-        meta, npz = _read_file(newest)
-        return meta, npz, newest
-    except CheckpointError as err:
-        if not previous.is_file():
-            raise
+    return found
+
+
+def _first_usable(out_dir: str | Path, load: Callable[[Path], Any]) -> Any:
+    """``load(path)`` of the newest checkpoint it succeeds on; a warning when that is not the newest."""
+    failures: list[CheckpointError] = []
+    for path in _candidates(out_dir):
         try:
-            meta, npz = _read_file(previous)
-        except CheckpointError as err2:
-            raise CheckpointError(f"{err}; the previous one cannot be used either: {err2}") from err2
-        log.warning(
-            "%s; using the previous checkpoint %s (after round %d) instead",
-            err,
-            previous.name,
-            int(meta["server_round"]),
-        )
-        return meta, npz, previous
+            out = load(path)
+        except CheckpointError as err:
+            failures.append(err)
+            continue
+        if failures:
+            at = out.server_round if isinstance(out, Checkpoint) else out["server_round"]
+            log.warning("%s; using the previous checkpoint %s (after round %d) instead", failures[0], path.name, at)
+        return out
+    if len(failures) == 1:
+        raise failures[0]
+    raise CheckpointError(f"{failures[0]}; and the previous one: {failures[1]}") from failures[1]
 
 
 def read_checkpoint_config(out_dir: str | Path) -> tuple[int, dict[str, Any]]:
     """(round, configuration) of the checkpoint a resume would use, without loading its arrays."""
-    meta, npz, _ = _read(out_dir)
-    npz.close()
+
+    def meta_of(path: Path) -> dict[str, Any]:
+        meta, npz = _read_file(path)
+        npz.close()
+        return meta
+
+    meta = _first_usable(out_dir, meta_of)
     return int(meta["server_round"]), dict(meta["config"])
 
 
@@ -558,31 +563,38 @@ def _read_log(out_dir: Path, upto: int, nbytes: int) -> tuple[list[dict[str, Any
     rows: list[dict[str, Any]] = []
     ledger = Ledger()
     expected = 1
-    for line in data.splitlines():
-        entry = unpack_state(json.loads(line), [])
-        if int(entry["round"]) != expected:
-            raise CheckpointError(f"{LOG_FILE} holds round {entry['round']} where round {expected} was expected")
-        expected += 1
-        if entry["row"] is not None:
-            rows.append(entry["row"])
-        ledger.rows.extend(dict(m) for m in entry["messages"])
-        for d, k, b in entry["layers"]:
-            ledger.layer_bytes[(int(entry["round"]), str(d), str(k))] = int(b)
-    if expected != upto + 1:
-        raise CheckpointError(f"{LOG_FILE} ends at round {expected - 1}, the checkpoint is after round {upto}")
+    try:
+        for line in data.splitlines():
+            entry = unpack_state(json.loads(line), [])
+            if int(entry["round"]) != expected:
+                raise ValueError(f"round {entry['round']} where round {expected} was expected")
+            expected += 1
+            if entry["row"] is not None:
+                rows.append(entry["row"])
+            ledger.rows.extend(dict(m) for m in entry["messages"])
+            for d, k, b in entry["layers"]:
+                ledger.layer_bytes[(int(entry["round"]), str(d), str(k))] = int(b)
+        if expected != upto + 1:
+            raise ValueError(f"it ends at round {expected - 1}, the checkpoint is after round {upto}")
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise CheckpointError(f"{str(log_path(out_dir))!r} does not match the checkpoint: {err}") from err
     return rows, ledger
 
 
 def load_checkpoint(out_dir: str | Path) -> Checkpoint:
     """Read the newest usable checkpoint back — ``checkpoint.npz``, or ``checkpoint.prev.npz`` when
-    that cannot be read (a warning says so) — with the rounds and messages of its log.
-    Raises :class:`CheckpointError` if there is none."""
-    meta, npz, path = _read(out_dir)
+    that or the part of the log it refers to cannot be read (a warning says so) — with the rounds
+    and messages of its log. Raises :class:`CheckpointError` if there is none."""
+    return _first_usable(out_dir, _load_file)
+
+
+def _load_file(path: Path) -> Checkpoint:
+    meta, npz = _read_file(path)
     with npz:
         arrays = [npz[f"a{i}"] for i in range(len(npz.files) - 1)]
     obj = unpack_state(meta, arrays)
     if "log" in obj:
-        rows, ledger = _read_log(Path(out_dir), int(obj["log"]["round"]), int(obj["log"]["bytes"]))
+        rows, ledger = _read_log(path.parent, int(obj["log"]["round"]), int(obj["log"]["bytes"]))
     else:  # format 1: everything inline
         rows, ledger = list(obj["rows"]), _ledger_from(obj["ledger"])
     return Checkpoint(

@@ -292,7 +292,7 @@ def with_rule(strategy: Strategy, rule: AggregationRule) -> Strategy:
         return strategy
     if not isinstance(strategy, FedAvg):
         raise TypeError(
-            f"{type(strategy).__name__} is not in Flower's FedAvg family: aggregation = {rule.name!r} cannot be applied"
+            f"{type(strategy).__name__} is not in Flower's FedAvg family, so its replies are not known to be plain models"
         )
     cls = type(strategy)
     sub = _RULE_CLASSES.get(cls)
