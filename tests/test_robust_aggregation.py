@@ -208,3 +208,18 @@ def test_a_strategy_that_cannot_decode_refuses_a_rule() -> None:
     Foreign.__abstractmethods__ = frozenset()
     with pytest.raises(ConfigError, match=r"Foreign is not in Flower's FedAvg family"):
         apply_rule(Foreign(), rule)
+
+
+def test_the_robustness_suite_resolves_every_run() -> None:
+    """experiments/suites/robustness.toml: 28 runs that pass the configuration checks (Krum's and
+    Bulyan's bounds with 10 clients a round, scale on FedDIP); each attacked run has 4 attackers."""
+    from fedsparse import bench
+
+    root = Path(__file__).resolve().parents[1]
+    suite = bench.load_suite(root / "experiments" / "suites" / "robustness.toml")
+    cfgs = bench.resolve_runs(suite.runs())
+    assert len(cfgs) == 28
+    attacked = {name: c for name, c in cfgs.items() if "attacked" in name}
+    assert len(attacked) == 14 and all(c["fail-clients"].count("scale") == 4 for c in attacked.values())
+    assert {c["aggregation"] for c in cfgs.values()} == {"mean", "median", "trimmed-mean", "krum", "multikrum", "bulyan"}
+    assert all((c["num-clients"], c["clients-per-round"], c["rounds"]) == (20, 10, 50) for c in cfgs.values())
