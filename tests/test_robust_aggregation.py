@@ -221,5 +221,12 @@ def test_the_robustness_suite_resolves_every_run() -> None:
     assert len(cfgs) == 28
     attacked = {name: c for name, c in cfgs.items() if "attacked" in name}
     assert len(attacked) == 14 and all(c["fail-clients"].count("scale") == 4 for c in attacked.values())
-    assert {c["aggregation"] for c in cfgs.values()} == {"mean", "median", "trimmed-mean", "krum", "multikrum", "bulyan"}
+    assert {c["aggregation"] for c in cfgs.values()} == {
+        "mean",
+        "median",
+        "trimmed-mean",
+        "krum",
+        "multikrum",
+        "bulyan",
+    }
     assert all((c["num-clients"], c["clients-per-round"], c["rounds"]) == (20, 10, 50) for c in cfgs.values())
