@@ -5,10 +5,25 @@ A run with ``checkpoint-every = N`` (N > 0) writes, in its output directory,
 ``checkpoint.npz``
     after every N-th round and after the last: the global arrays, the strategy's complete state
     (``strategy.state_dict()``; for Flower's own strategies their per-array optimiser state), the
-    rounds table so far, the byte ledger so far (messages.csv / layer_bytes.csv), the server
-    process's RNG states (Python, NumPy, torch), the elapsed time and the resolved configuration.
+    server process's RNG states (Python, NumPy, torch), the elapsed time, the resolved
+    configuration, and how far into the message log it reaches (round and byte length).
     One file, written to a temporary name, fsync'ed and moved over the old one with ``os.replace``:
     a kill at any moment leaves either the previous checkpoint or the new one, never a torn file.
+
+``checkpoint-log.jsonl``
+    the history a resume needs, appended to: one JSON line per round with its rounds-table row, its
+    metered messages (messages.csv) and its per-array bytes (layer_bytes.csv). A save appends the
+    rounds since the last one — it costs O(new rounds), not O(rounds so far) as when the whole
+    history went into every ``checkpoint.npz`` (about 33 MB per save at 1,000 rounds × 100
+    clients) — after cutting off any tail that no checkpoint refers to (the save that wrote it died
+    before its ``checkpoint.npz`` landed). A checkpoint reads only the bytes it refers to.
+
+``checkpoint.prev.npz``
+    the checkpoint before the newest (a hard link, no copy), kept as the fallback: when
+    ``checkpoint.npz`` cannot be read (or refers to more log than there is), a resume uses the
+    previous one and says so in a warning. The log is append-only, so the bytes it refers to are
+    still there; the client-state files it needs are kept too (:func:`prune_client_states` is
+    called with its round).
 
 ``client-state/p<partition>-r<round>.rd``
     each client's Flower ``context.state`` (LUAR's momentum buffers, partial-update's copy of the
@@ -41,6 +56,7 @@ import math
 import os
 import random
 import re
+import shutil
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -58,8 +74,14 @@ from fedsparse.hooks import MethodHooks
 
 log = logging.getLogger("fedsparse")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: format 1 kept the rounds table and the message log inline; it is still read
+READABLE_FORMATS = (1, 2)
 CHECKPOINT_FILE = "checkpoint.npz"
+#: the checkpoint before the newest, the fallback when the newest cannot be read
+PREVIOUS_FILE = "checkpoint.prev.npz"
+#: the append-only log of rounds (table rows, messages, per-array bytes) the checkpoints refer to
+LOG_FILE = "checkpoint-log.jsonl"
 CLIENT_STATE_DIR = "client-state"
 #: Marks a Context whose mirrored state has been looked up (so it is restored only once).
 RESTORED_MARK = "fedsparse.client-state"
@@ -75,6 +97,11 @@ __all__ = [
     "unpack_state",
     "save_checkpoint",
     "load_checkpoint",
+    "remove_checkpoints",
+    "previous_round",
+    "checkpoint_path",
+    "previous_checkpoint_path",
+    "log_path",
     "read_checkpoint_config",
     "config_conflicts",
     "resume_config",
@@ -288,23 +315,12 @@ class Checkpoint:
     ledger: Ledger
     rng: dict[str, Any] = field(default_factory=dict)
     elapsed_seconds: float = 0.0
-
-
-def _ledger_state(ledger: Ledger) -> dict[str, Any]:
-    keys = sorted({k for (_, _, k) in ledger.layer_bytes})
-    index = {k: i for i, k in enumerate(keys)}
-    items = sorted(ledger.layer_bytes.items())
-    return {
-        "rows": [dict(r) for r in ledger.rows],
-        "layer_keys": keys,
-        "layer_round": np.array([r for (r, _, _), _ in items], dtype=np.int64),
-        "layer_direction": [d for (_, d, _), _ in items],
-        "layer_key": np.array([index[k] for (_, _, k), _ in items], dtype=np.int64),
-        "layer_bytes": np.array([b for _, b in items], dtype=np.int64),
-    }
+    #: the file it was read from (``checkpoint.prev.npz`` when the newest was unreadable)
+    source: str = CHECKPOINT_FILE
 
 
 def _ledger_from(state: Mapping[str, Any]) -> Ledger:
+    """The ledger a format-1 checkpoint kept inline."""
     keys = list(state["layer_keys"])
     layer: defaultdict[tuple[int, str, str], int] = defaultdict(int)
     for r, d, k, b in zip(state["layer_round"], state["layer_direction"], state["layer_key"], state["layer_bytes"]):
@@ -316,9 +332,76 @@ def checkpoint_path(out_dir: str | Path) -> Path:
     return Path(out_dir) / CHECKPOINT_FILE
 
 
+def previous_checkpoint_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / PREVIOUS_FILE
+
+
+def log_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / LOG_FILE
+
+
+def _log_entries(ckpt: Checkpoint, after: int) -> list[bytes]:
+    """One JSON line per round in (``after``, server_round]: its rounds-table row, its messages
+    and its per-array bytes. Only the new rounds are looked at (rows are in round order)."""
+    rounds = range(after + 1, ckpt.server_round + 1)
+    if not rounds:
+        return []
+    messages: dict[int, list[dict]] = defaultdict(list)
+    for row in reversed(ckpt.ledger.rows):
+        if row["round"] <= after:
+            break
+        if row["round"] <= ckpt.server_round:
+            messages[int(row["round"])].append(row)
+    layers: dict[int, list[list[Any]]] = defaultdict(list)
+    for (r, d, k), b in sorted(ckpt.ledger.layer_bytes.items()):
+        if after < r <= ckpt.server_round:
+            layers[int(r)].append([d, k, int(b)])
+    table = {int(row["round"]): row for row in ckpt.rows[-len(rounds) :] if after < int(row["round"])}
+    lines = []
+    for r in rounds:
+        entry = {"round": r, "row": table.get(r), "messages": messages[r][::-1], "layers": layers[r]}
+        packed, arrays = pack_state(entry)
+        if arrays:
+            raise TypeError(f"round {r}'s rows hold arrays; the message log takes scalars only")
+        lines.append(json.dumps(packed, allow_nan=False, separators=(",", ":")).encode() + b"\n")
+    return lines
+
+
+def _append_log(out_dir: Path, keep: int, lines: list[bytes]) -> int:
+    """Cut the log back to its first ``keep`` bytes (what the checkpoint in use refers to: a tail
+    written for a checkpoint that never landed is dropped), append ``lines``, fsync; the new size."""
+    fd = os.open(log_path(out_dir), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size < keep:  # _usable() checked the size: only a log cut while the run is going gets here
+            raise OSError(f"{str(log_path(out_dir))!r} holds {size} bytes, the checkpoint in use refers to {keep}")
+        if size > keep:
+            os.ftruncate(fd, keep)
+        os.lseek(fd, keep, os.SEEK_SET)
+        for line in lines:
+            os.write(fd, line)
+        os.fsync(fd)
+        return keep + sum(len(line) for line in lines)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(out_dir: str | Path, ckpt: Checkpoint) -> Path:
-    """Write ``checkpoint.npz`` atomically (temporary file, fsync, ``os.replace``)."""
+    """Append the new rounds to the message log, keep the checkpoint in use as the previous one,
+    and write the new ``checkpoint.npz`` atomically (temporary file, fsync, ``os.replace``).
+
+    What a save writes is O(new rounds) for the log plus the state (model, strategy, RNG, config):
+    never the whole history again."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    current = _usable(checkpoint_path(out_dir))
+    if current is None and checkpoint_path(out_dir).exists():
+        checkpoint_path(out_dir).unlink()  # unreadable: never promote it to the fallback
+    in_use = current or _usable(previous_checkpoint_path(out_dir))
+    after, keep = (int(in_use["log"]["round"]), int(in_use["log"]["bytes"])) if in_use else (0, 0)
+    if after > ckpt.server_round:  # an older round than the log holds (a test rewriting history)
+        after, keep = 0, 0
+    size = _append_log(out_dir, keep, _log_entries(ckpt, after))
     meta_obj = {
         "format": FORMAT_VERSION,
         "server_round": int(ckpt.server_round),
@@ -326,15 +409,36 @@ def save_checkpoint(out_dir: str | Path, ckpt: Checkpoint) -> Path:
         "elapsed_seconds": float(ckpt.elapsed_seconds),
         "arrays": ckpt.arrays,
         "strategy": ckpt.strategy,
-        "rows": ckpt.rows,
-        "ledger": _ledger_state(ckpt.ledger),
         "rng": ckpt.rng,
+        "log": {"round": int(ckpt.server_round), "bytes": size},
     }
     packed, arrays = pack_state(meta_obj)
     meta = json.dumps(packed, allow_nan=False).encode()
     members = {f"a{i}": a for i, a in enumerate(arrays)}
     members["meta"] = np.frombuffer(meta, dtype=np.uint8)
+    if current is not None:
+        _keep_as_previous(out_dir)
     return atomic_write(checkpoint_path(out_dir), lambda fh: np.savez(fh, **members))  # type: ignore[arg-type]  # keys a0, a1, ..., meta never hit savez's allow_pickle
+
+
+def _keep_as_previous(out_dir: Path) -> None:
+    """checkpoint.prev.npz := checkpoint.npz, atomically, as a hard link (no copy) where the file
+    system has them; the newest is then replaced, so a failed save still leaves both."""
+    src, dst = checkpoint_path(out_dir), previous_checkpoint_path(out_dir)
+    tmp = out_dir / f".{dst.stem}-link.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    _fsync_dir(out_dir)
+
+
+def previous_round(out_dir: str | Path) -> int | None:
+    """The round of the fallback checkpoint (``checkpoint.prev.npz``), None without a usable one."""
+    meta = _usable(previous_checkpoint_path(out_dir))
+    return None if meta is None else int(meta["server_round"])
 
 
 def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], Any]) -> Path:
@@ -378,47 +482,138 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _read(out_dir: str | Path) -> tuple[dict[str, Any], Any]:
-    path = checkpoint_path(out_dir)
-    if not path.is_file():
-        raise CheckpointError(
-            f"no checkpoint in {str(out_dir)!r} ({CHECKPOINT_FILE} is missing); resume needs a run started "
-            "with checkpoint-every > 0 that completed at least one checkpoint"
-        )
+def _read_file(path: Path) -> tuple[dict[str, Any], Any]:
+    """(meta, open npz) of one checkpoint file; CheckpointError when it cannot be read."""
     try:
         npz = np.load(path, allow_pickle=False)
         meta = json.loads(bytes(npz["meta"]).decode())
     except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {err}") from err
-    if meta.get("format") != FORMAT_VERSION:
+    if meta.get("format") not in READABLE_FORMATS:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} has format {meta.get('format')!r}; this fedsparse reads format {FORMAT_VERSION}"
+            f"checkpoint {str(path)!r} has format {meta.get('format')!r}; this fedsparse reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}"
         )
+    if "log" in meta:
+        size = log_path(path.parent).stat().st_size if log_path(path.parent).is_file() else 0
+        if size < int(meta["log"]["bytes"]):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} refers to {meta['log']['bytes']} bytes of {LOG_FILE}, which holds {size}"
+            )
     return meta, npz
 
 
+def _usable(path: Path) -> dict[str, Any] | None:
+    """The meta of a readable checkpoint file, else None."""
+    if not path.is_file():
+        return None
+    try:
+        meta, npz = _read_file(path)
+    except CheckpointError:
+        return None
+    npz.close()
+    return meta
+
+
+def _candidates(out_dir: str | Path) -> list[Path]:
+    """The checkpoint files a resume may use, newest first; CheckpointError when there is none."""
+    found = [p for p in (checkpoint_path(out_dir), previous_checkpoint_path(out_dir)) if p.is_file()]
+    if not found:
+        raise CheckpointError(
+            f"no checkpoint in {str(out_dir)!r} ({CHECKPOINT_FILE} is missing); resume needs a run started "
+            "with checkpoint-every > 0 that completed at least one checkpoint"
+        )
+    return found
+
+
+def _first_usable(out_dir: str | Path, load: Callable[[Path], Any]) -> Any:
+    """``load(path)`` of the newest checkpoint it succeeds on; a warning when that is not the newest."""
+    failures: list[CheckpointError] = []
+    for path in _candidates(out_dir):
+        try:
+            out = load(path)
+        except CheckpointError as err:
+            failures.append(err)
+            continue
+        if failures:
+            at = out.server_round if isinstance(out, Checkpoint) else out["server_round"]
+            log.warning("%s; using the previous checkpoint %s (after round %d) instead", failures[0], path.name, at)
+        return out
+    if len(failures) == 1:
+        raise failures[0]
+    raise CheckpointError(f"{failures[0]}; and the previous one: {failures[1]}") from failures[1]
+
+
 def read_checkpoint_config(out_dir: str | Path) -> tuple[int, dict[str, Any]]:
-    """(round, configuration) of a checkpoint, without loading its arrays."""
-    meta, _ = _read(out_dir)
+    """(round, configuration) of the checkpoint a resume would use, without loading its arrays."""
+
+    def meta_of(path: Path) -> dict[str, Any]:
+        meta, npz = _read_file(path)
+        npz.close()
+        return meta
+
+    meta = _first_usable(out_dir, meta_of)
     return int(meta["server_round"]), dict(meta["config"])
 
 
+def _read_log(out_dir: Path, upto: int, nbytes: int) -> tuple[list[dict[str, Any]], Ledger]:
+    """Rounds 1..``upto`` of the message log (its first ``nbytes`` bytes): rows and ledger."""
+    with log_path(out_dir).open("rb") as fh:
+        data = fh.read(nbytes)
+    rows: list[dict[str, Any]] = []
+    ledger = Ledger()
+    expected = 1
+    try:
+        for line in data.splitlines():
+            entry = unpack_state(json.loads(line), [])
+            if int(entry["round"]) != expected:
+                raise ValueError(f"round {entry['round']} where round {expected} was expected")
+            expected += 1
+            if entry["row"] is not None:
+                rows.append(entry["row"])
+            ledger.rows.extend(dict(m) for m in entry["messages"])
+            for d, k, b in entry["layers"]:
+                ledger.layer_bytes[(int(entry["round"]), str(d), str(k))] = int(b)
+        if expected != upto + 1:
+            raise ValueError(f"it ends at round {expected - 1}, the checkpoint is after round {upto}")
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise CheckpointError(f"{str(log_path(out_dir))!r} does not match the checkpoint: {err}") from err
+    return rows, ledger
+
+
 def load_checkpoint(out_dir: str | Path) -> Checkpoint:
-    """Read ``checkpoint.npz`` back (raises :class:`CheckpointError` if missing or unreadable)."""
-    meta, npz = _read(out_dir)
+    """Read the newest usable checkpoint back — ``checkpoint.npz``, or ``checkpoint.prev.npz`` when
+    that or the part of the log it refers to cannot be read (a warning says so) — with the rounds
+    and messages of its log. Raises :class:`CheckpointError` if there is none."""
+    return _first_usable(out_dir, _load_file)
+
+
+def _load_file(path: Path) -> Checkpoint:
+    meta, npz = _read_file(path)
     with npz:
         arrays = [npz[f"a{i}"] for i in range(len(npz.files) - 1)]
     obj = unpack_state(meta, arrays)
+    if "log" in obj:
+        rows, ledger = _read_log(path.parent, int(obj["log"]["round"]), int(obj["log"]["bytes"]))
+    else:  # format 1: everything inline
+        rows, ledger = list(obj["rows"]), _ledger_from(obj["ledger"])
     return Checkpoint(
         server_round=int(obj["server_round"]),
         config=dict(obj["config"]),
         arrays=obj["arrays"],
         strategy=obj["strategy"],
-        rows=list(obj["rows"]),
-        ledger=_ledger_from(obj["ledger"]),
+        rows=rows,
+        ledger=ledger,
         rng=obj["rng"],
         elapsed_seconds=float(obj["elapsed_seconds"]),
+        source=path.name,
     )
+
+
+def remove_checkpoints(out_dir: str | Path) -> None:
+    """A fresh run in an old directory: no checkpoint, fallback or message log of a previous run."""
+    for path in (checkpoint_path(out_dir), previous_checkpoint_path(out_dir), log_path(out_dir)):
+        path.unlink(missing_ok=True)
 
 
 def config_conflicts(saved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -41,6 +41,8 @@ class Key:
     section: str = "core"
     #: a float key that may be ±inf (NaN never is): none of the built-in keys may
     allow_infinite: bool = False
+    #: a string key that also takes a number (``clip-norm = 5``), kept as its text
+    number_ok: bool = False
 
     @property
     def kind(self) -> type:
@@ -78,6 +80,8 @@ MOMENTUM_MODES = ("fresh", "client", "slot")
 # module does not import torch; tests/test_run_options.py checks they agree)
 INITS = ("torch", "glorot")
 WEIGHT_DECAY_RULES = ("fixed", "fedluar-reference")
+#: the values of ``aggregation`` (the rules are Flower's: :mod:`fedsparse.robust`)
+AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum", "multikrum", "bulyan")
 
 SCHEMA: dict[str, Key] = {
     # what is learned, from what
@@ -179,6 +183,33 @@ SCHEMA: dict[str, Key] = {
         "0 = the training set's size. A node with a known partition is bounded by its partition size",
         minimum=0,
     ),
+    # robust aggregation (fedsparse/robust.py, docs/reliability.md)
+    "aggregation": Key(
+        "mean",
+        "how the round's decoded updates become the new model: Flower's weighted mean, coordinate-wise median, "
+        "trimmed mean, Krum, Multi-Krum or Bulyan",
+        choices=AGGREGATIONS,
+    ),
+    "trim-beta": Key(
+        0.2, "aggregation = trimmed-mean: fraction cut from each tail (Flower's FedTrimmedAvg beta)", minimum=0.0
+    ),
+    "num-malicious": Key(
+        0,
+        "aggregation = krum / multikrum / bulyan: the number f of malicious clients assumed (Flower's "
+        "num_malicious_nodes); Krum needs clients-per-round >= 2f + 3, Bulyan >= 4f + 3",
+        minimum=0,
+    ),
+    "krum-keep": Key(
+        0,
+        "aggregation = multikrum: updates kept and averaged (Flower's num_nodes_to_select); 0 = n - f",
+        minimum=0,
+    ),
+    "clip-norm": Key(
+        "",
+        "bound on each update's L2 norm before aggregation (Flower's DP clipping): a number > 0, 'auto' "
+        "(the median of the round's update norms) or '' (off)",
+        number_ok=True,
+    ),
 }
 
 
@@ -270,6 +301,8 @@ def _coerce(name: str, key: Key, value: Any) -> ConfigValue:
             return value
         if isinstance(value, bool) and key.choices and {"true", "false"} <= set(key.choices):
             return "true" if value else "false"  # a switch that grew a third setting keeps TOML's booleans
+        if key.number_ok and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return repr(float(value))
     raise ConfigError(f"{name} = {value!r} has the wrong type; allowed: {key.describe_allowed()}")
 
 
@@ -341,7 +374,7 @@ def _check_reliability(cfg: Config) -> None:
         if rule.mode == "scale" and str(cfg["strategy"]) not in scale_strategies():
             raise ConfigError(
                 f"fail-clients mode 'scale' is not supported by strategy {cfg['strategy']!r}: its reply is not a "
-                f"plain model; allowed strategies: {', '.join(scale_strategies())}"
+                f"plain model (nor a FedDIP codec model); allowed strategies: {', '.join(scale_strategies())}"
             )
 
 
@@ -400,6 +433,37 @@ def _check_weight_decay_rule(cfg: Config) -> None:
 
 
 @cross_check
+def _check_aggregation(cfg: Config) -> None:
+    from fedsparse.robust import min_replies_for, parse_clip_norm
+
+    try:
+        parse_clip_norm(str(cfg["clip-norm"]))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if not float(cfg["trim-beta"]) < 0.5:
+        raise ConfigError(f"trim-beta = {cfg['trim-beta']!r} is out of range; allowed: 0 <= trim-beta < 0.5")
+    rule, f, n = str(cfg["aggregation"]), int(cfg["num-malicious"]), int(cfg["clients-per-round"])
+    need = min_replies_for(rule, f)
+    if n < need:
+        bound = "4f + 3" if rule == "bulyan" else "2f + 3"
+        raise ConfigError(
+            f"aggregation = {rule!r} with num-malicious = {f} needs at least {bound} = {need} updates a round, but "
+            f"clients-per-round = {n}; allowed: clients-per-round >= {need}, or a smaller num-malicious"
+        )
+    keep = int(cfg["krum-keep"])
+    if rule == "multikrum" and keep > n:
+        raise ConfigError(f"krum-keep = {keep} exceeds clients-per-round = {n}; allowed: 0 (n - f) .. {n}")
+
+
+def _check_rule_supported(cfg: Config) -> None:
+    """A non-default aggregation rule only for methods that can take it: building the strategy
+    applies the rule, and a strategy that cannot decode its replies refuses it (ConfigError)."""
+    if str(cfg["aggregation"]) == "mean" and not str(cfg["clip-norm"]).strip():
+        return
+    methods.build_strategy(cfg)
+
+
+@cross_check
 def _check_dataset_fits(cfg: Config) -> None:
     import torch
 
@@ -444,6 +508,7 @@ def resolve_config(
         _check_range(name, SCHEMA[name], value)
     for check in (*_CROSS_CHECKS, *methods.method(str(cfg["strategy"])).checks):
         check(cfg)
+    _check_rule_supported(cfg)
     return cfg
 
 

@@ -19,8 +19,10 @@
   honest). The design is deliberately the simplest honest one: it applies to the methods whose
   reply carries a plain model in ``arrays`` — those whose :class:`fedsparse.methods.Method` declares
   ``plain_model_reply`` (FedAvg, FedProx, FedLUAR, whose recycled layers are simply absent from the
-  reply). Methods that reply with a codec or
-  compressor payload (FedDIP, SNIP, top-k, rand-k, FedPAQ, DGC, SBC, ...) would need a decode,
+  reply) — and to those that declare ``codec_model_reply`` (FedDIP, FedDIP-LUAR: the model both
+  ways as a 32-bit :mod:`fedsparse.codec` payload), whose reply is decoded, scaled and re-encoded
+  with its own masks (the attacker's non-zeros stay where an honest reply's are). Methods that
+  reply with another payload (SNIP, top-k, rand-k, FedPAQ, DGC, SBC, ...) would need a decode,
   scale and re-encode per payload format, which would have to reproduce each format's own
   quantisation and positions; the combination is refused at configuration time instead
   (``fedsparse.config``: a :class:`ConfigError` naming the strategy and the mode);
@@ -47,6 +49,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
+from fedsparse import codec
 from fedsparse.config import ConfigError
 
 MODES = ("raise", "timeout", "nan", "scale", "inflate")
@@ -130,7 +133,16 @@ def received_model(cfg: Mapping[str, Any], msg: Message) -> dict[str, np.ndarray
     carries no plain ``arrays`` model)."""
     if "arrays" not in msg.content.array_records:
         return None
-    return {k: np.array(a.numpy(), copy=True) for k, a in msg.content.array_records["arrays"].items()}
+    arrays = {k: np.array(a.numpy(), copy=True) for k, a in msg.content.array_records["arrays"].items()}
+    if _codec_reply(cfg):
+        return codec.decode(arrays)[0]
+    return arrays
+
+
+def _codec_reply(cfg: Mapping[str, Any]) -> bool:
+    from fedsparse.methods import method
+
+    return method(str(cfg["strategy"])).codec_model_reply
 
 
 def _scaled(reply: ArrayRecord, base: Mapping[str, np.ndarray], s: float) -> ArrayRecord:
@@ -174,7 +186,14 @@ def attack(
         raise RuntimeError(f"fail-clients scale is not supported by strategy {strategy!r}")
     if received is None:
         raise RuntimeError("fail-clients scale: the model the client trained from is unknown")
-    reply.content["arrays"] = _scaled(reply.content.array_records["arrays"], received, float(cfg["attack-scale"]))
+    record, s = reply.content.array_records["arrays"], float(cfg["attack-scale"])
+    if _codec_reply(cfg):
+        tensors, masks = codec.decode(codec.from_array_record(record))
+        scaled = _scaled(ArrayRecord({k: Array(v) for k, v in tensors.items()}), received, s)
+        keep = {k: masks[k] for k in masks}
+        reply.content["arrays"] = codec.to_array_record(codec.encode({k: a.numpy() for k, a in scaled.items()}, keep))
+        return reply
+    reply.content["arrays"] = _scaled(record, received, s)
     return reply
 
 
@@ -182,7 +201,7 @@ def scale_strategies() -> list[str]:
     """The installed methods the ``scale`` attack applies to (their replies are plain models)."""
     from fedsparse.methods import methods
 
-    return [name for name, method in methods().items() if method.plain_model_reply]
+    return [name for name, method in methods().items() if method.plain_model_reply or method.codec_model_reply]
 
 
 def poison(cfg: Mapping[str, Any], server_round: int, partition: int, reply: Message) -> Message:

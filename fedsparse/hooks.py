@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, Message
+
+if TYPE_CHECKING:
+    from fedsparse.robust import AggregationRule
 
 
 class MethodHooks:
@@ -51,6 +54,21 @@ class MethodHooks:
         previous update) calls it so the result still satisfies the base; the default keeps
         ``arrays`` as they are (the same object)."""
         return arrays
+
+    def use_aggregation(self, rule: AggregationRule) -> Any:
+        """This strategy with its replies combined by ``rule`` (:mod:`fedsparse.robust`) in place of
+        its weighted mean; returns the strategy to use (usually ``self``).
+
+        A strategy that decodes its replies itself hands the decoded updates to the rule; a
+        wrapper hands the rule to its base. The default refuses: a strategy that does not say how
+        its replies become dense updates cannot have them combined by another rule.
+        """
+        from fedsparse.config import ConfigError
+
+        raise ConfigError(
+            f"aggregation = {rule.describe()!r} is not supported by {type(self).__name__}: it does not decode its "
+            "replies into dense updates for another rule; allowed: aggregation = 'mean' without clip-norm"
+        )
 
 
 __all__ = ["MethodHooks"]

@@ -77,7 +77,13 @@ class Method:
     too (a combination reads its parts' keys): their keys are registered first, in their own
     sections, and a missing one is a clear error. ``plain_model_reply``: its clients reply with the
     trained model itself in ``arrays`` (not a codec or compressor payload), so testing tools such
-    as ``fail-clients``' ``scale`` attack can act on it.
+    as ``fail-clients``' ``scale`` attack can act on it. ``codec_model_reply``: its clients receive
+    the global model and reply with their trained model, both as one :mod:`fedsparse.codec`
+    payload in ``arrays`` (32-bit values at the kept positions: FedDIP), which the ``scale`` attack
+    decodes, scales and re-encodes with the reply's own masks. ``reply_metrics``: the keys of the
+    MetricRecord its clients' train replies carry besides ``num-examples``; the reply screen rejects
+    a reply with any other key or without one of them (:mod:`fedsparse.validation`). None: not
+    declared — keys not every reply of the round carries are dropped instead.
     """
 
     name: str
@@ -94,6 +100,8 @@ class Method:
     #: ``context.state``; ``slot``: loads and returns the :data:`fedsparse.protocol.MOMENTUM_RECORD`
     #: record), through :mod:`clients.momentum`
     client_momentum: bool = False
+    codec_model_reply: bool = False
+    reply_metrics: tuple[str, ...] | None = None
 
 
 _METHODS: dict[str, Method] | None = None
@@ -182,11 +190,15 @@ def method(name: str) -> Method:
 
 
 def build_strategy(cfg: Mapping[str, Any]) -> Strategy:
-    """The configured method's Flower strategy, wrapped for the run options every method shares
-    (``weighting = uniform``, ``client-momentum = slot``: :func:`fedsparse.wrappers.with_run_options`)."""
+    """The configured method's Flower strategy, with the run's aggregation rule (``aggregation``,
+    ``clip-norm``: :mod:`fedsparse.robust`) in place of its weighted mean, wrapped for the run
+    options every method shares (``weighting = uniform``, ``client-momentum = slot``:
+    :func:`fedsparse.wrappers.with_run_options`)."""
+    from fedsparse.robust import AggregationRule, apply_rule
     from fedsparse.wrappers import with_run_options
 
-    return with_run_options(method(str(cfg["strategy"])).build(cfg), cfg)
+    strategy = apply_rule(method(str(cfg["strategy"])).build(cfg), AggregationRule.from_config(cfg))
+    return with_run_options(strategy, cfg)
 
 
 def train_step(name: str) -> TrainStep:

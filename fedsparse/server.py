@@ -38,7 +38,7 @@ from fedsparse.config import ConfigError, round_lr
 from fedsparse.global_model import CentralEvaluator, initial_model
 from fedsparse.grid import MeteredGrid, seeded_sampling
 from fedsparse.hooks import MethodHooks
-from fedsparse.methods import build_strategy
+from fedsparse.methods import build_strategy, method
 from fedsparse.progress import Progress
 from fedsparse.results import RoundsTable, config_text, write_outputs
 from fedsparse.validation import ReplyScreen, Screened, spec_of
@@ -122,8 +122,8 @@ def in_model_dtypes(arrays: ArrayRecord, model_spec: Mapping[str, tuple[tuple[in
 
 
 def _screen_for(strategy: Strategy, cfg: Mapping[str, Any], metered: MeteredGrid, model: ArrayRecord) -> ReplyScreen:
-    """Reply validation with the model's spec, each client's partition size as num-examples bound and
-    ``reply-max-abs`` as the bound on every value. A node whose partition is unknown (it never
+    """Reply validation with the model's spec, each client's partition size as num-examples bound,
+    ``reply-max-abs`` as the bound on every value and the method's declared reply metrics. A node whose partition is unknown (it never
     answered the partition query: a deployment) is bounded by ``max-examples`` (0: the training
     set's size)."""
     sizes = [len(p) for p in partitions_for(cfg)]
@@ -137,7 +137,15 @@ def _screen_for(strategy: Strategy, cfg: Mapping[str, Any], metered: MeteredGrid
         pid = metered.partition_of.get(msg.metadata.src_node_id, -1)
         return f"partition {pid}" if pid >= 0 else f"node {msg.metadata.src_node_id}"
 
-    return ReplyScreen(strategy, spec_of(model), bound, describe, max_abs=float(cfg.get("reply-max-abs", 0.0)) or None)
+    declared = method(str(cfg["strategy"])).reply_metrics
+    return ReplyScreen(
+        strategy,
+        spec_of(model),
+        bound,
+        describe,
+        max_abs=float(cfg.get("reply-max-abs", 0.0)) or None,
+        metric_keys=declared,
+    )
 
 
 def _aggregate(
@@ -210,7 +218,12 @@ def _resume(
     table = RoundsTable(out_dir, saved.rows)
     if saved.rows:
         table.write()  # drop rows of interrupted rounds
-    log.info("resuming %s after round %d", out_dir, saved.server_round)
+    if saved.source != ckpt.CHECKPOINT_FILE:
+        log.warning(
+            "resuming %s from the previous checkpoint (%s), after round %d", out_dir, saved.source, saved.server_round
+        )
+    else:
+        log.info("resuming %s after round %d", out_dir, saved.server_round)
     return saved, table
 
 
@@ -221,7 +234,7 @@ def _fresh_start(out_dir: Path | None, cfg: Mapping[str, Any]) -> None:
         return
     (out_dir / "summary.json").unlink(missing_ok=True)
     ckpt.atomic_write(out_dir / "config.toml", config_text(cfg))  # resume reads it: never a torn file
-    ckpt.checkpoint_path(out_dir).unlink(missing_ok=True)
+    ckpt.remove_checkpoints(out_dir)
     state_dir = out_dir / ckpt.CLIENT_STATE_DIR
     if state_dir.is_dir():
         shutil.rmtree(state_dir)
@@ -377,7 +390,9 @@ def _checkpoint(
         elapsed_seconds=float(elapsed),
     )
     ckpt.save_checkpoint(out_dir, saved)
-    ckpt.prune_client_states(out_dir, server_round)
+    # the client state the fallback checkpoint (the one before this) would need stays too
+    previous = ckpt.previous_round(out_dir)
+    ckpt.prune_client_states(out_dir, server_round if previous is None else min(previous, server_round))
 
 
 def make_server_app(

@@ -28,8 +28,15 @@ shapes and dtypes. (Order matters: Flower's aggregation takes the first reply's 
 FedAvgM pairs arrays by position; :func:`check_arrays` checks it for every ArrayRecord.)
 Custom strategies without the hook get the universal checks only (logged once).
 
-Finally the round's accepted replies must agree on their metric keys (Flower's aggregation raises
-``InconsistentMessageReplies`` otherwise); replies disagreeing with the majority are rejected.
+Finally the **metric keys**. Flower's aggregation needs the same keys in every reply (it raises
+``InconsistentMessageReplies`` otherwise). A method declares the keys of its train replies
+(:attr:`fedsparse.methods.Method.reply_metrics`, besides ``num-examples``): a reply with a key
+outside that schema, or without one of its keys, is **rejected** — whatever the other replies of
+the round carry, so colluding clients that add a key reject only themselves (the majority rule this
+replaced let them get an honest reply rejected). For a strategy whose method declares nothing (a
+plug-in that predates the schema), the keys that not every accepted reply carries are **dropped**
+from the replies that carry them (a copy; logged): nobody is rejected for them, and nothing a
+client adds reaches the aggregate.
 
 Dtypes are compared with the **model's** dtypes (the arrays of round 1, i.e. the clients'
 ``state_dict()``), never with aggregated globals: Flower's ``aggregate_arrayrecords`` turns integer
@@ -38,15 +45,15 @@ buffers such as BatchNorm's ``num_batches_tracked`` into float64.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedsparse.arrays import to_numpy
 from fedsparse.hooks import MethodHooks
@@ -253,7 +260,8 @@ class ReplyScreen:
     ``spec``: the model's arrays (for the generic model check); ``max_examples(msg)``: the bound on
     ``num-examples`` for the sender of ``msg`` (None: no bound); ``describe(msg)``: how to name the
     sender in logs (e.g. its partition id); ``max_abs``: the ``reply-max-abs`` bound on the magnitude
-    of every floating-point value (None or 0: no bound).
+    of every floating-point value (None or 0: no bound); ``metric_keys``: the method's declared
+    reply metrics besides ``num-examples`` (None: not declared, see the module docstring).
     """
 
     def __init__(
@@ -263,8 +271,10 @@ class ReplyScreen:
         max_examples: Callable[[Message], int | None] = lambda msg: None,
         describe: Callable[[Message], str] = lambda msg: f"node {msg.metadata.src_node_id}",
         max_abs: float | None = None,
+        metric_keys: Collection[str] | None = None,
     ) -> None:
         self.strategy = strategy
+        self.metric_keys = None if metric_keys is None else frozenset(metric_keys) - {NUM_EXAMPLES}
         self.max_abs = max_abs
         self.spec = spec
         self.max_examples = max_examples
@@ -284,6 +294,8 @@ class ReplyScreen:
         """None if ``msg`` (not an error reply) may be aggregated, else why not."""
         try:
             problem = universal_check(msg, self.max_examples(msg), self.max_abs)
+            if problem is None:
+                problem = self._metric_schema(msg)
             if problem is None and self.hook is not None:
                 problem = self.hook(server_round, msg)
             elif problem is None and self.generic:
@@ -293,6 +305,46 @@ class ReplyScreen:
         except Exception as err:  # noqa: BLE001 - a reply that breaks a check is rejected, not fatal
             problem = f"the reply could not be checked ({type(err).__name__}: {err})"
         return problem
+
+    def _metric_schema(self, msg: Message) -> str | None:
+        """The declared metric keys, exactly (None when the method declares none)."""
+        if self.metric_keys is None:
+            return None
+        keys = set(msg.content[METRICS_KEY].keys()) - {NUM_EXAMPLES}
+        extra, missing = sorted(keys - self.metric_keys), sorted(self.metric_keys - keys)
+        if extra:
+            return f"metric keys {extra} are not among the method's declared reply metrics {sorted(self.metric_keys)}"
+        if missing:
+            return f"metric keys {missing} of the method's declared reply metrics are missing"
+        return None
+
+    def _common_metric_keys(self, server_round: int, valid: list[Message]) -> list[Message]:
+        """Undeclared metrics: keep only the keys every accepted reply carries (copies of the
+        replies that carry more); Flower's aggregation then sees consistent records."""
+        keysets = [frozenset(m.content[METRICS_KEY].keys()) for m in valid]
+        if len(set(keysets)) <= 1:
+            return valid
+        common = frozenset.intersection(*keysets)
+        out = []
+        for msg, keys in zip(valid, keysets):
+            if keys == common:
+                out.append(msg)
+                continue
+            log.warning(
+                "round %d: dropped metric keys %s from the reply of %s (not carried by every reply; the method "
+                "declares no reply metrics)",
+                server_round,
+                sorted(keys - common),
+                self.describe(msg),
+            )
+            record: Any = msg.content[METRICS_KEY]  # a MetricRecord: the universal check made sure
+            metrics = MetricRecord({k: v for k, v in record.items() if k in common})
+            clone = copy.copy(msg)
+            clone.content = RecordDict(
+                {name: (metrics if name == METRICS_KEY else rec) for name, rec in msg.content.items()}
+            )
+            out.append(clone)
+        return out
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> Screened:
         """Split replies into errors, rejected (with reasons, logged) and valid ones (order kept)."""
@@ -306,21 +358,8 @@ class ReplyScreen:
                 out.valid.append(msg)
             else:
                 out.rejected.append((msg, problem))
-        # Flower's aggregation needs the same metric keys in every reply: keep the majority's.
-        keysets = [frozenset(m.content[METRICS_KEY].keys()) for m in out.valid]
-        if len(set(keysets)) > 1:
-            counts = Counter(keysets)
-            best = max(counts.values())
-            majority = next(k for k in keysets if counts[k] == best)
-            kept = []
-            for msg, keys in zip(out.valid, keysets):
-                if keys == majority:
-                    kept.append(msg)
-                else:
-                    out.rejected.append(
-                        (msg, f"metric keys {sorted(keys)} differ from the round's other replies {sorted(majority)}")
-                    )
-            out.valid = kept
+        if self.metric_keys is None:
+            out.valid = self._common_metric_keys(server_round, out.valid)
         for msg, problem in out.rejected:
             log.warning("round %d: rejected the reply of %s: %s", server_round, self.describe(msg), problem)
         return out

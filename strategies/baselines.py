@@ -12,6 +12,7 @@ from typing import Any
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from fedsparse.methods import Method, sampling_kwargs
+from fedsparse.protocol import STANDARD_REPLY_METRICS
 
 
 def build_fedavg(cfg: Mapping[str, Any]) -> Strategy:
@@ -31,6 +32,7 @@ FEDAVG = Method(
     client_step="clients.standard:standard_train",
     plain_model_reply=True,
     client_momentum=True,
+    reply_metrics=STANDARD_REPLY_METRICS,
 )
 FEDPROX = Method(
     name="fedprox",
@@ -39,6 +41,7 @@ FEDPROX = Method(
     client_step="clients.standard:standard_train",
     plain_model_reply=True,
     client_momentum=True,
+    reply_metrics=STANDARD_REPLY_METRICS,
 )
 
 __all__ = ["FEDAVG", "FEDPROX", "build_fedavg", "build_fedprox"]

@@ -22,6 +22,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsparse.config import Config, ConfigError
 from fedsparse.methods import ErrorCase, Method
+from fedsparse.protocol import COMPRESSED_REPLY_METRICS
+from fedsparse.protocol.feddip import REPLY_METRICS
 from fedsparse.protocol.fedluar import luar_round_lr, parse_milestones
 from strategies.compression import build_uplink
 from strategies.feddip import build_feddip
@@ -76,6 +78,7 @@ FEDLUAR_PAQ = Method(
     summary="FedLUAR over FedPAQ (Kim et al. 2025, Table 4): recycled layers are not sent, the others QSGD-quantised",
     build=build_fedluar_paq,
     client_step="clients.compression:compressed_train",
+    reply_metrics=COMPRESSED_REPLY_METRICS,
     uses=("fedpaq", "fedluar"),
     checks=(check_combination,),
     error_cases=(
@@ -87,6 +90,8 @@ FEDLUAR_PAQ = Method(
 
 FEDDIP_LUAR = Method(
     name="feddip-luar",
+    codec_model_reply=True,
+    reply_metrics=REPLY_METRICS,
     summary="FedDIP with a LUAR-recycled uplink: clients leave FedLUAR's recycled layers out of their sparse replies",
     build=build_feddip_luar,
     client_step="clients.feddip:feddip_luar_train",

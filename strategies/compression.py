@@ -59,7 +59,8 @@ from fedsparse.compressors import DGC, QSGD, QUANT_SCOPES, SBC, Compressor, Rand
 from fedsparse.config import Config, ConfigError, Key
 from fedsparse.hooks import MethodHooks
 from fedsparse.methods import ErrorCase, Method, sampling_kwargs
-from fedsparse.protocol import OMITTED_ARRAYS, single_array_record
+from fedsparse.protocol import COMPRESSED_REPLY_METRICS, OMITTED_ARRAYS, single_array_record
+from fedsparse.robust import AggregationRule
 from fedsparse.smartidx import MAX_VALUE_BITS, SmartIdx
 from fedsparse.validation import check_arrays
 
@@ -260,6 +261,7 @@ class UplinkCompression(FedAvg, MethodHooks):
         self._omit: set[str] = set()  # arrays the clients were told to leave out (LUAR)
         self._round_info: dict[int, dict[str, Any]] = {}
         self._round_report: dict[int, dict[str, Any]] = {}  # the round's compressor settings
+        self.aggregation: AggregationRule | None = None  # None: the weighted mean (use_aggregation)
 
     @property
     def method(self) -> str:
@@ -352,10 +354,13 @@ class UplinkCompression(FedAvg, MethodHooks):
                 acc = raw_sum.setdefault(name, np.zeros(v.shape, dtype=np.float64))
                 acc += w * v.astype(np.float64)
                 raw_weight[name] = raw_weight.get(name, 0.0) + w
+        if self.aggregation is not None:
+            update_sum, raw_sum = self._robust_update(valid, weights), {}
         new: dict[str, np.ndarray] = {}
         for name, x in self._global.items():
             if name in update_sum:
-                new[name] = (x.astype(np.float64) + update_sum[name]).astype(x.dtype)
+                moved = x.astype(np.float64) + update_sum[name]
+                new[name] = (np.rint(moved) if x.dtype.kind in "iub" else moved).astype(x.dtype)
             elif name in raw_sum:
                 mean = raw_sum[name] / raw_weight[name]
                 new[name] = (np.rint(mean) if x.dtype.kind in "iub" else mean).astype(x.dtype)
@@ -368,6 +373,26 @@ class UplinkCompression(FedAvg, MethodHooks):
             **payload_sums,  # the compressor's per-payload figures, summed over the round's replies
         }
         return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in new.items()}), metrics
+
+    def use_aggregation(self, rule: AggregationRule) -> UplinkCompression:
+        """Combine the decoded updates with ``rule`` (:mod:`fedsparse.robust`) in place of the
+        weighted mean: a median over FedPAQ is a median of the dequantised updates, never of codes."""
+        self.aggregation = None if rule.is_plain_mean else rule
+        return self
+
+    def _robust_update(self, valid: list[Message], weights: list[float]) -> dict[str, np.ndarray]:
+        """The rule's combination of the replies' dense updates: the decoded Δ of the compressed
+        tensors, and value − global for the arrays sent as they are (integer buffers, ...)."""
+        assert self._global is not None and self.aggregation is not None
+        updates = []
+        for msg in valid:
+            deltas, raws = decode_update(codec.from_array_record(msg.content[self.arrayrecord_key]))
+            dense = {name: d.astype(np.float64) for name, d in deltas.items()}
+            dense.update(
+                {name: v.astype(np.float64) - self._global[name].astype(np.float64) for name, v in raws.items()}
+            )
+            updates.append(dense)
+        return self.aggregation.combine_updates(updates, weights)
 
     def summary(self) -> None:
         super().summary()
@@ -489,6 +514,7 @@ def _declare(
         client_step="clients.compression:compressed_train",
         keys={**KEYS, **(keys or {})},
         section="compression",
+        reply_metrics=COMPRESSED_REPLY_METRICS,
         checks=checks,
         error_cases=error_cases,
     )

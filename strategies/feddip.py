@@ -62,8 +62,10 @@ from fedsparse.protocol.feddip import (
     CONFIG_PRUNABLE,
     CONFIG_SPARSE_UPLINK,
     METRIC_REG_RATIO,
+    REPLY_METRICS,
     decode_payload,
 )
+from fedsparse.robust import AggregationRule
 from fedsparse.schedules import cubic_sparsity, incremental_lambda
 from fedsparse.validation import check_arrays
 
@@ -232,6 +234,7 @@ class FedDIP(FedAvg, MethodHooks):
         # regrowth = persistent: the dense prunable tensors, pruned positions included
         self._dense: dict[str, np.ndarray] | None = None
         self._omit: list[str] = []  # arrays the round's clients leave out (a wrapper's OMITTED_ARRAYS)
+        self.aggregation: AggregationRule | None = None  # None: the weighted mean (use_aggregation)
 
     # ------------------------------------------------------------------ schedules
     def lambda_at(self, server_round: int) -> float:
@@ -370,8 +373,11 @@ class FedDIP(FedAvg, MethodHooks):
             total = sum(weights)
             if not total > 0:
                 raise ValueError(f"replies' {self.weighted_by_key!r} sum to {total}; cannot weight the average")
-            rho = [w / total for w in weights]
-            aggregate = {name: weighted_mean([d[name] for d in decoded], rho) for name in self._global}
+            if self.aggregation is None:
+                rho = [w / total for w in weights]
+                aggregate = {name: weighted_mean([d[name] for d in decoded], rho) for name in self._global}
+            else:  # the decoded (masked) models, combined by the robust rule against the model sent
+                aggregate = self.aggregation.combine_models(decoded, weights, self._global)
             metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
             self._round_info.setdefault(server_round, {})["reg_grad_ratio"] = _reg_ratios(metrics, self.prunable)
         else:  # no replies: keep the model, still apply the schedule (the last round must reach s_p)
@@ -458,6 +464,12 @@ class FedDIP(FedAvg, MethodHooks):
         clone = copy.copy(msg)
         clone.content = content
         return clone
+
+    def use_aggregation(self, rule: AggregationRule) -> FedDIP:
+        """Combine the decoded replies with ``rule`` (:mod:`fedsparse.robust`) in place of the
+        weighted mean; masking and re-pruning then act on its result as on the mean."""
+        self.aggregation = None if rule.is_plain_mean else rule
+        return self
 
     def constrain(self, arrays: ArrayRecord) -> ArrayRecord:
         """``arrays`` with every prunable tensor multiplied by the current mask (a wrapper that moved
@@ -661,6 +673,8 @@ def build_feddip(cfg: Mapping[str, Any]) -> FedDIP:
 
 METHOD = Method(
     name="feddip",
+    codec_model_reply=True,
+    reply_metrics=REPLY_METRICS,
     summary="FedDIP (Long et al., 2023): dynamic pruning + incremental regularisation, sparse model on the wire",
     build=build_feddip,
     client_step="clients.feddip:feddip_train_step",

@@ -52,8 +52,9 @@ from fedsparse.hooks import MethodHooks
 from fedsparse.layer_sampling import layer_scores, sample_recycled_layers
 from fedsparse.methods import ErrorCase, Method, sampling_kwargs
 from fedsparse.models import build_model
-from fedsparse.protocol import single_array_record
+from fedsparse.protocol import STANDARD_REPLY_METRICS, single_array_record
 from fedsparse.protocol.fedluar import RECYCLED_CONFIG_KEY, luar_round_lr, parse_milestones
+from fedsparse.robust import AggregationRule, apply_rule
 from fedsparse.validation import check_arrays
 
 log = logging.getLogger("fedsparse")
@@ -257,6 +258,13 @@ class LUAR(Strategy, MethodHooks):
         return [k for k in self._keys if k in wanted]
 
     # ---- Strategy interface ---------------------------------------------------------------------
+    def use_aggregation(self, rule: AggregationRule) -> LUAR:
+        """The base's rule on the received layers becomes ``rule`` (:mod:`fedsparse.robust`): a base with
+        fedsparse's hooks takes it on its decoded payloads, a Flower FedAvg-family base combines the
+        replies' models with it first; recycled layers still move by their previous update."""
+        self.base = apply_rule(self.base, rule)
+        return self
+
     def summary(self) -> None:
         log.info("FedLUAR: δ = %d recycled layers over %s", self.num_recycled, type(self.base).__name__)
         self.base.summary()
@@ -677,6 +685,7 @@ METHOD = Method(
     client_step="clients.fedluar:fedluar_train",
     plain_model_reply=True,
     client_momentum=True,
+    reply_metrics=STANDARD_REPLY_METRICS,
     keys=KEYS,
     checks=(check_fedluar,),
     error_cases=(

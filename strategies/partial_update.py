@@ -55,6 +55,7 @@ from fedsparse.protocol.partial_update import (
     partial_names,
     random_layer_masks,
 )
+from fedsparse.robust import AggregationRule, apply_rule
 from fedsparse.validation import check_arrays
 
 log = logging.getLogger("fedsparse")
@@ -68,6 +69,8 @@ INITIAL_SYNC = ("seed", "dense")
 BASES = ("fedavg", "fedprox")
 UNKNOWN = -1  # a client whose copy the server cannot vouch for (a failed round): it gets the dense model
 _REPLY_ONLY_METRICS = ("partition-id", "pu-version")
+#: the metrics of a partial-update reply besides num-examples (the reply screen's schema)
+REPLY_METRICS = ("train-loss", *_REPLY_ONLY_METRICS)
 
 #: The partial-update broadcast's configuration keys.
 KEYS: dict[str, Key] = {
@@ -255,6 +258,13 @@ class PartialUpdate(Strategy, MethodHooks):
         self._train_masks: dict[str, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ Strategy interface
+    def use_aggregation(self, rule: AggregationRule) -> PartialUpdate:
+        """The base rule (FedAvg / FedProx over the clients' models, against the deployed model they
+        trained from) combines the replies with ``rule`` (:mod:`fedsparse.robust`) first; the top-k·I
+        broadcast then acts on its result as on the mean."""
+        self.base = apply_rule(self.base, rule)
+        return self
+
     def summary(self) -> None:
         log.info(
             "partial-update: k=%s contribution=%s local-metric=%s after-broadcast=%s value-bits=%s initial-sync=%s base=%s",
@@ -957,6 +967,7 @@ def build_partial_update(cfg: Mapping[str, Any]) -> Strategy:
 
 
 METHOD = Method(
+    reply_metrics=REPLY_METRICS,
     name="partial-update",
     summary="Partial-update broadcast (deep partial updating, Qu et al.): the downlink carries only k·I changed weights",
     build=build_partial_update,

@@ -44,8 +44,9 @@ from fedsparse.config import Config, ConfigError, Key
 from fedsparse.hooks import MethodHooks
 from fedsparse.masks import global_magnitude_masks, prunable_names
 from fedsparse.methods import ErrorCase, Method, sampling_kwargs
-from fedsparse.protocol import single_array_record
+from fedsparse.protocol import STANDARD_REPLY_METRICS, single_array_record
 from fedsparse.protocol.snip import CFG_SNIP_BATCHES, CFG_SNIP_PHASE, CFG_SNIP_PRUNABLE
+from fedsparse.robust import AggregationRule
 from fedsparse.validation import check_arrays, check_num_examples, spec_of
 
 # ``target-sparsity`` means the same for FedDIP (its s_p): FedDIP registers it, SNIP shares it; and
@@ -106,6 +107,13 @@ class SNIP(FedAvg, MethodHooks):
         self.saliency_failures = 0  # saliency requests answered with an error or not at all
         self.saliency_round: int | None = None  # the round whose configure_train built the mask
         self._global: dict[str, np.ndarray] | None = None
+        self.aggregation: AggregationRule | None = None  # None: the weighted mean (use_aggregation)
+
+    def use_aggregation(self, rule: AggregationRule) -> SNIP:
+        """Combine the decoded sparse replies with ``rule`` (:mod:`fedsparse.robust`) in place of the
+        weighted mean; the mask then applies to its result as to the mean."""
+        self.aggregation = None if rule.is_plain_mean else rule
+        return self
 
     # ------------------------------------------------------------------ the one-shot mask
     def check_saliency(self, msg: Message, spec: Mapping[str, tuple[tuple[int, ...], str]]) -> str | None:
@@ -271,9 +279,12 @@ class SNIP(FedAvg, MethodHooks):
                 )
             decoded.append(tensors)
             weights.append(float(next(iter(msg.content.metric_records.values()))[self.weighted_by_key]))
-        total = sum(weights)
-        rho = [w / total for w in weights]
-        self._global = self._masked({n: weighted_mean([d[n] for d in decoded], rho) for n in self._global})
+        if self.aggregation is None:
+            total = sum(weights)
+            rho = [w / total for w in weights]
+            self._global = self._masked({n: weighted_mean([d[n] for d in decoded], rho) for n in self._global})
+        else:  # the decoded sparse models, combined by the robust rule against the model sent
+            self._global = self._masked(self.aggregation.combine_models(decoded, weights, self._global))
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return ArrayRecord({n: Array(x) for n, x in self._global.items()}), metrics
 
@@ -369,6 +380,7 @@ def build_snip(cfg: Mapping[str, Any]) -> SNIP:
 
 
 METHOD = Method(
+    reply_metrics=STANDARD_REPLY_METRICS,
     name="snip",
     summary="SNIP (Lee et al. 2019): one-shot pruning at initialisation, static mask, sparse both ways",
     build=build_snip,

@@ -125,7 +125,28 @@ def test_max_examples_bounds_an_unknown_node(max_examples: int, bound: int) -> N
     assert [m.metadata.src_node_id for m in screened.valid] == [9] and len(screened.rejected) == 1
 
 
-@pytest.mark.parametrize("name", ["feddip", "topk", "fedpaq", "snip", "partial-update"])
+def test_scale_on_feddip_scales_the_decoded_model_and_keeps_its_mask(tmp_path: Path) -> None:
+    """FedDIP's reply is a codec payload: the attack decodes it, scales it against the (masked)
+    global model the client received and re-encodes it with the reply's own masks."""
+    from fedsparse import codec
+
+    over = {"strategy": "feddip", "rounds": 2, "initial-sparsity": 0.5, "target-sparsity": 0.6}
+    _, grid_h, cfg = _run(tmp_path / "honest", **over)
+    _, grid_a, _ = _run(tmp_path / "scaled", **over, **{"fail-clients": "1:1:scale", "attack-scale": -4.0})
+    honest, h_masks = codec.decode(codec.from_array_record(_reply_of(grid_h, 1).content["arrays"]))
+    attacked, a_masks = codec.decode(codec.from_array_record(_reply_of(grid_a, 1).content["arrays"]))
+    assert sorted(h_masks) == sorted(a_masks) and all(np.array_equal(h_masks[k], a_masks[k]) for k in h_masks)
+    start = {k: v.detach().numpy().astype(np.float64) for k, v in initial_model(cfg).state_dict().items()}
+    moved = 0
+    for key, t in honest.items():
+        g = np.where(h_masks[key], start[key], 0.0) if key in h_masks else start[key]
+        expected = g + (-4.0) * (t.astype(np.float64) - g)
+        np.testing.assert_allclose(attacked[key], expected, rtol=1e-5, atol=1e-5, err_msg=key)
+        moved += int(not np.array_equal(attacked[key], t))
+    assert moved > 0
+
+
+@pytest.mark.parametrize("name", ["topk", "fedpaq", "snip", "partial-update"])
 def test_scale_is_refused_for_payload_replies(name: str) -> None:
     assert name not in scale_strategies()
     with pytest.raises(ConfigError, match=f"fail-clients mode 'scale' is not supported by strategy '{name}'"):

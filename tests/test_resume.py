@@ -154,7 +154,9 @@ def test_checkpoint_file_round_trip_and_atomic_replace(tmp_path: Path, monkeypat
         ckpt.save_checkpoint(tmp_path, _checkpoint(3, 2.0))
     monkeypatch.setattr(np, "savez", real)
     assert ckpt.load_checkpoint(tmp_path).server_round == 2
-    assert [p.name for p in tmp_path.iterdir()] == [ckpt.CHECKPOINT_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [ckpt.CHECKPOINT_FILE, ckpt.PREVIOUS_FILE, ckpt.LOG_FILE]
+    )
 
 
 def test_every_output_is_written_atomically_and_summary_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

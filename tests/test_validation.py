@@ -285,17 +285,54 @@ def test_each_bad_reply_is_rejected_with_its_reason(case: str, model: ArrayRecor
         assert v.tobytes() == arrays[k].tobytes()
 
 
-def test_metric_keys_follow_the_majority(model: ArrayRecord) -> None:
+def test_colluders_adding_a_metric_key_reject_only_themselves(model: ArrayRecord) -> None:
+    """The declared schema, not the majority: two colluders with an extra key are rejected, the
+    honest reply is kept (the majority rule rejected it)."""
     arrays = _np(model)
     replies = [
         _reply(_content(arrays, {"num-examples": 10, "train-loss": 0.5}), node=1),
         _reply(_content(arrays, {"num-examples": 10, "train-loss": 0.4, "sneaky": 1.0}), node=2),
-        _reply(_content(arrays, {"num-examples": 10, "train-loss": 0.3}), node=3),
+        _reply(_content(arrays, {"num-examples": 10, "train-loss": 0.3, "sneaky": 2.0}), node=3),
+        _reply(_content(arrays, {"num-examples": 10}), node=4),  # a declared key missing
+    ]
+    result = ReplyScreen(FedAvg(), spec_of(model), metric_keys=("train-loss",)).screen(1, replies)
+    assert [m.metadata.src_node_id for m in result.valid] == [1]
+    reasons = {m.metadata.src_node_id: why for m, why in result.rejected}
+    assert "metric keys ['sneaky'] are not among the method's declared reply metrics ['train-loss']" in reasons[2]
+    assert "metric keys ['train-loss'] of the method's declared reply metrics are missing" in reasons[4]
+    FedAvg().aggregate_train(1, result.valid)  # Flower's consistency check passes
+
+
+def test_undeclared_metrics_keep_every_reply_and_drop_extra_keys(model: ArrayRecord) -> None:
+    """A method without a schema: nobody is rejected for its metric keys; keys not every reply
+    carries are dropped from copies of the replies that carry them."""
+    arrays = _np(model)
+    replies = [
+        _reply(_content(arrays, {"num-examples": 10, "train-loss": 0.5}), node=1),
+        _reply(_content(arrays, {"num-examples": 10, "train-loss": 0.4, "sneaky": 1.0}), node=2),
+        _reply(_content(arrays, {"num-examples": 10, "train-loss": 0.3, "sneaky": 2.0}), node=3),
     ]
     result = ReplyScreen(FedAvg(), spec_of(model)).screen(1, replies)
-    assert [m.metadata.src_node_id for m in result.valid] == [1, 3]
-    assert "metric keys" in result.rejected[0][1]
-    FedAvg().aggregate_train(1, result.valid)  # Flower's consistency check passes
+    assert [m.metadata.src_node_id for m in result.valid] == [1, 2, 3] and not result.rejected
+    assert all(sorted(m.content["metrics"].keys()) == ["num-examples", "train-loss"] for m in result.valid)
+    assert "sneaky" in replies[1].content["metrics"]  # the original message is not changed
+    _, metrics = FedAvg().aggregate_train(1, result.valid)
+    assert metrics is not None and "sneaky" not in metrics
+
+
+@pytest.mark.parametrize(
+    ("strategy", "keys"),
+    [
+        ("fedavg", ["train-loss"]),
+        ("feddip", ["ce-loss", "train-loss"]),
+        ("topk", ["kept-fraction", "train-loss"]),
+        ("partial-update", ["partition-id", "pu-version", "train-loss"]),
+    ],
+)
+def test_builtin_methods_declare_their_reply_metrics(strategy: str, keys: list[str]) -> None:
+    from fedsparse.methods import method
+
+    assert sorted(method(strategy).reply_metrics or ()) == keys
 
 
 def test_all_replies_bad_keeps_the_model(model: ArrayRecord) -> None:

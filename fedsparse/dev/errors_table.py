@@ -334,9 +334,53 @@ def other_cases() -> list[Case]:
     )
     add("`fail-clients`: a round after the last", 'fail-clients = "500:1"', _resolve(**{"fail-clients": "500:1"}))
     add(
-        "`fail-clients`: `scale` with a strategy whose reply is not a plain model",
+        "`fail-clients`: `scale` with a strategy whose reply is neither a plain model nor a FedDIP codec model",
         'strategy = "topk"; fail-clients = "1:1:scale"',
         _resolve(strategy="topk", **{"fail-clients": "1:1:scale"}),
+    )
+    # robust aggregation (docs/reliability.md, section 4b)
+    add(
+        "`aggregation`: Krum with too few clients a round (n < 2f + 3)",
+        'aggregation = "krum"; num-malicious = 2; clients-per-round = 5',
+        _resolve(aggregation="krum", **{"num-malicious": 2, "clients-per-round": 5}),
+    )
+    add(
+        "`aggregation`: Bulyan with too few clients a round (n < 4f + 3)",
+        'aggregation = "bulyan"; num-malicious = 1; clients-per-round = 5',
+        _resolve(aggregation="bulyan", **{"num-malicious": 1, "clients-per-round": 5}),
+    )
+    add(
+        "`krum-keep` above the clients a round",
+        'aggregation = "multikrum"; krum-keep = 9; clients-per-round = 5',
+        _resolve(aggregation="multikrum", **{"krum-keep": 9, "clients-per-round": 5}),
+    )
+    add("`trim-beta` of a half or more", "trim-beta = 0.5", _resolve(**{"trim-beta": 0.5}))
+    add("`clip-norm` neither a number > 0 nor auto", 'clip-norm = "max"', _resolve(**{"clip-norm": "max"}))
+    add(
+        "`aggregation` other than mean with a strategy that cannot decode its replies",
+        "apply_rule(<MethodHooks strategy without use_aggregation>, median)",
+        _opaque_rule,
+    )
+    add(
+        "`aggregation` other than mean with a Flower strategy outside the FedAvg family",
+        "apply_rule(<a Strategy that is not a FedAvg>, median)",
+        _foreign_rule,
+    )
+    # checkpoints and their message log (docs/reliability.md, section 1)
+    add(
+        "the newest checkpoint and the previous one both unreadable",
+        "fedsparse run --resume run (checkpoint.npz and checkpoint.prev.npz damaged)",
+        _checkpoints_unreadable,
+    )
+    add(
+        "a checkpoint whose message log is shorter than it refers to (no previous one)",
+        "fedsparse run --resume run (checkpoint-log.jsonl cut)",
+        _checkpoint_log_short,
+    )
+    add(
+        "a message log that does not match its checkpoint (no previous one)",
+        "fedsparse run --resume run (checkpoint-log.jsonl edited)",
+        _checkpoint_log_edited,
     )
     # non-finite settings and the output directory
     add("a float setting that is NaN or infinite (any float key)", "lr = nan", _resolve(lr=float("nan")))
@@ -474,6 +518,66 @@ def _loop_resume_no_dir() -> Any:
     from fedsparse.server import _resume as loop_resume
 
     return loop_resume(None, resolve_config({}), None, None)  # type: ignore[arg-type]  # no directory: raised before strategy and grid are used
+
+
+def _foreign_rule() -> Any:
+    from flwr.serverapp.strategy import Strategy
+
+    from fedsparse.robust import AggregationRule, apply_rule
+
+    class Foreign(Strategy):
+        """A Flower strategy outside the FedAvg family (its abstract methods are never called)."""
+
+    Foreign.__abstractmethods__ = frozenset()
+    return apply_rule(Foreign(), AggregationRule("median"))  # type: ignore[abstract]
+
+
+def _checkpoints(name: str, rounds: int) -> Path:
+    """A directory with checkpoints after rounds 1..``rounds`` (the last two: newest and previous)."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from fedsparse.accounting import Ledger
+    from fedsparse.checkpoint import Checkpoint, save_checkpoint
+
+    out = Path(name)
+    for r in range(1, rounds + 1):
+        rows = [{"round": i, "test_accuracy": 0.5} for i in range(1, r + 1)]
+        arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+        save_checkpoint(out, Checkpoint(r, {"rounds": 5}, arrays, {"kind": "state_dict", "state": {}}, rows, Ledger()))
+    return out
+
+
+def _checkpoints_unreadable() -> Any:
+    from fedsparse.checkpoint import checkpoint_path, load_checkpoint, previous_checkpoint_path
+
+    out = _checkpoints("both", 2)
+    checkpoint_path(out).write_bytes(b"not a zip")
+    previous_checkpoint_path(out).write_bytes(b"not a zip either")
+    return load_checkpoint(out)
+
+
+def _checkpoint_log_short() -> Any:
+    from fedsparse.checkpoint import load_checkpoint, log_path
+
+    out = _checkpoints("short", 1)
+    log_path(out).write_bytes(log_path(out).read_bytes()[:10])
+    return load_checkpoint(out)
+
+
+def _checkpoint_log_edited() -> Any:
+    from fedsparse.checkpoint import load_checkpoint, log_path
+
+    out = _checkpoints("edited", 1)
+    log_path(out).write_bytes(log_path(out).read_bytes().replace(b'"round":1', b'"round":7', 1))
+    return load_checkpoint(out)
+
+
+def _opaque_rule() -> Any:
+    from fedsparse.hooks import MethodHooks
+    from fedsparse.robust import AggregationRule, apply_rule
+
+    return apply_rule(MethodHooks(), AggregationRule("median"))  # type: ignore[arg-type]  # the hooks alone
 
 
 def _strategy_cannot_load() -> Any:

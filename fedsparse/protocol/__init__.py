@@ -17,6 +17,13 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 NUM_EXAMPLES = "num-examples"
+#: the mean local training loss every built-in client reports (the loop's ``train_loss`` column)
+TRAIN_LOSS = "train-loss"
+#: the reply metrics of the methods whose clients run the standard local step (FedAvg, FedProx,
+#: FedLUAR, SNIP's train rounds): besides ``num-examples``, the loss only
+STANDARD_REPLY_METRICS = (TRAIN_LOSS,)
+#: the uplink compressors' clients add the fraction of entries they kept
+COMPRESSED_REPLY_METRICS = (TRAIN_LOSS, "kept-fraction")
 #: Config entry (a list of array names) telling clients which arrays to leave out of this round's
 #: reply. FedLUAR writes it for the layers it recycles; every base strategy that aggregates
 #: payloads of its own (FedDIP, the compressors) honours it.

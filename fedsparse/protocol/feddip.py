@@ -21,6 +21,9 @@ CONFIG_PROXIMAL_MU = "proximal-mu"  # the same key Flower's FedProx sends
 #: reply metric: per prunable tensor (``feddip-prunable`` order), λ over the norm of the rest of the
 #: gradient, averaged over the client's steps (how much the regulariser steers training)
 METRIC_REG_RATIO = "reg-grad-ratio"
+#: the metrics of a FedDIP reply besides num-examples: the loss with λ's penalty, without it, and
+#: the regulariser's share of the gradient per layer
+REPLY_METRICS = ("train-loss", "ce-loss", METRIC_REG_RATIO)
 
 
 def decode_payload(record: ArrayRecord) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -29,6 +32,7 @@ def decode_payload(record: ArrayRecord) -> tuple[dict[str, np.ndarray], dict[str
 
 
 __all__ = [
+    "REPLY_METRICS",
     "CONFIG_LAMBDA",
     "CONFIG_PRUNABLE",
     "CONFIG_SPARSE_UPLINK",
