@@ -58,6 +58,16 @@ NOT_TABULATED: dict[tuple[str, str, str], str] = {
         "prepare_out_dir",
         "is not writable",
     ): "an `--out` the user may not write: depends on who runs it (root writes anywhere), so no fixed case shows it",
+    (
+        "fedsparse/bench/runner.py",
+        "run_suite",
+        "subprocess runner only",
+    ): "a programming error (a custom `runner=` with `shared_ray=True` in the Python API), not a user input",
+    (
+        "fedsparse/bench/sharedray.py",
+        "_ray_binary",
+        "no `ray` command",
+    ): "`--shared-ray` where Ray's command is not installed: fedsparse's own install always has it",
 }
 
 
@@ -485,6 +495,7 @@ def other_cases() -> list[Case]:
     add("bench: `--seeds` the suite lacks", "fedsparse bench s.toml --seeds 9", _suite_runs(seeds=[9]))
     add("bench: a bad value in one run", "suite: [[methods]] lr = -1.0", _suite_resolve)
     add("bench: `--jobs 0`", "fedsparse bench s.toml --jobs 0", _jobs_zero)
+    add("bench: `--shared-ray` with several jobs", "fedsparse bench s.toml --shared-ray --jobs 2", _shared_ray_jobs)
     add(
         "bench: no method with a registered strategy",
         "suite: only strategies not written yet",
@@ -623,6 +634,14 @@ def _suite_file_bad() -> Any:
     from fedsparse.bench import load_suite
 
     return load_suite(_write("bad.toml", "methods = [\n"))
+
+
+def _shared_ray_jobs() -> Any:
+    from fedsparse.bench import parse_suite
+    from fedsparse.bench.runner import run_suite
+
+    suite = parse_suite({"methods": [{"name": "fedavg", "strategy": "fedavg"}], "seeds": [0]}, where="suite s.toml")
+    return run_suite(suite, Path("shared-ray"), jobs=2, shared_ray=True)
 
 
 def _jobs_zero() -> Any:
