@@ -324,7 +324,7 @@ def test_undeclared_metrics_keep_every_reply_and_drop_extra_keys(model: ArrayRec
     ("strategy", "keys"),
     [
         ("fedavg", ["train-loss"]),
-        ("feddip", ["ce-loss", "train-loss"]),
+        ("feddip", ["ce-loss", "reg-grad-ratio", "train-loss"]),
         ("topk", ["kept-fraction", "train-loss"]),
         ("partial-update", ["partition-id", "pu-version", "train-loss"]),
     ],
