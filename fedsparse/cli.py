@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import NoReturn
+
+#: How long the command waits, after its work is done, for threads it did not start to end.
+EXIT_GRACE_SECONDS = 2.0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -113,5 +121,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> NoReturn:
+    """The console script: :func:`main`, then exit without joining threads Flower's engine left blocked.
+
+    Flower's simulation engine runs clients from a ``ThreadPoolExecutor``; when Ray shuts down (a stop
+    by signal, or an actor that died with it) a worker can stay in ``ray.get`` for good, and the
+    interpreter's exit joins every such thread, so a finished run — results written, checkpoint
+    saved — would never exit. Live non-daemon threads get :data:`EXIT_GRACE_SECONDS`, then the
+    process leaves with ``os._exit`` after flushing its streams and logs.
+    """
+    code = main()
+    deadline = time.monotonic() + EXIT_GRACE_SECONDS
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -65,9 +65,12 @@ def _quiet_flower(verbose: bool) -> None:
 
 
 def _stop(finished: threading.Event, sink: list[Any], target: Path) -> None:
-    """After a stop request: let the round loop finish abandoning its round, shut Ray down, raise
-    :class:`fedsparse.stopping.RunInterrupted`."""
+    """After a stop request: let the round loop finish abandoning its round, shut Ray down (quietly),
+    raise :class:`fedsparse.stopping.RunInterrupted`."""
     finished.wait(timeout=STOP_GRACE_SECONDS)
+    # Clients still running die with Ray; Flower's engine logs each as an ERROR with a traceback.
+    # They are the stop's doing, not failures: the abandoned round is not recorded anyway.
+    logging.getLogger("flwr").setLevel(logging.CRITICAL)
     try:
         import ray
 
