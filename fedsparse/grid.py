@@ -88,6 +88,8 @@ class MeteredGrid(Grid):
         replies = []
         while pending:
             got = list(self.pull_messages(pending))
+            if got:
+                stopping.ENGINE_ANSWERED.set()
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending or stopping.requested() or (deadline is not None and time.monotonic() >= deadline):

@@ -27,7 +27,28 @@ STOP = threading.Event()
 #: Set while a launcher handles signals (:func:`handling_signals`): only then does the metered grid
 #: poll for replies itself, so that it can give up waiting on a stop.
 WATCHING = threading.Event()
+#: Set once the engine has answered a message in this run (Ray is up); see :class:`EngineTeardownFilter`.
+ENGINE_ANSWERED = threading.Event()
 _SIGNAL: list[int] = []
+
+
+class EngineTeardownFilter(logging.Filter):
+    """Drops Flower's ERROR records about messages in flight when Ray is shut down under them.
+
+    On SIGTERM, Ray's own handler (``ray.init`` installs it in the main thread, over ours) exits the
+    main thread; Flower's engine then shuts Ray down in its ``finally`` before our launcher hears of
+    the stop, and every message still in flight is logged as an ERROR with a traceback ("the actor is
+    dead because its owner has died"). Those are the stop's doing. ``ray.shutdown`` disconnects the
+    driver before its actors die, so a record logged after the engine answered once and while Ray is
+    no longer initialised is one of them. Errors before Ray is up (a failed start) pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not ENGINE_ANSWERED.is_set():
+            return True
+        import ray
+
+        return bool(ray.is_initialized())
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -80,10 +101,13 @@ def handling_signals() -> Iterator[None]:
     called from the main thread (signal handlers can only be set there)."""
     STOP.clear()
     _SIGNAL.clear()
+    ENGINE_ANSWERED.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     WATCHING.set()
+    flower_log, teardown = logging.getLogger("flwr"), EngineTeardownFilter()
+    flower_log.addFilter(teardown)
 
     def handle(signum: int, frame: FrameType | None) -> None:
         first = not STOP.is_set()
@@ -95,6 +119,7 @@ def handling_signals() -> Iterator[None]:
     try:
         yield
     finally:
+        flower_log.removeFilter(teardown)
         WATCHING.clear()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
