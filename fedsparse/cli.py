@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run a command; user errors print one line (exit 2) unless ``--debug`` (anywhere) asks for the traceback."""
     from fedsparse.config import ConfigError
-    from fedsparse.data import DatasetNotFoundError, IdxFormatError
+    from fedsparse.data import DatasetFormatError, DatasetNotFoundError
     from fedsparse.data.fetch import ChecksumError
     from fedsparse.stopping import RunInterrupted
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunInterrupted as stop:
         print(f"fedsparse: {stop}", file=sys.stderr)
         return stop.exit_code
-    except (ConfigError, DatasetNotFoundError, IdxFormatError, ChecksumError) as err:
+    except (ConfigError, DatasetNotFoundError, DatasetFormatError, ChecksumError) as err:
         if debug:
             raise
         print(f"fedsparse: error: {err}", file=sys.stderr)

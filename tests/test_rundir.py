@@ -108,3 +108,19 @@ def test_overwrite_says_what_it_replaces_and_replaces_it(tmp_path: Path) -> None
     assert "replacing the run in run (config.toml, rounds.csv, summary.json)" in proc.stderr
     assert len(pd.read_csv(tmp_path / "run" / "rounds.csv")) == 1
     assert "seed = 0" in (tmp_path / "run" / "config.toml").read_text()
+
+
+def test_cli_damaged_cifar_batch_is_one_message(tmp_path: Path) -> None:
+    """A garbled CIFAR batch is a DatasetFormatError: one message naming the file and what to do."""
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(b"\x00garbled")
+    proc = _fedsparse(
+        "run", "--data-dir", str(tmp_path / "data"), "--out", "run", "--set", "dataset=cifar10",
+        "--set", "model=resnet18", *TINY, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "data_batch_1: not a readable cifar10 pickle batch" in proc.stderr and "Traceback" not in proc.stderr
+    assert "unpack cifar10's python-pickle archive again" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 3

@@ -16,7 +16,7 @@ from fedsparse.data.idx import IdxFormatError, read_idx
 from fedsparse.data.info import DATASET_INFO, DatasetInfo, dataset_info
 from fedsparse.data.inmemory import InMemoryDataset, load_dataset
 from fedsparse.data.partition import SCHEMES, PartitionError, partition_indices
-from fedsparse.data.paths import DATASETS, DatasetNotFoundError, locate, search_roots, user_data_dir
+from fedsparse.data.paths import DATASETS, DatasetFormatError, DatasetNotFoundError, locate, search_roots, user_data_dir
 from fedsparse.data.report import format_split_report, label_histogram, plot_split
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "ROUTES",
     "SCHEMES",
     "ChecksumError",
+    "DatasetFormatError",
     "DatasetNotFoundError",
     "FetchError",
     "IdxFormatError",

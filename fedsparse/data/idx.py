@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedsparse.data.paths import DatasetFormatError
+
 # IDX type codes (third byte of the magic number) -> big-endian numpy dtype.
 _DTYPES: dict[int, str] = {
     0x08: "u1",
@@ -24,7 +26,7 @@ _DTYPES: dict[int, str] = {
 }
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(DatasetFormatError):
     """An IDX file is truncated, has a bad magic number, or is a broken gzip stream."""
 
 
@@ -37,7 +39,7 @@ def read_bytes(path: str | Path) -> bytes:
     try:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
-        raise IdxFormatError(f"{path}: corrupt gzip stream ({exc}); delete it and fetch again") from exc
+        raise IdxFormatError(f"{path}: corrupt gzip stream ({exc})") from exc
 
 
 def md5_of_content(path: str | Path) -> str:

@@ -18,7 +18,7 @@ import torch
 
 from fedsparse.data.idx import IdxFormatError, read_idx
 from fedsparse.data.info import DATASET_INFO
-from fedsparse.data.paths import IDX_FILES, check_dataset_name, idx_file, locate
+from fedsparse.data.paths import IDX_FILES, DatasetFormatError, check_dataset_name, idx_file, locate
 
 #: Per-channel pixel mean / std of the training set (pixels scaled to [0, 1]).
 _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -90,10 +90,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> I
 @functools.lru_cache(maxsize=8)
 def _load_from(name: str, folder: str) -> InMemoryDataset:
     path = Path(folder)
-    if name in ("fashion-mnist", "mnist"):
-        arrays = _read_idx_split(name, path)
-    else:
-        arrays = _read_cifar(name, path)
+    try:
+        arrays = _read_idx_split(name, path) if name in ("fashion-mnist", "mnist") else _read_cifar(name, path)
+    except DatasetFormatError as err:
+        raise type(err)(f"{err}; {_refetch_hint(name)}") from err
     x_train, y_train, x_test, y_test = arrays
     mean, std = _STATS[name]
     return InMemoryDataset(
@@ -106,6 +106,13 @@ def _load_from(name: str, folder: str) -> InMemoryDataset:
         mean=mean,
         std=std,
     )
+
+
+def _refetch_hint(name: str) -> str:
+    """What to do about a damaged file: the files are replaced whole, by the route that got them."""
+    if name in ("fashion-mnist", "mnist"):
+        return f"delete the dataset's files and fetch them again: fedsparse data fetch {name}"
+    return f"delete the folder and unpack {name}'s python-pickle archive again"
 
 
 def _read_idx_split(name: str, folder: Path) -> tuple[np.ndarray, ...]:
@@ -171,14 +178,16 @@ def _read_cifar(name: str, folder: Path) -> tuple[np.ndarray, ...]:
                 data = np.asarray(entry["data"], dtype=np.uint8)
                 labels = np.asarray(entry[label_key], dtype=np.int64)
             except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{path}: not a readable {name} pickle batch ({exc!r})") from exc
+                raise DatasetFormatError(f"{path}: not a readable {name} pickle batch ({exc!r})") from exc
             if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-                raise ValueError(f"{path}: expected data [N, 3072] and N labels, got {data.shape}, {labels.shape}")
+                raise DatasetFormatError(
+                    f"{path}: expected data [N, 3072] and N labels, got {data.shape}, {labels.shape}"
+                )
             xs.append(data.reshape(-1, 3, 32, 32))
             ys.append(labels)
         x, y = np.concatenate(xs), np.concatenate(ys)
         if y.size and (y.min() < 0 or y.max() >= _NUM_CLASSES[name]):
-            raise ValueError(f"{folder}: labels out of range 0..{_NUM_CLASSES[name] - 1} for {name}")
+            raise DatasetFormatError(f"{folder}: labels out of range 0..{_NUM_CLASSES[name] - 1} for {name}")
         return np.ascontiguousarray(x), y
 
     return (*read(train_files), *read(test_files))

@@ -47,6 +47,11 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset is in none of the searched directories; the message says how to get it."""
 
 
+class DatasetFormatError(ValueError):
+    """A dataset file is there but unreadable (truncated, corrupt, not the format its name says);
+    the message names the file and what to do. The CLI prints it as one line, no traceback."""
+
+
 def check_dataset_name(name: str, allowed: tuple[str, ...] = DATASETS) -> str:
     """Return ``name`` if it is one of ``allowed``, else raise a ValueError listing them."""
     if name not in allowed:

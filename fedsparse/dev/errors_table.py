@@ -401,6 +401,17 @@ def other_cases() -> list[Case]:
         "fedsparse run --out run (a finished run)",
         _out_dir("run", make_run=True),
     )
+    # damaged dataset files: one message naming the file, never a traceback
+    add(
+        "a truncated dataset file (IDX)",
+        "fedsparse run --data-dir data (data/fashion-mnist/train-images-idx3-ubyte cut short)",
+        _dataset_damaged("fashion-mnist"),
+    )
+    add(
+        "a damaged CIFAR batch",
+        "fedsparse run --data-dir data --set dataset=cifar10 (data/cifar-10-batches-py/data_batch_1 garbled)",
+        _dataset_damaged("cifar10"),
+    )
     # resume
     add("`--resume` of a directory that does not exist", "fedsparse run --resume nowhere", _resume_missing)
     add("`--resume` of a directory without config.toml", "fedsparse run --resume notarun", _resume_not_a_run)
@@ -624,6 +635,26 @@ def _out_dir(path: str, *, make_file: bool = False, make_run: bool = False) -> C
     return run
 
 
+def _dataset_damaged(name: str) -> Callable[[], Any]:
+    """The dataset's files present under ``data/``, the first one damaged; loaded as ``fedsparse run``
+    loads it before Ray starts (``preflight``)."""
+
+    def run() -> Any:
+        from fedsparse.config import resolve_config
+        from fedsparse.data import inmemory
+        from fedsparse.data.paths import _CIFAR_FILES, IDX_FILES, candidate_dirs
+        from fedsparse.simulation import preflight
+
+        folder = candidate_dirs(name, Path("data"))[0]
+        files = IDX_FILES if name in ("fashion-mnist", "mnist") else _CIFAR_FILES[name]
+        for i, stem in enumerate(files):
+            _write(str(folder / stem), "\x00\x00\x08" if i == 0 else "x")  # a header cut short / no pickle
+        inmemory.clear_cache()
+        return preflight(resolve_config({"dataset": name, "data-dir": "data"}))
+
+    return run
+
+
 def _suite_file_missing() -> Any:
     from fedsparse.bench import load_suite
 
@@ -660,13 +691,14 @@ def cases() -> list[Case]:
 
 
 @contextlib.contextmanager
-def _sandbox() -> Iterator[None]:
-    """Run a case in an empty temporary directory, so file names in messages are short and stable."""
+def _sandbox() -> Iterator[str]:
+    """Run a case in an empty temporary directory, so file names in messages are short and stable
+    (a message that resolved a path has the directory's own prefix removed by :func:`run_case`)."""
     old = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="fedsparse-errors-") as tmp:
         os.chdir(tmp)
         try:
-            yield
+            yield os.path.realpath(tmp)
         finally:
             os.chdir(old)
 
@@ -696,13 +728,13 @@ def _sites(err: BaseException | None) -> tuple[tuple[str, int], ...]:
 def run_case(case: Case) -> Outcome:
     """Run one case; raise AssertionError if it does not fail the documented way."""
     from fedsparse.config import ConfigError
-    from fedsparse.data import DatasetNotFoundError
+    from fedsparse.data import DatasetFormatError, DatasetNotFoundError
 
-    with _sandbox():
+    with _sandbox() as here:
         try:
             case.run()
-        except (ConfigError, DatasetNotFoundError) as err:
-            return Outcome(case, str(err), type(err), _sites(err))
+        except (ConfigError, DatasetNotFoundError, DatasetFormatError) as err:
+            return Outcome(case, str(err).replace(here + os.sep, ""), type(err), _sites(err))
     raise AssertionError(f"{case.section} case {case.what!r} ({case.given}) raised no ConfigError")
 
 
