@@ -3,7 +3,7 @@ runs nothing but an optional in-process timing of the rules).
 
 Per finished run: the method, the aggregation rule, attacked or clean, the final accuracy, the mean
 of the last three evaluations, the gap to the clean run of the same method with the mean, how many
-attackers were sampled a round (measured from ``messages.csv``: train messages to partitions named
+attackers were sampled a round (measured from ``messages.csv``: train messages to the (round, partition) pairs named
 by ``fail-clients``), and what the run cost (median seconds a round after round 1, CPU seconds of
 the run's process tree) next to the clean mean run's. ``--timing`` adds the cost of each rule
 alone: ``AggregationRule.combine_updates`` on 10 updates the size of LeNet-5, timed in process::
@@ -35,14 +35,15 @@ def attackers_per_round(run_dir: Path, fail_clients: str) -> str:
     """ "mean (min-max)" attackers among a round's sampled clients, from the run's messages.csv
     ("unknown" when the run could not learn its nodes' partitions: they did not answer the
     partition query in time, and messages.csv has partition -1)."""
-    parts = {r.partition for r in parse_fail_clients(fail_clients) if r.mode == "scale"}
-    if not parts:
+    rules = [r for r in parse_fail_clients(fail_clients) if r.mode == "scale"]
+    if not rules:
         return "0"
     msgs = pd.read_csv(run_dir / "messages.csv")
     down = msgs[(msgs["direction"] == "down") & (msgs["message_type"].astype(str).str.contains("train"))]
     if (down["partition_id"] < 0).any():
         return f"unknown ({int((down['partition_id'] < 0).sum())} of {len(down)} messages without a partition)"
-    per_round = down.groupby("round")["partition_id"].apply(lambda s: int(s.isin(parts).sum()))
+    attacking = [any(r.matches(int(rnd), int(p)) for r in rules) for rnd, p in zip(down["round"], down["partition_id"])]
+    per_round = down.assign(attacking=attacking).groupby("round")["attacking"].sum().astype(int)
     return f"{per_round.mean():.1f} ({per_round.min()}-{per_round.max()})"
 
 

@@ -212,15 +212,21 @@ def test_a_strategy_that_cannot_decode_refuses_a_rule() -> None:
 
 def test_the_robustness_suite_resolves_every_run() -> None:
     """experiments/suites/robustness.toml: 28 runs that pass the configuration checks (Krum's and
-    Bulyan's bounds with 10 clients a round, scale on FedDIP); each attacked run has 4 attackers."""
+    Bulyan's bounds with 10 clients a round, scale on FedDIP); in each attacked run exactly 2
+    partitions attack in every one of the 50 rounds (the same schedule for every run)."""
     from fedsparse import bench
+    from fedsparse.failures import parse_fail_clients
 
     root = Path(__file__).resolve().parents[1]
     suite = bench.load_suite(root / "experiments" / "suites" / "robustness.toml")
     cfgs = bench.resolve_runs(suite.runs())
     assert len(cfgs) == 28
     attacked = {name: c for name, c in cfgs.items() if "attacked" in name}
-    assert len(attacked) == 14 and all(c["fail-clients"].count("scale") == 4 for c in attacked.values())
+    assert len(attacked) == 14 and len({c["fail-clients"] for c in attacked.values()}) == 1
+    rules = parse_fail_clients(next(iter(attacked.values()))["fail-clients"])
+    assert all(r.mode == "scale" for r in rules)
+    per_round = [sorted(r.partition for r in rules if r.server_round == n) for n in range(1, 51)]
+    assert all(len(parts) == 2 and 0 <= parts[0] < parts[1] < 20 for parts in per_round), per_round
     assert {c["aggregation"] for c in cfgs.values()} == {
         "mean",
         "median",
