@@ -227,6 +227,18 @@ def test_resume_skips_finished_runs_and_summary_is_computed_from_the_runs(tmp_pa
     marker = json.loads((out / "fedavg--iid--s0" / "bench.json").read_text())
     assert marker["exit_code"] == 0 and marker["wall_seconds"] > 0
 
+    # what each run ran on (fedsparse.environment): in its summary.json and in the suite's runs.csv
+    from fedsparse.environment import describe
+
+    expected = describe({})
+    per_run = pd.read_csv(reports / "runs.csv")
+    for n in names:
+        env = runs[n]["environment"]
+        for key in ("flwr", "torch", "numpy", "ray", "python", "torch_threads", "device"):
+            assert env[key] == expected[key], (n, key)
+        row = per_run[per_run["run"] == n].iloc[0]
+        assert str(row["env_flwr"]) == expected["flwr"] and str(row["env_torch"]) == expected["torch"]
+
     # an interrupted run (no summary.json) is run again — and only that one
     (out / "topk--iid--s1" / "summary.json").unlink()
     runner.calls.clear()
