@@ -179,8 +179,9 @@ SCHEMA: dict[str, Key] = {
     ),
     "max-examples": Key(
         0,
-        "bound on a reply's num-examples for a node whose partition is unknown (a deployment); "
-        "0 = the training set's size. A node with a known partition is bounded by its partition size",
+        "bound on a reply's num-examples for a node whose partition is unknown (it never answered the "
+        "partition query); 0 = the largest partition of the run's split. A node with a known partition "
+        "is bounded by its partition size",
         minimum=0,
     ),
     # robust aggregation (fedsparse/robust.py, docs/reliability.md)

@@ -29,7 +29,7 @@
 * ``inflate``: an honest update whose ``num-examples`` metric is multiplied by 100 (a client
   claiming more weight in the average). The reply screen bounds ``num-examples`` by the server's
   own knowledge: the sender's partition size when it answered the partition query (so an inflated
-  reply is rejected), else ``max-examples`` (0: the training set's size).
+  reply is rejected), else ``max-examples`` (0: the largest partition of the run's split).
 
 Examples: ``"2:0"`` (partition 0 fails in round 2), ``"*:3"`` (partition 3 always fails),
 ``"4:*"`` (every client of round 4 fails), ``"2:1:timeout, 3:*"``. The ClientApp

@@ -33,7 +33,7 @@ from flwr.serverapp.strategy import Strategy
 from fedsparse import checkpoint as ckpt
 from fedsparse import stopping
 from fedsparse.accounting import Ledger, dense_model_bytes
-from fedsparse.clientdata import dataset_for, partitions_for
+from fedsparse.clientdata import partitions_for
 from fedsparse.config import ConfigError, round_lr
 from fedsparse.global_model import CentralEvaluator, initial_model
 from fedsparse.grid import MeteredGrid, seeded_sampling
@@ -123,11 +123,12 @@ def in_model_dtypes(arrays: ArrayRecord, model_spec: Mapping[str, tuple[tuple[in
 
 def _screen_for(strategy: Strategy, cfg: Mapping[str, Any], metered: MeteredGrid, model: ArrayRecord) -> ReplyScreen:
     """Reply validation with the model's spec, each client's partition size as num-examples bound,
-    ``reply-max-abs`` as the bound on every value and the method's declared reply metrics. A node whose partition is unknown (it never
-    answered the partition query: a deployment) is bounded by ``max-examples`` (0: the training
-    set's size)."""
+    ``reply-max-abs`` as the bound on every value and the method's declared reply metrics. A node
+    whose partition is unknown (it never answered the partition query) is bounded by
+    ``max-examples`` (0: the largest partition of the run's split — no client of this run holds
+    more; the training set's size would let one unknown node outweigh all the others)."""
     sizes = [len(p) for p in partitions_for(cfg)]
-    unknown = int(cfg.get("max-examples", 0)) or len(dataset_for(cfg).train_labels)
+    unknown = int(cfg.get("max-examples", 0)) or max(sizes)
 
     def bound(msg: Message) -> int:
         pid = metered.partition_of.get(msg.metadata.src_node_id, -1)

@@ -9,8 +9,8 @@ Every reply gets the **universal checks** (they hold for any strategy following 
 ``docs/architecture.md``):
 
 * exactly one MetricRecord, named ``metrics``, whose values are finite; ``num-examples`` is an int
-  or float, > 0 and at most the client's partition size (the training-set size when the partition
-  is not known);
+  or float, > 0 and at most the client's partition size (``max-examples``, by default the largest
+  partition of the split, when the partition is not known);
 * every floating-point array in every ArrayRecord decodes and is finite, holds no value larger in
   magnitude than the ``reply-max-abs`` bound (1e6 by default: a finite but huge reply would pass
   the finiteness check and turn FedAvg's average into garbage, or blow up FedAdam's second moment
