@@ -24,10 +24,13 @@ TIMING = ("round_seconds", "elapsed_seconds")
 WIRE = ("wire_bytes_up", "wire_bytes_down", "cum_wire_bytes_up", "cum_wire_bytes_down")
 
 
-def compare(a: Path, b: Path, ignore: tuple[str, ...]) -> tuple[bool, str]:
-    """(identical?, one line saying how) for two rounds.csv files."""
+def compare(a: Path, b: Path, ignore: tuple[str, ...], new_columns: bool = False) -> tuple[bool, str]:
+    """(identical?, one line saying how) for two rounds.csv files. ``new_columns``: columns only
+    ``b`` has are named and left out (a later version that reports more); every column of ``a``
+    must still be in ``b``, cell for cell."""
     x, y = pd.read_csv(a, dtype=str, keep_default_na=False), pd.read_csv(b, dtype=str, keep_default_na=False)
-    if list(x.columns) != list(y.columns):
+    added = [c for c in y.columns if c not in x.columns]
+    if list(x.columns) != list(y.columns) and not (new_columns and all(c in y.columns for c in x.columns)):
         return False, f"columns differ: only in one of them {sorted(set(x.columns) ^ set(y.columns))}"
     if len(x) != len(y):
         return False, f"{len(x)} rounds against {len(y)}"
@@ -35,7 +38,8 @@ def compare(a: Path, b: Path, ignore: tuple[str, ...]) -> tuple[bool, str]:
     differing = [c for c in cols if not x[c].equals(y[c])]
     if differing:
         return False, f"differs in {', '.join(differing)}"
-    return True, f"identical ({len(x)} rounds × {len(cols)} columns)"
+    extra = f"; new columns left out: {', '.join(added)}" if added else ""
+    return True, f"identical ({len(x)} rounds × {len(cols)} columns{extra})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path)
     parser.add_argument("--ignore-wire", action="store_true", help="leave the wire-size columns out too")
+    parser.add_argument(
+        "--new-columns", action="store_true", help="columns only AFTER has are named and left out (it reports more)"
+    )
     args = parser.parse_args(argv)
     ignore = TIMING + (WIRE if args.ignore_wire else ())
     runs = sorted(p.parent.relative_to(args.before) for p in args.before.rglob("rounds.csv"))
@@ -52,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     same = 0
     for run in runs:
         other = args.after / run / "rounds.csv"
-        ok, how = compare(args.before / run / "rounds.csv", other, ignore) if other.is_file() else (False, "missing")
+        ok, how = (
+            compare(args.before / run / "rounds.csv", other, ignore, args.new_columns)
+            if other.is_file()
+            else (False, "missing")
+        )
         same += ok
         print(f"{run}: {how}")
     print(f"{same} of {len(runs)} runs identical (ignored: {', '.join(ignore)})")
