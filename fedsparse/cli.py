@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedsparse.config import ConfigError
     from fedsparse.data import DatasetFormatError, DatasetNotFoundError
     from fedsparse.data.fetch import ChecksumError
+    from fedsparse.simulation import EngineFailed
     from fedsparse.stopping import RunInterrupted
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -113,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     except RunInterrupted as stop:
         print(f"fedsparse: {stop}", file=sys.stderr)
         return stop.exit_code
+    except EngineFailed as failed:
+        if debug:
+            raise
+        print(f"fedsparse: {failed}", file=sys.stderr)
+        return 1
     except (ConfigError, DatasetNotFoundError, DatasetFormatError, ChecksumError) as err:
         if debug:
             raise

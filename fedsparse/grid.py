@@ -15,7 +15,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -83,11 +83,18 @@ class MeteredGrid(Grid):
             replies: list[Message] = list(self._inner.send_and_receive(messages, timeout=timeout))
             self._meter(replies, UP)
             return replies
-        pending = set(self.push_messages(messages))
+        return self._until_answered_or_stopped(self.push_messages(messages), self.pull_messages, timeout)
+
+    @staticmethod
+    def _until_answered_or_stopped(
+        message_ids: Iterable[str], pull: Callable[[Iterable[str]], Iterable[Message]], timeout: float | None
+    ) -> list[Message]:
+        """Pull replies to ``message_ids`` until all came back, the timeout passed or a stop was requested."""
+        pending = set(message_ids)
         deadline = None if timeout is None else time.monotonic() + timeout
-        replies = []
+        replies: list[Message] = []
         while pending:
-            got = list(self.pull_messages(pending))
+            got = list(pull(pending))
             if got:
                 stopping.ENGINE_ANSWERED.set()
             replies.extend(got)
@@ -142,6 +149,8 @@ class MeteredGrid(Grid):
         """
         deadline = time.monotonic() + timeout
         while len(ids := list(self._inner.get_node_ids())) < expected:
+            if stopping.requested():
+                return dict(self.partition_of)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(ids)} of {expected} nodes connected after {timeout:.0f} s")
             time.sleep(0.2)
@@ -150,13 +159,19 @@ class MeteredGrid(Grid):
         for _ in range(max(rounds, 1)):
             msgs = [Message(content=query, message_type=MessageType.QUERY, dst_node_id=n) for n in pending]
             answered = set()
-            for reply in self._inner.send_and_receive(msgs, timeout=timeout):
+            if stopping.watching():  # give up on a stop (a signal, or an engine that died)
+                replies = self._until_answered_or_stopped(
+                    self._inner.push_messages(msgs), self._inner.pull_messages, timeout
+                )
+            else:
+                replies = list(self._inner.send_and_receive(msgs, timeout=timeout))
+            for reply in replies:
                 answered.add(reply.metadata.src_node_id)
                 if reply.has_error() or "partition" not in reply.content.metric_records:
                     continue
                 self.partition_of[reply.metadata.src_node_id] = int(reply.content["partition"]["partition-id"])  # type: ignore[arg-type]  # a scalar by protocol; int() refuses a list
             pending = [n for n in pending if n not in answered]
-            if not pending:
+            if not pending or stopping.requested():
                 break
         if pending:
             log.warning(

@@ -26,8 +26,10 @@ log = logging.getLogger("fedsparse")
 STOP_GRACE_SECONDS = 60.0
 
 
-def preflight(cfg: Config) -> None:
-    """Load the dataset and compute the split once (cached), so failures surface here."""
+def preflight(cfg: Config, ray_address: str | None = None) -> None:
+    """Load the dataset and compute the split once (cached), so failures surface here; refuse
+    client resources no actor of a local Ray could get (Flower's engine would stop with "ActorPool
+    is empty" while the round loop waits)."""
     from fedsparse.clientdata import partitions_for
     from fedsparse.data import PartitionError
 
@@ -35,6 +37,12 @@ def preflight(cfg: Config) -> None:
         partitions_for(cfg)
     except PartitionError as err:
         raise ConfigError(str(err)) from err
+    cores = os.cpu_count() or 1
+    if not ray_address and float(cfg["client-cpus"]) > cores:
+        raise ConfigError(
+            f"client-cpus = {cfg['client-cpus']} exceeds the {cores} CPUs of this machine, so no client could "
+            f"run; allowed: 0 < client-cpus <= {cores} (or --ray-address of a cluster with bigger nodes)"
+        )
     if float(cfg["client-gpus"]) > 0:
         import torch
 
@@ -84,6 +92,40 @@ def _stop(finished: threading.Event, sink: list[Any], target: Path) -> None:
     raise stopping.RunInterrupted(signum, last, str(target), bool(result is not None and result.checkpointed))
 
 
+class EngineFailed(RuntimeError):
+    """Flower's simulation engine stopped under a running round loop (Ray could not place an actor,
+    Ray died, ...). The round in flight was abandoned: never recorded, never checkpointed."""
+
+    def __init__(self, cause: BaseException, last_round: int, out_dir: str, checkpointed: bool) -> None:
+        root = cause
+        while root.__cause__ is not None:  # Flower wraps the engine's error twice: name the first one
+            root = root.__cause__
+        how = (
+            f"rounds up to {last_round} are checkpointed: fedsparse run --resume {out_dir}"
+            if checkpointed
+            else (
+                f"{last_round} rounds were complete; the run kept no checkpoint"
+                if last_round
+                else "no round had completed"
+            )
+        )
+        super().__init__(
+            f"Flower's simulation engine stopped ({type(root).__name__}: {root}); "
+            f"the round in flight was abandoned, not recorded; {how}"
+        )
+        self.last_round, self.out_dir, self.checkpointed = last_round, out_dir, checkpointed
+
+
+def _engine_failed(crash: BaseException, finished: threading.Event, sink: list[Any], target: Path) -> None:
+    """The engine raised while the round loop was still running: stop the loop as a signal would
+    (it abandons its round and returns), then raise :class:`EngineFailed`."""
+    stopping.abandon()
+    finished.wait(timeout=STOP_GRACE_SECONDS)
+    result = sink[0] if sink else None
+    last = int(result.stopped_after) if result is not None and result.stopped_after is not None else 0
+    raise EngineFailed(crash, last, str(target), bool(result is not None and result.checkpointed)) from crash
+
+
 def simulate(
     config: Mapping[str, Any] | str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -130,7 +172,7 @@ def simulate(
         replaced = prepare_out_dir(target, overwrite=overwrite)
         if replaced:
             log.warning("--overwrite: replacing the run in %s (%s)", target, ", ".join(replaced))
-    preflight(cfg)
+    preflight(cfg, ray_address)
     make_client_app = client_app_factory()  # the installed runtime's ClientApp (entry point)
 
     # absolute: clients mirror their state under it (checkpoint-every > 0), from other processes
@@ -160,6 +202,10 @@ def simulate(
             if exit_.code != signal.SIGTERM:
                 raise
             stopping.request(signal.SIGTERM)  # ray.init installs its own SIGTERM handler: sys.exit(SIGTERM)
+        except Exception as crash:
+            if finished.is_set() or stopping.requested():
+                raise  # the round loop itself ended with this error (Flower re-raises it here)
+            _engine_failed(crash, finished, sink, target)
         if stopping.requested():
             _stop(finished, sink, target)
     if not sink:

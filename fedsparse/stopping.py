@@ -94,6 +94,12 @@ def request(signum: int = signal.SIGINT) -> None:
     logging.getLogger("flwr").setLevel(logging.CRITICAL)
 
 
+def abandon() -> None:
+    """Ask the round loop to stop without a signal: the engine under it died. The round in flight is
+    abandoned (never recorded, never checkpointed), as on a signal."""
+    STOP.set()
+
+
 @contextlib.contextmanager
 def handling_signals() -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM request a stop and interrupt the main thread once

@@ -44,6 +44,11 @@ NOT_TABULATED: dict[tuple[str, str, str], str] = {
         "no CUDA device",
     ): "`client-gpus > 0` without CUDA: only on a machine without a GPU (see below the table)",
     (
+        "fedsparse/simulation.py",
+        "preflight",
+        "CPUs of this machine",
+    ): "`client-cpus` above this machine's CPU count: the message names this machine's cores",
+    (
         "fedsparse/bench/runner.py",
         "make_slots",
         "cores available",
