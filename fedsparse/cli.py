@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedsparse.config import ConfigError
     from fedsparse.data import DatasetFormatError, DatasetNotFoundError
     from fedsparse.data.fetch import ChecksumError
-    from fedsparse.simulation import EngineFailed
-    from fedsparse.stopping import RunInterrupted
+    from fedsparse.stopping import EngineFailed, RunInterrupted
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv

@@ -76,9 +76,6 @@ def _stop(finished: threading.Event, sink: list[Any], target: Path) -> None:
     """After a stop request: let the round loop finish abandoning its round, shut Ray down (quietly),
     raise :class:`fedsparse.stopping.RunInterrupted`."""
     finished.wait(timeout=STOP_GRACE_SECONDS)
-    # Clients still running die with Ray; Flower's engine logs each as an ERROR with a traceback.
-    # They are the stop's doing, not failures: the abandoned round is not recorded anyway.
-    logging.getLogger("flwr").setLevel(logging.CRITICAL)
     try:
         import ray
 
@@ -86,44 +83,26 @@ def _stop(finished: threading.Event, sink: list[Any], target: Path) -> None:
             ray.shutdown()
     except Exception as err:  # noqa: BLE001 - shutting down after a signal must not hide the stop itself
         log.warning("Ray did not shut down cleanly: %s", err)
-    result = sink[0] if sink else None
-    last = int(result.stopped_after) if result is not None and result.stopped_after is not None else 0
     signum = stopping.signal_received() or signal.SIGINT
-    raise stopping.RunInterrupted(signum, last, str(target), bool(result is not None and result.checkpointed))
-
-
-class EngineFailed(RuntimeError):
-    """Flower's simulation engine stopped under a running round loop (Ray could not place an actor,
-    Ray died, ...). The round in flight was abandoned: never recorded, never checkpointed."""
-
-    def __init__(self, cause: BaseException, last_round: int, out_dir: str, checkpointed: bool) -> None:
-        root = cause
-        while root.__cause__ is not None:  # Flower wraps the engine's error twice: name the first one
-            root = root.__cause__
-        how = (
-            f"rounds up to {last_round} are checkpointed: fedsparse run --resume {out_dir}"
-            if checkpointed
-            else (
-                f"{last_round} rounds were complete; the run kept no checkpoint"
-                if last_round
-                else "no round had completed"
-            )
-        )
-        super().__init__(
-            f"Flower's simulation engine stopped ({type(root).__name__}: {root}); "
-            f"the round in flight was abandoned, not recorded; {how}"
-        )
-        self.last_round, self.out_dir, self.checkpointed = last_round, out_dir, checkpointed
+    last, checkpointed = _stopped_at(sink)
+    raise stopping.RunInterrupted(signum, last, str(target), checkpointed)
 
 
 def _engine_failed(crash: BaseException, finished: threading.Event, sink: list[Any], target: Path) -> None:
     """The engine raised while the round loop was still running: stop the loop as a signal would
-    (it abandons its round and returns), then raise :class:`EngineFailed`."""
+    (it abandons its round and returns), then raise :class:`fedsparse.stopping.EngineFailed`."""
     stopping.abandon()
     finished.wait(timeout=STOP_GRACE_SECONDS)
+    last, checkpointed = _stopped_at(sink)
+    raise stopping.EngineFailed(crash, last, str(target), checkpointed) from crash
+
+
+def _stopped_at(sink: list[Any]) -> tuple[int, bool]:
+    """The last complete round of a stopped round loop, and whether it is checkpointed."""
     result = sink[0] if sink else None
-    last = int(result.stopped_after) if result is not None and result.stopped_after is not None else 0
-    raise EngineFailed(crash, last, str(target), bool(result is not None and result.checkpointed)) from crash
+    if result is None:
+        return 0, False
+    return int(result.stopped_after or 0), bool(result.checkpointed)
 
 
 def simulate(

@@ -70,6 +70,30 @@ class RunInterrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+class EngineFailed(RuntimeError):
+    """Flower's simulation engine stopped under a running round loop (Ray could not place an actor,
+    Ray died, ...). The round in flight was abandoned: never recorded, never checkpointed."""
+
+    def __init__(self, cause: BaseException, last_round: int, out_dir: str, checkpointed: bool) -> None:
+        root = cause
+        while root.__cause__ is not None:  # Flower wraps the engine's error twice: name the first one
+            root = root.__cause__
+        how = (
+            f"rounds up to {last_round} are checkpointed: fedsparse run --resume {out_dir}"
+            if checkpointed
+            else (
+                f"{last_round} rounds were complete; the run kept no checkpoint"
+                if last_round
+                else "no round had completed"
+            )
+        )
+        super().__init__(
+            f"Flower's simulation engine stopped ({type(root).__name__}: {root}); "
+            f"the round in flight was abandoned, not recorded; {how}"
+        )
+        self.last_round, self.out_dir, self.checkpointed = last_round, out_dir, checkpointed
+
+
 def watching() -> bool:
     """Whether a launcher handles stop signals (the round loop's waits must be interruptible)."""
     return WATCHING.is_set()
