@@ -68,13 +68,15 @@ back to their best other kind. A payload with no golomb-coded tensor is byte for
 codec wrote before the ``golomb`` kind existed (same version, 1), so the change never makes a
 payload larger, and every earlier payload still decodes. A decoder that predates ``golomb``
 rejects a payload that uses it with "unknown index kind 'golomb'". ``encode(...,
-allowed_kinds=...)`` restricts the choice (benchmarks, comparisons with the older format).
+allowed_kinds=...)`` restricts the choice (benchmarks, comparisons with the older format); so does
+the environment variable ``FEDSPARSE_INDEX_KINDS`` for every encoder of a run (:func:`default_index_kinds`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple
 
@@ -397,24 +399,49 @@ def _quantise_u8(x: np.ndarray) -> tuple[np.ndarray, float, float]:
     return np.clip(q, 0, 255).astype(np.uint8), lo, scale
 
 
+INDEX_KINDS_ENV = "FEDSPARSE_INDEX_KINDS"
+
+
+def default_index_kinds() -> tuple[str, ...]:
+    """The index kinds :func:`encode` may choose when its caller names none: all of them, unless the
+    environment variable ``FEDSPARSE_INDEX_KINDS`` (comma-separated) restricts them.
+
+    Why an environment variable: it is a benchmarking switch, to measure what the golomb kind saves
+    in whole runs (``FEDSPARSE_INDEX_KINDS=bitmap,coords`` writes the codec's payloads from before
+    golomb). Every encoder of a run reads it, in the driver and in Ray's actors alike (they inherit
+    the driver's environment), without a setting threaded through every method. Indices are
+    lossless either way, so a run's training is the same; only its bytes move."""
+    raw = os.environ.get(INDEX_KINDS_ENV, "").strip()
+    if not raw:
+        return INDEX_KINDS
+    kinds = tuple(k.strip() for k in raw.split(",") if k.strip())
+    bad = [k for k in kinds if k not in INDEX_KINDS]
+    if bad or not kinds:
+        raise ValueError(
+            f"{INDEX_KINDS_ENV}={raw!r}: unknown index kind(s) {bad}; allowed: a comma-separated "
+            f"non-empty subset of {', '.join(INDEX_KINDS)}"
+        )
+    return kinds
+
+
 def encode(
     tensors: Mapping[str, np.ndarray],
     masks: Mapping[str, np.ndarray | None],
     value_bits: int = 32,
     *,
     raw_dense: bool = False,
-    allowed_kinds: Collection[str] = INDEX_KINDS,
+    allowed_kinds: Collection[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Encode named tensors, keeping the entries where ``masks[name]`` is True.
 
     A name missing from ``masks`` or mapped to ``None`` is sent dense (with ``raw_dense``, as its
     exact native bytes, unaffected by ``value_bits``). Each masked tensor's index is the smallest
     of ``allowed_kinds`` (a non-empty subset of :data:`INDEX_KINDS`; ``("bitmap", "coords")``
-    writes the payloads of the codec before ``golomb``). Returns
+    writes the payloads of the codec before ``golomb``; ``None``: :func:`default_index_kinds`). Returns
     ``{"index": uint8, "values": float32|float16|uint8}`` (see the module docstring).
     """
     _check_value_bits(value_bits)
-    allowed = frozenset(allowed_kinds)
+    allowed = frozenset(default_index_kinds() if allowed_kinds is None else allowed_kinds)
     if not allowed or not allowed <= set(INDEX_KINDS):
         raise ValueError(f"allowed_kinds must be a non-empty subset of {INDEX_KINDS}, got {sorted(allowed)}")
     unknown = set(masks) - set(tensors)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from fedsparse.codec import default_index_kinds
+
 PACKAGES = ("fedsparse", "flwr", "torch", "torchvision", "numpy", "ray", "pandas")
 
 
@@ -54,7 +56,9 @@ def git_commit() -> str:
 
 
 def describe(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Versions, git commit, Python, torch's thread count and the clients' device."""
+    """Versions, git commit, Python, torch's thread count, the clients' device, and the sparse index
+    kinds the codec may choose (``FEDSPARSE_INDEX_KINDS`` narrows them for a benchmark; a run made
+    so must say it)."""
     on_gpu = float(cfg.get("client-gpus", 0.0)) > 0 and torch.cuda.is_available()
     return {
         **{name: _version(name) for name in PACKAGES},
@@ -63,6 +67,7 @@ def describe(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "client_threads": max(1, int(float(cfg.get("client-cpus", 1.0)))),
         "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
+        "index_kinds": ",".join(default_index_kinds()),
     }
 
 

@@ -234,7 +234,7 @@ def test_resume_skips_finished_runs_and_summary_is_computed_from_the_runs(tmp_pa
     per_run = pd.read_csv(reports / "runs.csv")
     for n in names:
         env = runs[n]["environment"]
-        for key in ("flwr", "torch", "numpy", "ray", "python", "torch_threads", "device"):
+        for key in ("flwr", "torch", "numpy", "ray", "python", "torch_threads", "device", "index_kinds"):
             assert env[key] == expected[key], (n, key)
         row = per_run[per_run["run"] == n].iloc[0]
         assert str(row["env_flwr"]) == expected["flwr"] and str(row["env_torch"]) == expected["torch"]

@@ -682,3 +682,21 @@ def test_index_within_1_15_of_the_entropy_bound(density: float) -> None:
     index_bytes = sum(stats[k]["index_bytes"] for k in masks if masks[k] is not None)
     bound = sum(shannon_bound_bytes(m.size, int(m.sum())) for m in masks.values() if m is not None)
     assert index_bytes <= 1.15 * bound, (index_bytes, bound)
+
+
+def test_index_kinds_environment_restricts_every_default_encode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FEDSPARSE_INDEX_KINDS is the benchmark switch that writes the pre-golomb payloads in whole runs."""
+    rng = np.random.default_rng(11)
+    tensors = {"w": rng.normal(size=(64, 100)).astype(np.float32)}
+    masks = {"w": rng.random((64, 100)) < 0.05}
+    assert parse_header(encode(tensors, masks)["index"])[0]["kinds"] == ["golomb"]
+    monkeypatch.setenv(codec.INDEX_KINDS_ENV, "bitmap, coords")
+    restricted = encode(tensors, masks)
+    assert parse_header(restricted["index"])[0]["kinds"] == ["coords"]
+    explicit = encode(tensors, masks, allowed_kinds=("bitmap", "coords"))
+    np.testing.assert_array_equal(restricted["index"], explicit["index"])
+    # an explicit choice still wins over the environment
+    assert parse_header(encode(tensors, masks, allowed_kinds=("golomb",))["index"])[0]["kinds"] == ["golomb"]
+    monkeypatch.setenv(codec.INDEX_KINDS_ENV, "bitmap,huffman")
+    with pytest.raises(ValueError, match=r"FEDSPARSE_INDEX_KINDS='bitmap,huffman'.*huffman.*allowed"):
+        encode(tensors, masks)
