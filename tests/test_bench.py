@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import SMOKE_BENCH_EXTRA, smoke_bench_command
 from loopback import LoopbackGrid, set_task_identity  # tests/ is on sys.path under pytest
 from test_compression import loopback_grid  # the in-process grid
 
@@ -417,26 +418,13 @@ def test_cli_dry_run_lists_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.ray
-def test_smoke_suite_end_to_end(tmp_path: Path) -> None:
+def test_smoke_suite_end_to_end(smoke_suite_runs: Path, tmp_path: Path) -> None:
     """``fedsparse bench`` on the smoke suite: subprocess per run on Ray, two at once; then resume:
     finished runs are skipped, and a run the bench did not see finish is continued from its
-    checkpoint by ``fedsparse run CONFIG --resume DIR``."""
-    suite = ROOT / "experiments" / "suites" / "smoke.toml"
-    cmd = [
-        sys.executable,
-        "-m",
-        "fedsparse.cli",
-        "bench",
-        str(suite),
-        "--out",
-        str(tmp_path),
-        "--jobs",
-        "2",
-        "--set",
-        "checkpoint-every=1",
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
+    checkpoint by ``fedsparse run CONFIG --resume DIR``. The first run is the session's
+    ``smoke_suite_runs``; this test works on a copy of it."""
+    shutil.copytree(smoke_suite_runs, tmp_path, dirs_exist_ok=True)
+    cmd = smoke_bench_command(tmp_path, *SMOKE_BENCH_EXTRA)
     summary = pd.read_csv(tmp_path / "smoke" / "summary.csv")
     assert list(summary["method"]) == ["fedavg", "topk", "fedpaq"]
     assert (summary["final_acc_mean"] > 0.1).all()

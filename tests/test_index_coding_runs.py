@@ -21,6 +21,8 @@ def _run(root: Path, name: str, acc: list[float], up: list[int], kinds: str) -> 
             "bytes_up": up,
             "bytes_down": [100, 100],
             "cum_bytes_up": [up[0], sum(up)],
+            "cum_dense_bytes_up": [4000, 8000],  # the dense reference: must not move
+            "index_kinds": [kinds, kinds],  # partial-update's report of the kinds it chose: may move
             "round_seconds": [1.0, 2.0],
         }
     ).to_csv(d / "rounds.csv", index=False)

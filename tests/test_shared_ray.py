@@ -2,7 +2,8 @@
 
 Same seed ⇒ same table: two runs of the smoke suite on one shared head must write the very
 ``rounds.csv`` (timing columns aside, compared as text) that the same runs write with a Ray start
-each. The head must be gone afterwards.
+each (the session's ``smoke_suite_runs``, which the bench's end-to-end test reads too). The head
+must be gone afterwards.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import smoke_bench_command
 
 from fedsparse.bench.runner import run_suite
 from fedsparse.config import ConfigError
@@ -24,8 +25,8 @@ TIMING = ("round_seconds", "elapsed_seconds")
 
 
 def _bench(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "fedsparse.cli", "bench", str(SUITE), "--out", str(out), "--only", "fedavg,topk"]
-    return subprocess.run([*cmd, *extra], capture_output=True, text=True, cwd=ROOT, timeout=1200, check=False)
+    cmd = smoke_bench_command(out, "--only", "fedavg,topk", *extra)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200, check=False)
 
 
 def _table(path: Path) -> list[list[str]]:
@@ -44,16 +45,14 @@ def test_shared_ray_needs_one_job(tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
-def test_runs_on_a_shared_head_match_separate_starts(tmp_path: Path) -> None:
+def test_runs_on_a_shared_head_match_separate_starts(smoke_suite_runs: Path, tmp_path: Path) -> None:
     shared = _bench(tmp_path / "shared", "--shared-ray")
     assert shared.returncode == 0, shared.stdout + shared.stderr
     found = re.search(r"shared Ray head at 127\.0\.0\.1:(\d+)", shared.stdout)
     assert found, shared.stdout
     with socket.socket() as sock:  # the head (its GCS port) is stopped with the suite
         assert sock.connect_ex(("127.0.0.1", int(found.group(1)))) != 0
-    separate = _bench(tmp_path / "separate")
-    assert separate.returncode == 0, separate.stdout + separate.stderr
     for name in ("fedavg--iid--s0", "topk--iid--s0"):
         a = _table(tmp_path / "shared" / name / "rounds.csv")
-        b = _table(tmp_path / "separate" / name / "rounds.csv")
+        b = _table(smoke_suite_runs / name / "rounds.csv")
         assert len(a) == 3 and a == b, name
