@@ -88,7 +88,15 @@ RESTORED_MARK = "fedsparse.client-state"
 #: Flower strategies' per-array state (FedOpt family, FedAvgM), saved for strategies without state_dict().
 FLOWER_STATE_ATTRS = ("current_arrays", "m_t", "v_t", "momentum_vector")
 #: Keys a resumed run may change: where things run and how often to checkpoint, not what is computed.
-OPERATIONAL_KEYS = ("out-dir", "data-dir", "client-cpus", "client-gpus", "round-timeout", "checkpoint-every")
+OPERATIONAL_KEYS = (
+    "out-dir",
+    "data-dir",
+    "client-cpus",
+    "client-gpus",
+    "round-timeout",
+    "checkpoint-every",
+    "max-in-flight",
+)
 
 __all__ = [
     "Checkpoint",

@@ -154,6 +154,13 @@ SCHEMA: dict[str, Key] = {
     "client-cpus": Key(1.0, "CPUs per virtual client (Ray resources)", minimum=0.0, exclusive_minimum=True),
     "client-gpus": Key(0.0, "GPU fraction per virtual client (0 = CPU only)", minimum=0.0, maximum=1.0),
     "round-timeout": Key(600.0, "seconds to wait for replies in a round", minimum=0.0, exclusive_minimum=True),
+    "max-in-flight": Key(
+        0,
+        "at most this many of a round's messages unanswered at once, the next pushed as replies come back "
+        "(0 = all at once). For simulations with many clients per round: Flower's engine checks every stored "
+        "message for every node on each dispatch pass (experiments/results/performance.md)",
+        minimum=0,
+    ),
     "wire-bytes": Key(True, "also record the serialised (wire) size of every message"),
     "out-dir": Key("", "where results go (empty: runs/<strategy>-<dataset>-<model>-<time>)"),
     # reliability (docs/reliability.md)

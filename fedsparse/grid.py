@@ -15,6 +15,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -35,12 +36,25 @@ PULL_INTERVAL = 0.1
 
 
 class MeteredGrid(Grid):
-    """Delegates to a real Grid; records payload (and wire) bytes of train/evaluate messages."""
+    """Delegates to a real Grid; records payload (and wire) bytes of train/evaluate messages.
 
-    def __init__(self, inner: Grid, ledger: Ledger | None = None, *, measure_wire: bool = True) -> None:
+    ``max_in_flight`` > 0: ``send_and_receive`` (and the partition query) keep at most that many
+    messages unanswered, pushing the next as replies come back, instead of pushing them all at once.
+    Why: Flower's simulation engine checks every *stored* message for every node on every 0.1-s pass
+    of its dispatcher (``InMemoryLinkState.get_message_ins``), so its cost grows with nodes × messages
+    in flight, while its actors can only train a few at a time anyway. A deployment wants every message
+    out at once (its nodes are real machines): 0, the default, does that.
+    """
+
+    def __init__(
+        self, inner: Grid, ledger: Ledger | None = None, *, measure_wire: bool = True, max_in_flight: int = 0
+    ) -> None:
+        if max_in_flight < 0:
+            raise ValueError(f"max_in_flight = {max_in_flight}: allowed: 0 (all at once) or a positive count")
         self._inner = inner
         self.ledger = ledger if ledger is not None else Ledger()
         self.measure_wire = measure_wire
+        self.max_in_flight = max_in_flight
         self.partition_of: dict[int, int] = {}
         self.current_round = 0
 
@@ -74,34 +88,47 @@ class MeteredGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """The inner grid's send-and-receive, metered. While the launcher handles stop signals
-        (:func:`fedsparse.stopping.watching`: ``fedsparse run`` / ``simulate``), the same push-then-pull
-        loop is run here instead, so that it gives up on a stop request rather than wait out the
-        round timeout for an engine that is gone."""
-        if not stopping.watching():
+        (:func:`fedsparse.stopping.watching`: ``fedsparse run`` / ``simulate``), or with a window
+        (``max_in_flight``), a push-then-pull loop is run here instead: it gives up on a stop request
+        rather than wait out the round timeout for an engine that is gone, and keeps the window."""
+        if not stopping.watching() and self.max_in_flight == 0:
             messages = list(messages)
             self._meter(messages, DOWN)
             replies: list[Message] = list(self._inner.send_and_receive(messages, timeout=timeout))
             self._meter(replies, UP)
             return replies
-        return self._until_answered_or_stopped(self.push_messages(messages), self.pull_messages, timeout)
+        return self._exchange(list(messages), self.push_messages, self.pull_messages, timeout, self.max_in_flight)
 
     @staticmethod
-    def _until_answered_or_stopped(
-        message_ids: Iterable[str], pull: Callable[[Iterable[str]], Iterable[Message]], timeout: float | None
+    def _exchange(
+        messages: list[Message],
+        push: Callable[[Iterable[Message]], Iterable[str]],
+        pull: Callable[[Iterable[str]], Iterable[Message]],
+        timeout: float | None,
+        window: int,
     ) -> list[Message]:
-        """Pull replies to ``message_ids`` until all came back, the timeout passed or a stop was requested."""
-        pending = set(message_ids)
+        """Push ``messages`` (at most ``window`` unanswered at a time; 0: all at once) and pull their
+        replies until all came back, the timeout passed or a stop was requested. A message still
+        waiting for room when the loop ends is never pushed (nor metered): its client simply does not
+        answer this round, as with a timeout."""
+        waiting = deque(messages)
+        pending: set[str] = set()
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        while pending:
+        while waiting or pending:
+            room = len(waiting) if window == 0 else min(len(waiting), window - len(pending))
+            if room > 0:
+                pending.update(push([waiting.popleft() for _ in range(room)]))
             got = list(pull(pending))
             if got:
                 stopping.ENGINE_ANSWERED.set()
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not pending or stopping.requested() or (deadline is not None and time.monotonic() >= deadline):
+            done = not pending and not waiting
+            if done or stopping.requested() or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(PULL_INTERVAL)
+            if not got or not waiting:  # new replies free room: push at once, else wait for the engine
+                time.sleep(PULL_INTERVAL)
         return replies
 
     def in_partition_order(self, replies: Iterable[Message]) -> list[Message]:
@@ -159,9 +186,9 @@ class MeteredGrid(Grid):
         for _ in range(max(rounds, 1)):
             msgs = [Message(content=query, message_type=MessageType.QUERY, dst_node_id=n) for n in pending]
             answered = set()
-            if stopping.watching():  # give up on a stop (a signal, or an engine that died)
-                replies = self._until_answered_or_stopped(
-                    self._inner.push_messages(msgs), self._inner.pull_messages, timeout
+            if stopping.watching() or self.max_in_flight:  # give up on a stop (a signal, an engine that died)
+                replies = self._exchange(
+                    msgs, self._inner.push_messages, self._inner.pull_messages, timeout, self.max_in_flight
                 )
             else:
                 replies = list(self._inner.send_and_receive(msgs, timeout=timeout))

@@ -256,7 +256,9 @@ def run_server(
     started = time.perf_counter()
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    metered = MeteredGrid(grid, Ledger(), measure_wire=bool(cfg["wire-bytes"]))
+    metered = MeteredGrid(
+        grid, Ledger(), measure_wire=bool(cfg["wire-bytes"]), max_in_flight=int(cfg.get("max-in-flight", 0))
+    )
     metered.discover_partitions(expected=int(cfg["num-clients"]))
 
     arrays = ArrayRecord(initial_model(cfg).state_dict())

@@ -108,6 +108,7 @@ class LoopbackGrid(Grid):
         self.crash_after = crash_after
         self.exchanges: list[tuple[list[Message], list[Message]]] = []  # each train exchange: (sent, replies)
         self._pending: dict[str, Message] = {}
+        self._pushed = 0
 
     @classmethod
     def for_config(cls, cfg: dict[str, Any], num_nodes: int | None = None, **options: Any) -> LoopbackGrid:
@@ -143,8 +144,10 @@ class LoopbackGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         ids = []
-        for i, m in enumerate(messages):
-            key = f"m{len(self._pending)}-{i}"
+        for m in messages:
+            self._pushed += 1
+            key = f"m{self._pushed}"
+            m.metadata.__dict__["_message_id"] = key  # as the SuperLink does: replies point back to it
             self._pending[key] = m
             ids.append(key)
         return ids
