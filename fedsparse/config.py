@@ -155,11 +155,13 @@ SCHEMA: dict[str, Key] = {
     "client-gpus": Key(0.0, "GPU fraction per virtual client (0 = CPU only)", minimum=0.0, maximum=1.0),
     "round-timeout": Key(600.0, "seconds to wait for replies in a round", minimum=0.0, exclusive_minimum=True),
     "max-in-flight": Key(
-        0,
-        "at most this many of a round's messages unanswered at once, the next pushed as replies come back "
-        "(0 = all at once). For simulations with many clients per round: Flower's engine checks every stored "
-        "message for every node on each dispatch pass (experiments/results/performance.md)",
-        minimum=0,
+        "auto",
+        "at most this many of a round's messages unanswered at once, the next pushed as replies come back: "
+        "'auto' (on Flower's simulation engine 64, or 4 per client actor of a bigger Ray cluster; in a "
+        "deployment all at once), 0 (all at once) or a count; with a window, round-timeout bounds the wait for "
+        "the next reply. Why: Flower's engine checks every stored message for every node on each dispatch "
+        "pass, which stalls runs with thousands of nodes (experiments/results/scale.md)",
+        number_ok=True,
     ),
     "wire-bytes": Key(True, "also record the serialised (wire) size of every message"),
     "out-dir": Key("", "where results go (empty: runs/<strategy>-<dataset>-<model>-<time>)"),
@@ -438,6 +440,16 @@ def _check_weight_decay_rule(cfg: Config) -> None:
         reference_decay(str(cfg["model"]))
     except ValueError as err:
         raise ConfigError(str(err)) from err
+
+
+@cross_check
+def _check_max_in_flight(cfg: Config) -> None:
+    from fedsparse.grid import parse_max_in_flight
+
+    try:
+        parse_max_in_flight(cfg["max-in-flight"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 @cross_check

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -33,6 +34,10 @@ PARTITION_QUERY = "fedsparse.partition-id"
 METERED_TYPES = (MessageType.TRAIN, MessageType.EVALUATE)
 #: Seconds between two polls for replies (Flower's in-memory grid polls every 0.1 s too).
 PULL_INTERVAL = 0.1
+#: ``max-in-flight = "auto"``
+AUTO = "auto"
+#: The smallest window ``auto`` uses on Flower's simulation engine (measured: scale.md)
+AUTO_WINDOW = 64
 
 
 class MeteredGrid(Grid):
@@ -42,19 +47,31 @@ class MeteredGrid(Grid):
     messages unanswered, pushing the next as replies come back, instead of pushing them all at once.
     Why: Flower's simulation engine checks every *stored* message for every node on every 0.1-s pass
     of its dispatcher (``InMemoryLinkState.get_message_ins``), so its cost grows with nodes × messages
-    in flight, while its actors can only train a few at a time anyway. A deployment wants every message
-    out at once (its nodes are real machines): 0, the default, does that.
+    in flight, while its actors can only train a few at a time anyway: at 10,000 nodes, 10,000
+    partition queries at once were not answered in minutes, 64 at a time took 5 1/2 minutes
+    (experiments/results/scale.md). ``None`` (``max-in-flight = "auto"``): :func:`auto_window` of
+    the inner grid, decided at each exchange. 0: all at once, what a deployment wants (its nodes are
+    real machines).
     """
 
     def __init__(
-        self, inner: Grid, ledger: Ledger | None = None, *, measure_wire: bool = True, max_in_flight: int = 0
+        self,
+        inner: Grid,
+        ledger: Ledger | None = None,
+        *,
+        measure_wire: bool = True,
+        max_in_flight: int | None = 0,
+        client_resources: tuple[float, float] = (1.0, 0.0),
     ) -> None:
-        if max_in_flight < 0:
-            raise ValueError(f"max_in_flight = {max_in_flight}: allowed: 0 (all at once) or a positive count")
+        if max_in_flight is not None and max_in_flight < 0:
+            raise ValueError(
+                f"max_in_flight = {max_in_flight}: allowed: 0 (all at once), a positive count or None (auto)"
+            )
         self._inner = inner
         self.ledger = ledger if ledger is not None else Ledger()
         self.measure_wire = measure_wire
         self.max_in_flight = max_in_flight
+        self.client_resources = client_resources  # (CPUs, GPUs) per client actor: what `auto` divides by
         self.partition_of: dict[int, int] = {}
         self.current_round = 0
 
@@ -91,13 +108,18 @@ class MeteredGrid(Grid):
         (:func:`fedsparse.stopping.watching`: ``fedsparse run`` / ``simulate``), or with a window
         (``max_in_flight``), a push-then-pull loop is run here instead: it gives up on a stop request
         rather than wait out the round timeout for an engine that is gone, and keeps the window."""
-        if not stopping.watching() and self.max_in_flight == 0:
+        window = self.window()
+        if not stopping.watching() and window == 0:
             messages = list(messages)
             self._meter(messages, DOWN)
             replies: list[Message] = list(self._inner.send_and_receive(messages, timeout=timeout))
             self._meter(replies, UP)
             return replies
-        return self._exchange(list(messages), self.push_messages, self.pull_messages, timeout, self.max_in_flight)
+        return self._exchange(list(messages), self.push_messages, self.pull_messages, timeout, window)
+
+    def window(self) -> int:
+        """Messages allowed unanswered at once in the next exchange (0: all)."""
+        return auto_window(self._inner, *self.client_resources) if self.max_in_flight is None else self.max_in_flight
 
     @staticmethod
     def _exchange(
@@ -108,9 +130,12 @@ class MeteredGrid(Grid):
         window: int,
     ) -> list[Message]:
         """Push ``messages`` (at most ``window`` unanswered at a time; 0: all at once) and pull their
-        replies until all came back, the timeout passed or a stop was requested. A message still
-        waiting for room when the loop ends is never pushed (nor metered): its client simply does not
-        answer this round, as with a timeout."""
+        replies until all came back, the timeout passed or a stop was requested. With a window the
+        timeout is the longest wait for the *next* reply (it restarts on every answer): a window sends
+        10,000 partition queries or 1,000 train messages a few at a time, so a bound on the whole
+        exchange would cut it by size, not by a silent engine. A message still waiting for room when
+        the loop ends is never pushed (nor metered): its client simply does not answer this round, as
+        with a timeout."""
         waiting = deque(messages)
         pending: set[str] = set()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -123,6 +148,8 @@ class MeteredGrid(Grid):
             if got:
                 stopping.ENGINE_ANSWERED.set()
             replies.extend(got)
+            if got and window and timeout is not None:
+                deadline = time.monotonic() + timeout
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             done = not pending and not waiting
             if done or stopping.requested() or (deadline is not None and time.monotonic() >= deadline):
@@ -186,10 +213,9 @@ class MeteredGrid(Grid):
         for _ in range(max(rounds, 1)):
             msgs = [Message(content=query, message_type=MessageType.QUERY, dst_node_id=n) for n in pending]
             answered = set()
-            if stopping.watching() or self.max_in_flight:  # give up on a stop (a signal, an engine that died)
-                replies = self._exchange(
-                    msgs, self._inner.push_messages, self._inner.pull_messages, timeout, self.max_in_flight
-                )
+            window = self.window()
+            if stopping.watching() or window:  # give up on a stop (a signal, an engine that died)
+                replies = self._exchange(msgs, self._inner.push_messages, self._inner.pull_messages, timeout, window)
             else:
                 replies = list(self._inner.send_and_receive(msgs, timeout=timeout))
             for reply in replies:
@@ -209,6 +235,52 @@ class MeteredGrid(Grid):
                 timeout,
             )
         return dict(self.partition_of)
+
+
+def parse_max_in_flight(value: object) -> int | None:
+    """``max-in-flight`` → None (``"auto"``) or a count >= 0 (0: all at once); ValueError otherwise."""
+    text = str(value).strip()
+    if text == AUTO:
+        return None
+    try:
+        number = float(text)  # TOML's 8 arrives as "8.0" (a string key that takes numbers)
+    except ValueError:
+        number = -1.0
+    count = int(number) if math.isfinite(number) and number == int(number) else -1
+    if count < 0:
+        raise ValueError(
+            f"max-in-flight = {text!r} is not valid; allowed: 'auto', 0 (all at once) or a positive integer"
+        )
+    return count
+
+
+def auto_window(inner: Grid, client_cpus: float = 1.0, client_gpus: float = 0.0) -> int:
+    """``max-in-flight = "auto"``: 0 (all at once) on a deployment's grid; on Flower's simulation engine
+    (its ``InMemoryGrid``), :data:`AUTO_WINDOW` or 4 messages per client actor Ray could run, whichever is
+    larger, so that a big cluster's actors are not starved. A round of at most that many clients sends
+    everything at once, as without a window."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    if not isinstance(inner, InMemoryGrid):
+        return 0
+    return max(AUTO_WINDOW, 4 * ray_actor_slots(client_cpus, client_gpus))
+
+
+def ray_actor_slots(client_cpus: float, client_gpus: float) -> int:
+    """How many client actors the Ray cluster of this process holds room for, given the CPUs (and
+    GPUs) Flower's backend reserves per actor; 0 if Ray is not started here."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return 0
+        resources = ray.cluster_resources()
+    except Exception:  # noqa: BLE001 - a window is a speed choice: without Ray's answer, use the default
+        return 0
+    slots = resources.get("CPU", 0.0) / client_cpus if client_cpus > 0 else 0.0
+    if client_gpus > 0:
+        slots = min(slots, resources.get("GPU", 0.0) / client_gpus)
+    return int(slots)
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ from fedsparse.accounting import Ledger, dense_model_bytes
 from fedsparse.clientdata import partitions_for
 from fedsparse.config import ConfigError, round_lr
 from fedsparse.global_model import CentralEvaluator, initial_model
-from fedsparse.grid import MeteredGrid, seeded_sampling
+from fedsparse.grid import AUTO, MeteredGrid, parse_max_in_flight, seeded_sampling
 from fedsparse.hooks import MethodHooks
 from fedsparse.methods import build_strategy, method
 from fedsparse.progress import Progress
@@ -257,7 +257,11 @@ def run_server(
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     metered = MeteredGrid(
-        grid, Ledger(), measure_wire=bool(cfg["wire-bytes"]), max_in_flight=int(cfg.get("max-in-flight", 0))
+        grid,
+        Ledger(),
+        measure_wire=bool(cfg["wire-bytes"]),
+        max_in_flight=parse_max_in_flight(cfg.get("max-in-flight", AUTO)),
+        client_resources=(float(cfg["client-cpus"]), float(cfg["client-gpus"])),
     )
     metered.discover_partitions(expected=int(cfg["num-clients"]))
 

@@ -8,6 +8,7 @@ results must not change (replies are aggregated in partition order, whatever the
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,12 @@ from typing import Any
 import pandas as pd
 import pytest
 from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
 from loopback import LoopbackGrid, set_task_identity  # tests/ is on sys.path under pytest
 
 from fedsparse.accounting import DOWN, UP, Ledger
 from fedsparse.config import ConfigError, resolve_config
-from fedsparse.grid import MeteredGrid
+from fedsparse.grid import AUTO_WINDOW, MeteredGrid, auto_window, parse_max_in_flight, ray_actor_slots
 from fedsparse.server import run_server
 
 
@@ -84,7 +86,7 @@ def test_a_message_that_never_found_room_is_not_sent_nor_metered() -> None:
 
 
 def test_a_negative_window_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"max_in_flight = -1: allowed: 0 \(all at once\) or a positive count"):
+    with pytest.raises(ValueError, match=r"max_in_flight = -1: allowed: 0 \(all at once\), a positive count or None"):
         MeteredGrid(_SlowEngine(1), max_in_flight=-1)
     with pytest.raises(ConfigError, match="max-in-flight"):
         resolve_config({"max-in-flight": -2})
@@ -115,3 +117,72 @@ def test_a_windowed_run_is_the_same_run(tmp_path: Path, strategy: str) -> None:
     windowed = _rounds(tmp_path / "window", 2, strategy)
     pd.testing.assert_frame_equal(at_once, windowed)
     assert (windowed["replies"] == 5).all()
+
+
+class _SteadyEngine(_SlowEngine):
+    """Answers one message per pull, each pull taking ``seconds``: steady progress, slow in total."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(per_pull=1)
+        self.seconds = seconds
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        time.sleep(self.seconds)
+        return super().pull_messages(message_ids)
+
+
+def test_with_a_window_the_timeout_bounds_the_wait_for_the_next_reply_not_the_whole_exchange() -> None:
+    engine = _SteadyEngine(seconds=0.05)  # 12 replies take >= 0.6 s, each within 0.25 s of the last
+    windowed = MeteredGrid(engine, Ledger(), measure_wire=False, max_in_flight=2)
+    assert len(windowed.send_and_receive(_messages(12), timeout=0.25)) == 12
+    engine = _SteadyEngine(seconds=0.05)
+    at_once = MeteredGrid(engine, Ledger(), measure_wire=False, max_in_flight=0)
+    got = at_once._exchange(_messages(12), engine.push_messages, engine.pull_messages, 0.25, 0)
+    assert 0 < len(got) < 12  # without a window the timeout bounds the whole exchange, as Flower's does
+
+
+def test_max_in_flight_values_and_their_errors() -> None:
+    assert parse_max_in_flight("auto") is None
+    assert [parse_max_in_flight(v) for v in (0, "0", 8, "8.0", " 16 ")] == [0, 0, 8, 8, 16]
+    for bad in ("-1", "2.5", "many", "inf", "nan", ""):
+        with pytest.raises(ValueError, match=r"allowed: 'auto', 0 \(all at once\) or a positive integer"):
+            parse_max_in_flight(bad)
+    assert resolve_config({})["max-in-flight"] == "auto"
+    assert parse_max_in_flight(resolve_config({"max-in-flight": 8})["max-in-flight"]) == 8
+    with pytest.raises(ConfigError, match=r"max-in-flight = 'lots' is not valid"):
+        resolve_config({"max-in-flight": "lots"})
+
+
+def _simulation_grid() -> Grid:
+    """Flower's simulation grid, built as ``flwr.simulation.run_simulation`` builds it."""
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    return InMemoryGrid(LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()))
+
+
+def test_auto_is_all_at_once_in_a_deployment_and_a_window_on_the_simulation_engine() -> None:
+    assert auto_window(LoopbackGrid(None, 4)) == 0  # any grid but Flower's simulation one: all at once
+    assert MeteredGrid(LoopbackGrid(None, 4), max_in_flight=None).window() == 0
+    simulation = _simulation_grid()
+    assert auto_window(simulation) == AUTO_WINDOW  # no Ray in this process: the default window
+    assert MeteredGrid(simulation, max_in_flight=None).window() == AUTO_WINDOW
+    assert MeteredGrid(simulation, max_in_flight=0).window() == 0  # an explicit setting wins
+
+
+def test_auto_gives_a_big_ray_cluster_four_messages_per_client_actor() -> None:
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("Ray is already running in this process")
+    ray.init(num_cpus=40, num_gpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        assert ray_actor_slots(1.0, 0.0) == 40 and ray_actor_slots(2.0, 0.0) == 20
+        assert ray_actor_slots(1.0, 0.25) == 8  # the GPUs bind first
+        assert auto_window(_simulation_grid(), 1.0, 0.0) == 160
+        assert auto_window(_simulation_grid(), 4.0, 0.0) == AUTO_WINDOW  # 10 actors: the default is larger
+    finally:
+        ray.shutdown()

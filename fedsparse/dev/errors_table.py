@@ -372,6 +372,9 @@ def other_cases() -> list[Case]:
     add("`trim-beta` of a half or more", "trim-beta = 0.5", _resolve(**{"trim-beta": 0.5}))
     add("`clip-norm` neither a number > 0 nor auto", 'clip-norm = "max"', _resolve(**{"clip-norm": "max"}))
     add(
+        "`max-in-flight` neither auto nor a count >= 0", 'max-in-flight = "lots"', _resolve(**{"max-in-flight": "lots"})
+    )
+    add(
         "`aggregation` other than mean with a strategy that cannot decode its replies",
         "apply_rule(<MethodHooks strategy without use_aggregation>, median)",
         _opaque_rule,
