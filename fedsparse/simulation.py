@@ -27,12 +27,18 @@ STOP_GRACE_SECONDS = 60.0
 
 
 def preflight(cfg: Config, ray_address: str | None = None) -> None:
-    """Load the dataset and compute the split once (cached), so failures surface here; refuse
-    client resources no actor of a local Ray could get (Flower's engine would stop with "ActorPool
+    """Load the dataset and compute the split once (cached), so failures surface here; refuse a bad
+    ``FEDSPARSE_INDEX_KINDS`` (else every client's encoder would fail in the actors) and client
+    resources no actor of a local Ray could get (Flower's engine would stop with "ActorPool
     is empty" while the round loop waits)."""
     from fedsparse.clientdata import partitions_for
+    from fedsparse.codec import default_index_kinds
     from fedsparse.data import PartitionError
 
+    try:
+        default_index_kinds()  # the benchmark switch FEDSPARSE_INDEX_KINDS, read by every encoder of the run
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     try:
         partitions_for(cfg)
     except PartitionError as err:

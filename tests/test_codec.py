@@ -700,3 +700,16 @@ def test_index_kinds_environment_restricts_every_default_encode(monkeypatch: pyt
     monkeypatch.setenv(codec.INDEX_KINDS_ENV, "bitmap,huffman")
     with pytest.raises(ValueError, match=r"FEDSPARSE_INDEX_KINDS='bitmap,huffman'.*huffman.*allowed"):
         encode(tensors, masks)
+
+
+def test_a_bad_index_kinds_switch_stops_a_run_before_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every client's encoder reads FEDSPARSE_INDEX_KINDS in Ray's actors: a typo must stop the run in
+    the driver, as a configuration error, not fail each client's reply."""
+    from fedsparse.config import ConfigError, resolve_config
+    from fedsparse.simulation import preflight
+
+    monkeypatch.setenv(codec.INDEX_KINDS_ENV, "bitmap,huffman")
+    with pytest.raises(
+        ConfigError, match=r"FEDSPARSE_INDEX_KINDS='bitmap,huffman': unknown index kind\(s\) \['huffman'\]"
+    ):
+        preflight(resolve_config({}))

@@ -320,6 +320,27 @@ def other_cases() -> list[Case]:
         return preflight(resolve_config({"data-dir": "empty", "dataset": "cifar100"}))
 
     add("a dataset that is not on disk (DatasetNotFoundError)", '--data-dir empty --set dataset="cifar100"', no_data)
+
+    def bad_index_kinds() -> Any:
+        from fedsparse.codec import INDEX_KINDS_ENV
+        from fedsparse.config import resolve_config
+        from fedsparse.simulation import preflight
+
+        before = os.environ.get(INDEX_KINDS_ENV)
+        os.environ[INDEX_KINDS_ENV] = "bitmap,huffman"
+        try:
+            return preflight(resolve_config({}))
+        finally:
+            if before is None:
+                del os.environ[INDEX_KINDS_ENV]
+            else:
+                os.environ[INDEX_KINDS_ENV] = before
+
+    add(
+        "the benchmark switch `FEDSPARSE_INDEX_KINDS` naming an unknown kind",
+        "FEDSPARSE_INDEX_KINDS=bitmap,huffman fedsparse run",
+        bad_index_kinds,
+    )
     # the paper's setting: client momentum, weight decay per model
     for what, over in (
         (
