@@ -72,6 +72,7 @@ class MeteredGrid(Grid):
         self.measure_wire = measure_wire
         self.max_in_flight = max_in_flight
         self.client_resources = client_resources  # (CPUs, GPUs) per client actor: what `auto` divides by
+        self._auto_window: int | None = None  # `auto` once Ray has said how big its cluster is
         self.partition_of: dict[int, int] = {}
         self.current_round = 0
 
@@ -118,8 +119,16 @@ class MeteredGrid(Grid):
         return self._exchange(list(messages), self.push_messages, self.pull_messages, timeout, window)
 
     def window(self) -> int:
-        """Messages allowed unanswered at once in the next exchange (0: all)."""
-        return auto_window(self._inner, *self.client_resources) if self.max_in_flight is None else self.max_in_flight
+        """Messages allowed unanswered at once in the next exchange (0: all). ``auto`` asks Ray for
+        its cluster's size (a call to Ray's control store) only until it has answered once, not every round."""
+        if self.max_in_flight is not None:
+            return self.max_in_flight
+        if self._auto_window is not None:
+            return self._auto_window
+        window = auto_window(self._inner, *self.client_resources)
+        if window == 0 or _ray_started():
+            self._auto_window = window
+        return window
 
     @staticmethod
     def _exchange(
@@ -264,6 +273,12 @@ def auto_window(inner: Grid, client_cpus: float = 1.0, client_gpus: float = 0.0)
     if not isinstance(inner, InMemoryGrid):
         return 0
     return max(AUTO_WINDOW, 4 * ray_actor_slots(client_cpus, client_gpus))
+
+
+def _ray_started() -> bool:
+    import ray
+
+    return bool(ray.is_initialized())
 
 
 def ray_actor_slots(client_cpus: float, client_gpus: float) -> int:
